@@ -1,0 +1,415 @@
+"""The engine: one base model, many adapters, one iteration-level batching loop.
+
+A background thread owns the model. Each iteration it admits waiting requests (prefill, in
+one padded batch), then runs one decode step for every running sequence, whatever adapter
+each uses. A request joins at the next iteration and leaves the moment it finishes; its slot
+is refilled by compaction. Outputs go back per step: to asyncio queues (one wake-up per event
+loop per step, not per token) or to plain callbacks.
+
+Why our own loop and not transformers' continuous-batching manager: on the shared workload
+the manager ran at 0.42-0.46x of a plain batched ``generate`` (design/WORKLOAD.md); this loop
+runs above it (see benchmarks/engine_bench.py), and it needs per-row adapters, which the
+manager has no hook for.
+
+Nothing here knows about Ray Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import AsyncIterator, Callable
+
+import torch
+
+from serve_app.config import EngineConfig
+from serve_app.engine.detokenizer import TextAssembler
+from serve_app.engine.lora_manager import LoRAManager, ResidentAdapter
+from serve_app.engine.lora_weights import load_lora_weights
+from serve_app.engine.model import ModelRunner, base_shape, load_base_model, wrap_lora_layers
+from serve_app.engine.lora_layers import LoRAContext
+from serve_app.engine.sampling import SamplingParams, sample
+from serve_app.errors import InvalidRequestError, ServeAppError
+
+logger = logging.getLogger(__name__)
+
+_ids = itertools.count()
+
+
+class EngineError(ServeAppError):
+    status_code = 500
+    error_type = "internal_error"
+    code = "engine_error"
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: a text delta and the new token(s)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: ServeAppError | None = None
+
+
+@dataclass
+class Completion:
+    """A whole finished request (the sync API's result)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    prompt_tokens: int
+
+
+@dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: ResidentAdapter | None
+    sink: Callable[[RequestOutput], None] | tuple[asyncio.AbstractEventLoop, asyncio.Queue]
+    assembler: TextAssembler
+    stop_ids: frozenset[int]
+    generator: torch.Generator | None = None
+    output_ids: list[int] = field(default_factory=list)
+    aborted: bool = False
+    done: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+
+
+class LoRAEngine:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        t0 = time.perf_counter()
+        model, self.tokenizer, self.device, self.dtype = load_base_model(config)
+        self.model = model
+        self._ctx = LoRAContext()
+        self.base_shape = base_shape(model, config.lora_target_modules)
+        wrap_lora_layers(model, config.lora_target_modules, self._ctx)
+        self.max_model_len = config.max_model_len or min(model.config.max_position_embeddings, 4096)
+        self.runner = ModelRunner(
+            model, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len, ctx=self._ctx
+        )
+        self.lora = LoRAManager(self.base_shape, dtype=self.dtype, device=self.device)
+        self.vocab_size = model.config.vocab_size
+        self.eos_ids = self._eos_ids()
+
+        self._cv = threading.Condition()
+        self._waiting: deque[Request] = deque()
+        self._running: list[Request] = []  # index == KV-cache slot
+        self._outbox: list[tuple[Request, RequestOutput]] = []
+        self._stopped = False
+        self.steps = 0
+        self.generated_tokens = 0
+        self._thread = threading.Thread(target=self._loop, name="lora-engine", daemon=True)
+        self._thread.start()
+        logger.info(
+            "engine ready in %.1fs: %s on %s (%s%s), max_model_len=%d",
+            time.perf_counter() - t0, config.model, self.device, self.dtype,
+            "" if config.quantization == "none" else f", {config.quantization}", self.max_model_len,
+        )
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids = set()
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        for value in (gen_eos, self.tokenizer.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(value)
+        return frozenset(ids)
+
+    # ---- adapters --------------------------------------------------------------------------
+
+    def load_adapter(self, adapter_id: str, path: str) -> ResidentAdapter:
+        """Validate and copy an adapter into device memory; it becomes the ID's current version."""
+        weights = load_lora_weights(
+            adapter_id, path, self.base_shape,
+            max_rank=self.config.max_lora_rank, dtype=self.dtype, max_bytes=self.config.max_adapter_bytes,
+        )
+        return self.lora.add(weights)
+
+    def unload_adapter(self, adapter: str | ResidentAdapter) -> None:
+        """Retire an adapter; its memory is reused once the requests using it finish."""
+        self.lora.remove(adapter)
+
+    # ---- requests --------------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer(prompt)["input_ids"]
+        else:
+            ids = list(prompt)
+            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+            if bad:
+                raise InvalidRequestError(
+                    f"prompt token id {bad[0]!r} is out of range; ids must be integers in [0, {self.vocab_size})"
+                )
+        if not ids:
+            raise InvalidRequestError("prompt is empty; send at least one token")
+        return ids
+
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        adapter: str | ResidentAdapter | None,
+        sink: Callable[[RequestOutput], None] | tuple[asyncio.AbstractEventLoop, asyncio.Queue],
+        request_id: str | None = None,
+    ) -> Request:
+        prompt_ids = self.tokenize(prompt)
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) is more than "
+                f"max_model_len {self.max_model_len}; shorten the prompt or lower max_tokens"
+            )
+        resident = self.lora.acquire(adapter) if adapter is not None else None
+        generator = None
+        if params.seed is not None and not params.greedy:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        req = Request(
+            request_id=request_id or f"req-{next(_ids)}",
+            prompt_ids=prompt_ids,
+            params=params,
+            adapter=resident,
+            sink=sink,
+            assembler=TextAssembler(self.tokenizer, prompt_ids, params.stop),
+            stop_ids=stop_ids,
+            generator=generator,
+        )
+        with self._cv:
+            if self._stopped:
+                if resident is not None:
+                    self.lora.release(resident)
+                raise EngineError("engine is shut down")
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    def abort(self, req: Request) -> None:
+        """Stop a request (client went away). Its adapter pin is dropped at the next step."""
+        with self._cv:
+            req.aborted = True
+            self._cv.notify()
+
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        adapter: str | ResidentAdapter | None = None,
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs as they are produced."""
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        req = self.add_request(prompt, params, adapter, (asyncio.get_running_loop(), queue), request_id)
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                if out.error is not None:
+                    finished = True
+                    raise out.error
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(req)
+
+    def generate_batch(
+        self, requests: list[tuple[str | list[int], SamplingParams, str | ResidentAdapter | None]]
+    ) -> list[Completion]:
+        """Submit all requests at once and wait for all of them (tests, benchmarks, scripts)."""
+        done = threading.Semaphore(0)
+        results: list[list[RequestOutput]] = [[] for _ in requests]
+
+        def sink_for(i):
+            def sink(out: RequestOutput):
+                results[i].append(out)
+                if out.finished or out.error is not None:
+                    done.release()
+            return sink
+
+        reqs = [self.add_request(p, sp, a, sink_for(i)) for i, (p, sp, a) in enumerate(requests)]
+        for _ in requests:
+            done.acquire()
+        completions = []
+        for req, outs in zip(reqs, results):
+            if outs and outs[-1].error is not None:
+                raise outs[-1].error
+            completions.append(
+                Completion(
+                    request_id=req.request_id,
+                    text="".join(o.text for o in outs),
+                    token_ids=[t for o in outs for t in o.token_ids],
+                    finish_reason=outs[-1].finish_reason,
+                    prompt_tokens=len(req.prompt_ids),
+                )
+            )
+        return completions
+
+    def stats(self) -> dict:
+        with self._cv:
+            return {
+                "running": len(self._running),
+                "waiting": len(self._waiting),
+                "steps": self.steps,
+                "generated_tokens": self.generated_tokens,
+                "lora": self.lora.stats(),
+            }
+
+    def shutdown(self) -> None:
+        with self._cv:
+            self._stopped = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+
+    # ---- the loop (engine thread only below) ---------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopped and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._stopped:
+                    break
+                room = self.config.max_num_seqs - len(self._running)
+                admitted = []
+                while self._waiting and len(admitted) < room:
+                    admitted.append(self._waiting.popleft())
+            try:
+                self._step(admitted)
+            except Exception as e:  # a bug or OOM must fail these requests, not kill the loop
+                logger.exception("engine step failed; failing %d requests", len(self._running) + len(admitted))
+                err = e if isinstance(e, ServeAppError) else EngineError(f"engine step failed: {type(e).__name__}: {e}")
+                for req in {*self._running, *admitted}:
+                    if not req.done:
+                        self._finish(req, None, error=err)
+                self._running = []
+            self._flush()
+        # Shutting down: nothing more will run.
+        for req in [*self._running, *self._waiting]:
+            if not req.done:
+                self._finish(req, None, error=EngineError("engine shut down"))
+        self._flush()
+
+    def _step(self, admitted: list[Request]) -> None:
+        for req in self._running:
+            if req.aborted and not req.done:
+                self._finish(req, "abort")
+        admitted = [r for r in admitted if not (r.aborted and self._finish(r, "abort"))]
+        self._compact()
+
+        if admitted:
+            first = len(self._running)
+            self._running.extend(admitted)
+            lora = self.lora.prepare([r.adapter for r in admitted])
+            logits = self.runner.prefill([r.prompt_ids for r in admitted], first, lora)
+            self._append_tokens(admitted, logits)
+            self._compact()
+
+        if self._running:
+            rows = self._running
+            lora = self.lora.prepare([r.adapter for r in rows])
+            tokens = [r.output_ids[-1] for r in rows]
+            positions = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in rows]
+            logits = self.runner.decode(tokens, positions, lora)
+            self._append_tokens(rows, logits)
+            self._compact()
+        self.steps += 1
+
+    def _append_tokens(self, rows: list[Request], logits: torch.Tensor) -> None:
+        picked = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+        self.generated_tokens += len(rows)
+        for req, token in zip(rows, picked):
+            req.output_ids.append(token)
+            n_out = len(req.output_ids)
+            if token in req.stop_ids:
+                self._finish(req, "stop", new_ids=[token])
+                continue
+            delta, hit_stop = req.assembler.add_token(token)
+            if hit_stop:
+                self._finish(req, "stop", delta, [token])
+            elif n_out >= req.params.max_tokens or len(req.prompt_ids) + n_out >= self.max_model_len:
+                self._finish(req, "length", delta, [token])
+            else:
+                self._emit(req, RequestOutput(req.request_id, delta, [token]))
+
+    def _finish(
+        self,
+        req: Request,
+        reason: str | None,
+        delta: str = "",
+        new_ids: list[int] | None = None,
+        error: ServeAppError | None = None,
+    ) -> bool:
+        req.done = True
+        if req.adapter is not None:
+            self.lora.release(req.adapter)
+            req.adapter = None
+        if reason in ("length", "stop") and not req.assembler.stopped:
+            delta += req.assembler.finish()
+        self._emit(
+            req,
+            RequestOutput(
+                req.request_id, delta, new_ids or [], finished=True, finish_reason=reason,
+                prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids), error=error,
+            ),
+        )
+        return True
+
+    def _compact(self) -> None:
+        """Drop finished rows, moving the last running row into each hole (and its KV slot)."""
+        rows = self._running
+        i = 0
+        while i < len(rows):
+            if rows[i].done:
+                last = len(rows) - 1
+                if i != last:
+                    self.runner.move_slot(last, i)
+                    rows[i] = rows[last]
+                rows.pop()
+            else:
+                i += 1
+
+    def _emit(self, req: Request, out: RequestOutput) -> None:
+        self._outbox.append((req, out))
+
+    def _flush(self) -> None:
+        """Deliver this step's outputs: one call_soon_threadsafe per event loop, not per token."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
+        for req, out in self._outbox:
+            if isinstance(req.sink, tuple):
+                loop, queue = req.sink
+                by_loop.setdefault(loop, []).append((queue, out))
+            else:
+                try:
+                    req.sink(out)
+                except Exception:
+                    logger.exception("output callback of %s failed", req.request_id)
+        self._outbox = []
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, items)
+            except RuntimeError:  # the caller's loop is closed: nobody is listening
+                pass
+
+
+def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
+    for queue, out in items:
+        queue.put_nowait(out)

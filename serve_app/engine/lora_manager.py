@@ -1,0 +1,259 @@
+"""Adapter memory: a shared row pool per projection kind, resident adapters, and pinning.
+
+Layout. For each projection kind (q_proj, ..., down_proj) the pool holds
+``a: [num_layers, rows, in]`` and ``b: [num_layers, rows, out]``. An adapter of rank r on that
+kind owns r rows -- any r free rows, since the runtime gathers rows by index. So a resident
+adapter costs its raw tensor bytes, not max_lora_rank's (S-LoRA's unified pool, without the
+paging machinery: rows are the pages).
+
+Isolation. String adapter IDs live outside; inside, each load gets a fresh ``ResidentAdapter``
+with a unique integer slot. Requests pin the ResidentAdapter they started with. Unloading (LRU
+eviction, an update, a delete) only retires it: its rows go back to the free list when the last
+pinned request finishes, so a running sequence never sees another tenant's weights, and a new
+load never lands in rows still in use.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from serve_app.engine.lora_weights import BaseShape, LoRAWeights
+from serve_app.errors import ServeAppError
+
+_slot_counter = itertools.count(1)
+
+
+@dataclass(eq=False)
+class ResidentAdapter:
+    """One load of one adapter into the pool. Compared by identity, never by name."""
+
+    adapter_id: str
+    rows: dict[str, torch.Tensor]  # kind -> [r_kind] pool row indices
+    nbytes: int
+    raw_bytes: int
+    slot: int = field(default_factory=lambda: next(_slot_counter))
+    refcount: int = 0
+    retired: bool = False  # unloaded: no new requests; rows freed when refcount drops to 0
+    freed: bool = False
+
+    def __repr__(self) -> str:
+        return f"ResidentAdapter({self.adapter_id!r}, slot={self.slot}, refs={self.refcount}, retired={self.retired})"
+
+
+class AdapterNotResidentError(ServeAppError):
+    """Asked to run an adapter that is not (or no longer) in this engine's memory."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "adapter_not_loaded"
+
+
+@dataclass
+class KindBatch:
+    a_t: torch.Tensor  # [num_layers, in, R]: active adapters' A rows, transposed for x @ a_t
+    b: torch.Tensor  # [num_layers, R, out]
+    mask: torch.Tensor | None  # [B, 1, R] 0/1, row b keeps only its own adapter's columns; None: all rows share
+
+
+@dataclass
+class LoRABatch:
+    """Per-forward LoRA state read by every LoRALinear: which rows use which adapter's weights."""
+
+    kinds: dict[str, KindBatch]
+
+
+class LoRAManager:
+    def __init__(
+        self,
+        shape: BaseShape,
+        *,
+        dtype: torch.dtype,
+        device: torch.device,
+        initial_rows: int = 128,
+    ):
+        self.shape = shape
+        self.dtype = dtype
+        self.device = device
+        self._lock = threading.RLock()
+        self._a: dict[str, torch.Tensor] = {}
+        self._b: dict[str, torch.Tensor] = {}
+        self._free: dict[str, list[int]] = {}
+        for kind, (in_f, out_f) in shape.kinds.items():
+            self._a[kind] = torch.zeros(shape.num_layers, initial_rows, in_f, dtype=dtype, device=device)
+            self._b[kind] = torch.zeros(shape.num_layers, initial_rows, out_f, dtype=dtype, device=device)
+            self._free[kind] = list(range(initial_rows))
+        self._current: dict[str, ResidentAdapter] = {}  # adapter_id -> the version new requests get
+        self._retired_pinned: set[ResidentAdapter] = set()
+        self._pool_version = 0  # bumps when pool tensors are reallocated; invalidates gathers
+        self._gather_cache: OrderedDict[tuple, tuple[int, dict]] = OrderedDict()
+
+    # ---- loading / unloading -------------------------------------------------------------
+
+    def add(self, weights: LoRAWeights) -> ResidentAdapter:
+        """Copy a validated adapter into free rows; it becomes the current version of its ID."""
+        with self._lock:
+            rows: dict[str, torch.Tensor] = {}
+            for kind, a in weights.a.items():
+                r = a.shape[1]
+                idx = torch.tensor(self._take_rows(kind, r), dtype=torch.long, device=self.device)
+                self._a[kind][:, idx] = a.to(self.device, non_blocking=True)
+                self._b[kind][:, idx] = weights.b[kind].to(self.device, non_blocking=True)
+                rows[kind] = idx
+            res = ResidentAdapter(weights.adapter_id, rows, nbytes=weights.nbytes, raw_bytes=weights.raw_bytes)
+            old = self._current.get(weights.adapter_id)
+            self._current[weights.adapter_id] = res
+            if old is not None:
+                self._retire(old)
+            return res
+
+    def remove(self, adapter: str | ResidentAdapter) -> None:
+        """Retire an adapter (by ID: its current version). Safe while requests still use it."""
+        with self._lock:
+            if isinstance(adapter, str):
+                res = self._current.pop(adapter, None)
+                if res is None:
+                    return
+            else:
+                res = adapter
+                if self._current.get(res.adapter_id) is res:
+                    del self._current[res.adapter_id]
+            self._retire(res)
+
+    def _retire(self, res: ResidentAdapter) -> None:
+        res.retired = True
+        if res.refcount == 0:
+            self._free_rows(res)
+        else:
+            self._retired_pinned.add(res)
+
+    def _take_rows(self, kind: str, r: int) -> list[int]:
+        free = self._free[kind]
+        if len(free) < r:
+            self._grow(kind, r - len(free))
+        # Lowest rows first keeps the pool compact; sorting a short free list is cheap.
+        free.sort()
+        taken, self._free[kind] = free[:r], free[r:]
+        return taken
+
+    def _grow(self, kind: str, at_least: int) -> None:
+        a, b = self._a[kind], self._b[kind]
+        old = a.shape[1]
+        new = max(2 * old, old + at_least)
+        grow_a = torch.zeros(a.shape[0], new - old, a.shape[2], dtype=a.dtype, device=a.device)
+        grow_b = torch.zeros(b.shape[0], new - old, b.shape[2], dtype=b.dtype, device=b.device)
+        self._a[kind] = torch.cat([a, grow_a], dim=1)
+        self._b[kind] = torch.cat([b, grow_b], dim=1)
+        self._free[kind].extend(range(old, new))
+        self._pool_version += 1
+
+    def _free_rows(self, res: ResidentAdapter) -> None:
+        if res.freed:
+            return
+        res.freed = True
+        self._retired_pinned.discard(res)
+        for kind, idx in res.rows.items():
+            self._free[kind].extend(idx.tolist())
+        self._gather_cache.clear()
+
+    # ---- pinning --------------------------------------------------------------------------
+
+    def acquire(self, adapter: str | ResidentAdapter) -> ResidentAdapter:
+        """Pin an adapter for one request. A retired version can still be pinned while its
+        rows are held by others (a request that resolved it before the retire)."""
+        with self._lock:
+            if isinstance(adapter, str):
+                res = self._current.get(adapter)
+                if res is None:
+                    raise AdapterNotResidentError(f"adapter '{adapter}' is not loaded on this replica")
+            else:
+                res = adapter
+                if res.freed:
+                    raise AdapterNotResidentError(
+                        f"adapter '{res.adapter_id}' was unloaded before the request started; retry"
+                    )
+            res.refcount += 1
+            return res
+
+    def release(self, res: ResidentAdapter) -> None:
+        with self._lock:
+            res.refcount -= 1
+            assert res.refcount >= 0, res
+            if res.refcount == 0 and res.retired:
+                self._free_rows(res)
+
+    # ---- per-forward batch state -----------------------------------------------------------
+
+    def prepare(self, row_adapters: list[ResidentAdapter | None]) -> LoRABatch | None:
+        """Build the LoRA state for a batch whose row b uses ``row_adapters[b]`` (None: base).
+
+        Gathers each active adapter's rows once per distinct adapter set; in steady decoding
+        the set does not change between steps, so the gather is cached.
+        """
+        distinct = list(dict.fromkeys(r for r in row_adapters if r is not None))
+        if not distinct:
+            return None
+        key = tuple(r.slot for r in distinct)
+        with self._lock:
+            cached = self._gather_cache.get(key)
+            if cached is None or cached[0] != self._pool_version:
+                cached = (self._pool_version, self._gather(distinct))
+                self._gather_cache[key] = cached
+                while len(self._gather_cache) > 8:
+                    self._gather_cache.popitem(last=False)
+            else:
+                self._gather_cache.move_to_end(key)
+        gathered = cached[1]
+
+        one_for_all = len(distinct) == 1 and row_adapters[0] is not None and None not in row_adapters
+        row_slot = torch.tensor([r.slot if r is not None else 0 for r in row_adapters], device=self.device)
+        kinds = {}
+        for kind, (a_t, b, col_slot) in gathered.items():
+            if one_for_all:
+                mask = None
+            else:
+                mask = (row_slot[:, None] == col_slot[None, :]).to(self.dtype)[:, None, :]  # [B, 1, R]
+            kinds[kind] = KindBatch(a_t=a_t, b=b, mask=mask)
+        return LoRABatch(kinds=kinds)
+
+    def _gather(self, distinct: list[ResidentAdapter]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        out = {}
+        for kind in self._a:
+            users = [r for r in distinct if kind in r.rows]
+            if not users:
+                continue
+            idx = torch.cat([r.rows[kind] for r in users])  # [R]
+            col_slot = torch.cat(
+                [torch.full((len(r.rows[kind]),), r.slot, device=self.device) for r in users]
+            )  # [R]
+            a_t = self._a[kind].index_select(1, idx).transpose(1, 2).contiguous()  # [L, in, R]
+            b = self._b[kind].index_select(1, idx)  # [L, R, out]
+            out[kind] = (a_t, b, col_slot)
+        return out
+
+    # ---- introspection -------------------------------------------------------------------
+
+    def current(self, adapter_id: str) -> ResidentAdapter | None:
+        return self._current.get(adapter_id)
+
+    def resident_ids(self) -> list[str]:
+        with self._lock:
+            return list(self._current)
+
+    def stats(self) -> dict:
+        with self._lock:
+            used = {k: self._a[k].shape[1] - len(f) for k, f in self._free.items()}
+            return {
+                "resident": len(self._current),
+                "retired_pinned": len(self._retired_pinned),
+                "rows_used": used,
+                "rows_capacity": {k: self._a[k].shape[1] for k in self._a},
+                "bytes_used": sum(
+                    used[k] * self.shape.num_layers * (self._a[k].shape[2] + self._b[k].shape[2]) * self._a[k].element_size()
+                    for k in used
+                ),
+            }

@@ -1,0 +1,88 @@
+"""Sampling parameters and the batched sampler.
+
+Greedy rows are one vectorized argmax. Sampled rows share the temperature / top-k /
+top-p filtering as batched tensor ops; only the final draw is per row, because a
+request's ``seed`` owns a private ``torch.Generator`` so its output does not depend
+on which other requests share the batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from serve_app.errors import InvalidRequestError
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1  # -1 or 0: no top-k filtering
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if self.max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if self.temperature < 0:
+            raise InvalidRequestError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise InvalidRequestError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise InvalidRequestError(f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
+        if any(s == "" for s in self.stop):
+            raise InvalidRequestError("stop sequences must be non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < 1e-5 or self.top_k == 1
+
+
+def sample(
+    logits: torch.Tensor,  # [B, vocab], float
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> list[int]:
+    """Pick one token per row."""
+    if all(p.greedy for p in params):
+        return logits.argmax(dim=-1).tolist()
+    out = [0] * len(params)
+    greedy_rows = [i for i, p in enumerate(params) if p.greedy]
+    if greedy_rows:
+        picked = logits[greedy_rows].argmax(dim=-1).tolist()
+        for i, tok in zip(greedy_rows, picked):
+            out[i] = tok
+    rows = [i for i, p in enumerate(params) if not p.greedy]
+    probs = _filtered_probs(logits[rows].float(), [params[i] for i in rows])  # [S, vocab]
+    for j, i in enumerate(rows):
+        out[i] = int(torch.multinomial(probs[j], 1, generator=generators[i]).item())
+    return out
+
+
+def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    device = logits.device
+    temp = torch.tensor([p.temperature for p in params], device=device)
+    logits = logits / temp[:, None]
+    vocab = logits.shape[-1]
+    top_k = [p.top_k if p.top_k > 0 else vocab for p in params]
+    top_p = [p.top_p for p in params]
+    if min(top_k) < vocab or min(top_p) < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # [S, vocab]
+        ranks = torch.arange(vocab, device=device)[None, :]
+        drop = ranks >= torch.tensor(top_k, device=device)[:, None]
+        probs_sorted = sorted_logits.softmax(dim=-1)
+        # Drop a token once the mass strictly before it already reaches top_p; the
+        # most likely token is always kept.
+        mass_before = probs_sorted.cumsum(dim=-1) - probs_sorted
+        drop |= mass_before >= torch.tensor(top_p, device=device)[:, None]
+        drop[:, 0] = False
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits.softmax(dim=-1)

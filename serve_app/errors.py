@@ -1,0 +1,93 @@
+"""Narrow exceptions, each with its HTTP status and OpenAI error shape, in one place.
+
+The engine raises these; the router turns any of them into
+``{"error": {"message", "type", "code"}}`` with ``status_code``. Anything else that
+escapes is a bug and becomes a 500.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ServeAppError(Exception):
+    """Base class: a client-visible error with an HTTP status and OpenAI error type."""
+
+    status_code: int = 500
+    error_type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+    def to_openai(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.error_type, "code": self.code}}
+
+    # Exceptions cross Ray's process boundary by pickling; keep the keyword-only code.
+    def __reduce__(self):
+        return (_rebuild, (type(self), self.message, self.code))
+
+
+def _rebuild(cls, message, code):
+    return cls(message, code=code)
+
+
+class InvalidRequestError(ServeAppError):
+    """The request body is well-formed JSON but asks for something invalid."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class AuthenticationError(ServeAppError):
+    status_code = 401
+    error_type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class PermissionDeniedError(ServeAppError):
+    status_code = 403
+    error_type = "permission_error"
+    code = "model_not_permitted"
+
+
+class AdapterNotFoundError(ServeAppError):
+    """The requested model / adapter ID is unknown to the store."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class InvalidAdapterError(ServeAppError):
+    """The adapter exists but cannot be served on this base (bad files, shapes, rank...)."""
+
+    status_code = 422
+    error_type = "invalid_request_error"
+    code = "invalid_adapter"
+
+
+class RateLimitError(ServeAppError):
+    status_code = 429
+    error_type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+
+class AdapterStoreUnavailableError(ServeAppError):
+    """The adapter store (disk, S3) cannot be reached right now; retry later."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "adapter_store_unavailable"
+
+
+class EngineOverloadedError(ServeAppError):
+    """No room for the request: adapter memory pinned by running requests, or queue full."""
+
+    status_code = 503
+    error_type = "service_unavailable"
+    code = "engine_overloaded"

@@ -1,0 +1,60 @@
+"""Shared test assets: a tiny offline Llama, adapters of mixed ranks/targets, PEFT references."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
+MLP = ["gate_proj", "up_proj", "down_proj"]
+
+# Small enough for a 2-core CI, GQA (4 heads over 2 KV heads) so that path is exercised,
+# ranks 4..32 and three kinds of target sets so a mixed batch is truly heterogeneous.
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=192,  # a multiple of 64: bitsandbytes NF4 blocks
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    vocab_size=512,
+    num_adapters=8,
+    ranks=[4, 8, 16, 32, 4, 8, 16, 32],
+    target_modules=[ATTN, ATTN + MLP, ["q_proj", "v_proj"], ATTN, ATTN + MLP, ["q_proj", "v_proj"], ATTN + MLP,
+                    ["o_proj", "down_proj"]],
+)
+
+
+@lru_cache(maxsize=None)
+def _base(base_dir: str):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32).eval()
+
+
+def peft_model(base_dir: str | Path, adapter_dir: str | Path | None):
+    """A fresh PeftModel over a fresh base (PEFT mutates the base it wraps)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32).eval()
+    if adapter_dir is None:
+        return base
+    return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+
+
+@torch.inference_mode()
+def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Plain-transformers greedy decoding with EOS ignored (not suppressed), as the reference."""
+    out = model(input_ids=torch.tensor([prompt_ids]), use_cache=True)
+    tokens = []
+    for _ in range(max_new_tokens):
+        tokens.append(int(out.logits[0, -1].argmax()))
+        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+    return tokens
+
+
+@torch.inference_mode()
+def reference_logits(model, prompt_ids: list[int]) -> torch.Tensor:
+    return model(input_ids=torch.tensor([prompt_ids])).logits[0, -1].float()

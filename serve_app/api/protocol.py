@@ -1,0 +1,757 @@
+"""OpenAI-compatible request / response models, in the style of vLLM's protocol.py.
+
+Requests are validated here, at the edge: anything a client can get wrong must fail
+as a pydantic ``ValidationError`` (FastAPI: ``RequestValidationError``) or an
+``InvalidRequestError``, which the router turns into a 400 with OpenAI's error
+shape via ``validation_error_body`` / ``error_body``. Nothing a client sends should
+be able to reach the engine and come back as a 500.
+
+Validators raise ``PydanticCustomError`` rather than ``ValueError`` so the message
+reaches the client verbatim (no "Value error, " prefix), and never raise
+``ServeAppError``: pydantic does not wrap foreign exceptions, so one raised inside a
+validator would escape FastAPI's request parsing as a 500.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, Literal
+
+from fastapi.exceptions import RequestValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from serve_app.engine.sampling import SamplingParams
+from serve_app.errors import InvalidRequestError, ServeAppError
+
+# OpenAI caps stop sequences at 4; matching every one after each token is per-row
+# string work on the hot path, so keep the same cap.
+MAX_STOP_SEQUENCES = 4
+
+# Seeds go to ``torch.Generator.manual_seed``, which raises (-> 500) outside int64.
+_INT64_MIN = -(2**63)
+_INT64_MAX = 2**63 - 1
+
+FinishReason = Literal["stop", "length"]
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _unsupported(message: str) -> PydanticCustomError:
+    return PydanticCustomError("unsupported", message)
+
+
+# --------------------------------------------------------------------------- requests
+
+
+class StreamOptions(BaseModel):
+    # The official client may add newer keys (e.g. include_obfuscation); ignore them.
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = Field(
+        default=False,
+        description="If true, a final chunk with empty `choices` and the request's `usage` "
+        "is sent before `data: [DONE]`.",
+    )
+
+
+# Fields that change what the client gets back. They are not part of the model (so
+# ``extra="ignore"`` would silently drop them); refuse them instead when set to
+# anything but their no-op value, so a client never gets a quietly different answer.
+_UNSUPPORTED_EXTRAS: dict[str, tuple[Any, ...]] = {
+    "best_of": (None, 1),
+    "suffix": (None, ""),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "functions": (None, []),
+    "prompt_logprobs": (None,),
+}
+
+
+class _SamplingRequest(BaseModel):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
+    # extra="ignore", not "forbid": benchmark harnesses and SDKs send fields we do not
+    # model (``metadata``, ``store``, ``service_tier``, vLLM-specific knobs, ...), and
+    # refusing them would break those clients for no benefit. The few extras that
+    # would change the answer are refused explicitly (``_UNSUPPORTED_EXTRAS``).
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(
+        min_length=1,
+        description="Model to use: the base model ID or a LoRA adapter ID (see GET /v1/models).",
+    )
+    temperature: float = Field(
+        default=1.0,
+        ge=0.0,
+        le=2.0,
+        allow_inf_nan=False,
+        description="Sampling temperature in [0, 2]; 0 means greedy decoding.",
+    )
+    top_p: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        allow_inf_nan=False,
+        description="Nucleus sampling: keep the smallest set of tokens whose probability mass "
+        "reaches top_p. In (0, 1]; 1 disables it.",
+    )
+    n: int = Field(
+        default=1,
+        ge=1,
+        description="Number of choices to generate. Only 1 is supported.",
+    )
+    stream: bool = Field(
+        default=False,
+        description="Stream the result as server-sent events, ending with `data: [DONE]`.",
+    )
+    stream_options: StreamOptions | None = Field(
+        default=None,
+        description="Streaming options; only allowed when `stream` is true.",
+    )
+    stop: str | list[str] | None = Field(
+        default=None,
+        description=f"Up to {MAX_STOP_SEQUENCES} non-empty sequences; generation stops before "
+        "the first one produced, which is not included in the output.",
+    )
+    stop_token_ids: list[int] | None = Field(
+        default=None,
+        description="vLLM extension: token IDs that end generation, in addition to EOS.",
+    )
+    seed: int | None = Field(
+        default=None,
+        ge=_INT64_MIN,
+        le=_INT64_MAX,
+        description="Seed for a private random generator, so the same request gives the same "
+        "output regardless of which other requests share its batch.",
+    )
+    user: str | None = Field(
+        default=None,
+        description="End-user identifier, accepted for OpenAI compatibility; not used.",
+    )
+    presence_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        allow_inf_nan=False,
+        description="Accepted for OpenAI compatibility; only 0 is supported.",
+    )
+    frequency_penalty: float = Field(
+        default=0.0,
+        ge=-2.0,
+        le=2.0,
+        allow_inf_nan=False,
+        description="Accepted for OpenAI compatibility; only 0 is supported.",
+    )
+    ignore_eos: bool = Field(
+        default=False,
+        description="vLLM extension: keep generating past EOS until max_tokens or a stop "
+        "sequence (benchmarks use it to fix output length).",
+    )
+    top_k: int = Field(
+        default=-1,
+        ge=-1,
+        description="vLLM extension: sample only from the k most likely tokens; -1 or 0 "
+        "disables it.",
+    )
+
+    # JSON null means "not given" in OpenAI's API (some clients send every key), so
+    # map it to the field default instead of failing type validation.
+    @field_validator(
+        "temperature",
+        "top_p",
+        "n",
+        "stream",
+        "presence_penalty",
+        "frequency_penalty",
+        "ignore_eos",
+        "top_k",
+        mode="before",
+    )
+    @classmethod
+    def _null_means_default(cls, v: Any, info: ValidationInfo) -> Any:
+        if v is None:
+            return cls.model_fields[info.field_name].get_default()
+        return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unsupported_extras(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for name, noop_values in _UNSUPPORTED_EXTRAS.items():
+                if name in data and data[name] not in noop_values:
+                    raise _unsupported(f"{name}: not supported by this server")
+            # Benchmarks pair min_tokens with ignore_eos to fix output length; there
+            # the engine already runs to max_tokens, so only refuse it without ignore_eos.
+            if data.get("min_tokens") not in (None, 0, 1) and not data.get("ignore_eos"):
+                raise _unsupported(
+                    "min_tokens: not supported by this server (except with ignore_eos)"
+                )
+        return data
+
+    @field_validator("n")
+    @classmethod
+    def _only_one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise _unsupported(
+                f"only n=1 is supported (got {v}); send {v} requests with different seeds instead"
+            )
+        return v
+
+    @field_validator("stop", mode="wrap")
+    @classmethod
+    def _check_stop(cls, v: Any, handler) -> Any:
+        try:
+            v = handler(v)
+        except ValidationError:
+            # The str | list[str] union would otherwise report one error per branch.
+            raise PydanticCustomError(
+                "stop_type", "must be a string, a list of strings, or null"
+            ) from None
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP_SEQUENCES:
+            raise PydanticCustomError(
+                "too_many_stop",
+                "at most {max} stop sequences are allowed (got {n})",
+                {"max": MAX_STOP_SEQUENCES, "n": len(stops)},
+            )
+        if any(s == "" for s in stops):
+            raise PydanticCustomError("empty_stop", "stop sequences must be non-empty")
+        return v
+
+    @field_validator("stop_token_ids")
+    @classmethod
+    def _check_stop_token_ids(cls, v: list[int] | None) -> list[int] | None:
+        if v and any(t < 0 for t in v):
+            raise PydanticCustomError("negative_token", "token IDs must be >= 0")
+        return v
+
+    @field_validator("presence_penalty", "frequency_penalty")
+    @classmethod
+    def _no_penalties(cls, v: float) -> float:
+        if v != 0.0:
+            raise _unsupported("not supported (only 0 is accepted)")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        # Same rule as OpenAI and vLLM: silently ignoring it would hide a client bug.
+        if self.stream_options is not None and not self.stream:
+            raise PydanticCustomError(
+                "stream_options", "stream_options is only allowed when stream is true"
+            )
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        """Whether the stream must end with a usage-only chunk."""
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _max_tokens(self, default_max_tokens: int) -> int:
+        raise NotImplementedError
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        """Engine sampling parameters; ``default_max_tokens`` applies when none was given.
+
+        The router still has to check prompt length + max_tokens against the model's
+        context window: that needs the tokenized prompt, which the schema does not see.
+        """
+        stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return SamplingParams(
+            max_tokens=self._max_tokens(default_max_tokens),
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=-1 if self.top_k == 0 else self.top_k,
+            seed=self.seed,
+            stop=stop,
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos,
+        )
+
+
+class CompletionRequest(_SamplingRequest):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description="Prompt text, a batch of texts, or (vLLM extension) token IDs or a batch "
+        "of token-ID lists. A batch yields one choice per prompt, in order."
+    )
+    max_tokens: int | None = Field(
+        default=16,
+        ge=1,
+        description="Most tokens to generate per choice (OpenAI's default is 16); null means "
+        "the server's default.",
+    )
+    echo: bool = Field(
+        default=False,
+        description="Prepend the prompt to the completion. Not supported: must be false.",
+    )
+    logprobs: int | None = Field(
+        default=None,
+        description="Return log probabilities of the top tokens. Not supported: must be null.",
+    )
+
+    @field_validator("echo", mode="before")
+    @classmethod
+    def _echo_null_means_false(cls, v: Any) -> Any:
+        return False if v is None else v
+
+    @field_validator("prompt", mode="wrap")
+    @classmethod
+    def _check_prompt(cls, v: Any, handler) -> Any:
+        try:
+            v = handler(v)
+        except ValidationError:
+            # One readable message instead of an error per union branch.
+            raise PydanticCustomError(
+                "prompt_type",
+                "must be a string, a list of strings, a list of token IDs, "
+                "or a list of token-ID lists",
+            ) from None
+        if isinstance(v, list):
+            if not v:
+                raise PydanticCustomError("empty_prompt", "must not be an empty list")
+            for p in v:
+                if isinstance(p, list) and not p:
+                    raise PydanticCustomError(
+                        "empty_prompt", "token-ID prompts must not be empty"
+                    )
+                ids = p if isinstance(p, list) else [p] if isinstance(p, int) else []
+                if any(t < 0 for t in ids):
+                    raise PydanticCustomError("negative_token", "token IDs must be >= 0")
+        return v
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        if v:
+            raise _unsupported("not supported (must be false)")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: int | None) -> int | None:
+        if v is not None:
+            raise _unsupported("not supported (must be null or omitted)")
+        return v
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt as a batch: each item is one text or one token-ID list."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if all(isinstance(t, int) for t in p):
+            return [list(p)]  # one tokenized prompt
+        return list(p)
+
+    def _max_tokens(self, default_max_tokens: int) -> int:
+        return default_max_tokens if self.max_tokens is None else self.max_tokens
+
+
+class TextContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"] = Field(description="Content part type; only 'text' is supported.")
+    text: str = Field(description="The text of this part.")
+
+
+class ChatMessage(BaseModel):
+    # Ignore name, tool_call_id, etc.: they do not affect the rendered prompt here.
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool"] = Field(
+        description="Author of the message."
+    )
+    content: str | list[TextContentPart] = Field(
+        description="Message text, or a list of text content parts (concatenated, "
+        "newline-separated)."
+    )
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _check_content(cls, v: Any) -> Any:
+        # Checked by hand: union errors would list every branch, and a non-text part
+        # (image_url, input_audio) deserves a message saying it is unsupported.
+        if isinstance(v, str):
+            return v
+        if not isinstance(v, list):
+            raise PydanticCustomError(
+                "content_type", "must be a string or a list of content parts"
+            )
+        for part in v:
+            kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+            if kind != "text":
+                raise PydanticCustomError(
+                    "unsupported",
+                    "only 'text' content parts are supported (got {kind})",
+                    {"kind": repr(kind)},
+                )
+            text = part.get("text") if isinstance(part, dict) else getattr(part, "text", None)
+            if not isinstance(text, str):
+                raise PydanticCustomError(
+                    "content_text", "text content parts need a string 'text' field"
+                )
+        return v
+
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        # vLLM's choice: separate parts by newlines so they do not run into each other.
+        return "\n".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(
+        min_length=1, description="The conversation so far; at least one message."
+    )
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most tokens to generate (deprecated by OpenAI in favour of "
+        "max_completion_tokens); null means the server's default.",
+    )
+    max_completion_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most tokens to generate; null means the server's default.",
+    )
+    logprobs: bool | None = Field(
+        default=None,
+        description="Return log probabilities of output tokens. Not supported: must be false "
+        "or null.",
+    )
+    top_logprobs: int | None = Field(
+        default=None,
+        description="Number of most likely tokens to return per position. Not supported: "
+        "must be 0 or null.",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_chat_features(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            fmt = data.get("response_format")
+            if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+                raise _unsupported("response_format: only {\"type\": \"text\"} is supported")
+        return data
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, v: bool | None) -> bool | None:
+        if v:
+            raise _unsupported("not supported (must be false, null or omitted)")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _no_top_logprobs(cls, v: int | None) -> int | None:
+        if v:
+            raise _unsupported("not supported (must be 0, null or omitted)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_max_tokens(self):
+        a, b = self.max_tokens, self.max_completion_tokens
+        if a is not None and b is not None and a != b:
+            raise PydanticCustomError(
+                "max_tokens_conflict",
+                "max_tokens and max_completion_tokens disagree ({a} vs {b}); set only one",
+                {"a": a, "b": b},
+            )
+        return self
+
+    def _max_tokens(self, default_max_tokens: int) -> int:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return default_max_tokens
+
+
+# -------------------------------------------------------------------------- responses
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = Field(description="Tokens in the prompt(s).")
+    completion_tokens: int = Field(description="Tokens generated.")
+    total_tokens: int = Field(description="prompt_tokens + completion_tokens.")
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+        return cls(
+            prompt_tokens=prompt_tokens,
+            completion_tokens=completion_tokens,
+            total_tokens=prompt_tokens + completion_tokens,
+        )
+
+
+class CompletionResponseChoice(BaseModel):
+    index: int = Field(description="Position of this choice (the prompt's index in a batch).")
+    text: str = Field(description="Generated text.")
+    logprobs: None = Field(default=None, description="Always null: logprobs are not supported.")
+    finish_reason: FinishReason = Field(
+        description="'stop' for EOS or a stop sequence, 'length' for max_tokens."
+    )
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("cmpl"), description="Completion ID.")
+    object: Literal["text_completion"] = Field(
+        default="text_completion", description="Always 'text_completion'."
+    )
+    created: int = Field(
+        default_factory=lambda: int(time.time()), description="Unix time of creation, seconds."
+    )
+    model: str = Field(description="Model (base or adapter ID) that served the request.")
+    choices: list[CompletionResponseChoice] = Field(description="One choice per prompt.")
+    usage: UsageInfo = Field(description="Token counts for the request.")
+
+
+class CompletionResponseStreamChoice(BaseModel):
+    index: int = Field(description="Position of this choice (the prompt's index in a batch).")
+    text: str = Field(description="Text generated since the previous chunk.")
+    logprobs: None = Field(default=None, description="Always null: logprobs are not supported.")
+    finish_reason: FinishReason | None = Field(
+        default=None, description="Null until the choice's last chunk."
+    )
+
+
+class _OmitNullUsage(BaseModel):
+    # OpenAI leaves `usage` out of chunks unless it has a value; the official client
+    # treats missing and null alike, but other SSE consumers key on its presence.
+    @model_serializer(mode="wrap")
+    def _omit_null_usage(self, handler):
+        out = handler(self)
+        if out.get("usage", 0) is None:
+            del out["usage"]
+        return out
+
+
+class CompletionStreamResponse(_OmitNullUsage):
+    id: str = Field(description="Completion ID; the same on every chunk of a stream.")
+    object: Literal["text_completion"] = Field(
+        default="text_completion", description="Always 'text_completion' (as OpenAI sends)."
+    )
+    created: int = Field(
+        default_factory=lambda: int(time.time()), description="Unix time of creation, seconds."
+    )
+    model: str = Field(description="Model (base or adapter ID) that served the request.")
+    choices: list[CompletionResponseStreamChoice] = Field(
+        description="Deltas; empty on the final usage-only chunk."
+    )
+    usage: UsageInfo | None = Field(
+        default=None,
+        description="Only on the final chunk, when stream_options.include_usage is set.",
+    )
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = Field(default="assistant", description="Always 'assistant'.")
+    content: str = Field(description="Generated text.")
+
+
+class ChatCompletionResponseChoice(BaseModel):
+    index: int = Field(description="Position of this choice.")
+    message: ChatResponseMessage = Field(description="The generated message.")
+    logprobs: None = Field(default=None, description="Always null: logprobs are not supported.")
+    finish_reason: FinishReason = Field(
+        description="'stop' for EOS or a stop sequence, 'length' for max_tokens."
+    )
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(
+        default_factory=lambda: random_id("chatcmpl"), description="Chat completion ID."
+    )
+    object: Literal["chat.completion"] = Field(
+        default="chat.completion", description="Always 'chat.completion'."
+    )
+    created: int = Field(
+        default_factory=lambda: int(time.time()), description="Unix time of creation, seconds."
+    )
+    model: str = Field(description="Model (base or adapter ID) that served the request.")
+    choices: list[ChatCompletionResponseChoice] = Field(description="The generated choice.")
+    usage: UsageInfo = Field(description="Token counts for the request.")
+
+
+class DeltaMessage(BaseModel):
+    role: Literal["assistant"] | None = Field(
+        default=None, description="'assistant' on the first chunk only."
+    )
+    content: str | None = Field(default=None, description="Text generated since the last chunk.")
+
+    # OpenAI sends `"delta": {}` on the finishing chunk and only the keys that changed
+    # otherwise; drop nulls here so every caller serializes it the same way.
+    @model_serializer(mode="wrap")
+    def _omit_nulls(self, handler):
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatCompletionResponseStreamChoice(BaseModel):
+    index: int = Field(description="Position of this choice.")
+    delta: DeltaMessage = Field(description="What changed since the previous chunk.")
+    logprobs: None = Field(default=None, description="Always null: logprobs are not supported.")
+    finish_reason: FinishReason | None = Field(
+        default=None, description="Null until the choice's last chunk."
+    )
+
+
+class ChatCompletionStreamResponse(_OmitNullUsage):
+    id: str = Field(description="Chat completion ID; the same on every chunk of a stream.")
+    object: Literal["chat.completion.chunk"] = Field(
+        default="chat.completion.chunk", description="Always 'chat.completion.chunk'."
+    )
+    created: int = Field(
+        default_factory=lambda: int(time.time()), description="Unix time of creation, seconds."
+    )
+    model: str = Field(description="Model (base or adapter ID) that served the request.")
+    choices: list[ChatCompletionResponseStreamChoice] = Field(
+        description="Deltas; empty on the final usage-only chunk."
+    )
+    usage: UsageInfo | None = Field(
+        default=None,
+        description="Only on the final chunk, when stream_options.include_usage is set.",
+    )
+
+
+class ModelCard(BaseModel):
+    id: str = Field(description="Model ID to pass as `model`: the base model or an adapter.")
+    object: Literal["model"] = Field(default="model", description="Always 'model'.")
+    created: int = Field(
+        default_factory=lambda: int(time.time()),
+        description="Unix time the model became available, seconds.",
+    )
+    owned_by: str = Field(default="serve-app", description="Owner: the server or the tenant.")
+    root: str | None = Field(
+        default=None,
+        description="Where the weights come from: the base model's path/hub ID, or the "
+        "adapter's source URI.",
+    )
+    parent: str | None = Field(
+        default=None, description="For an adapter, the base model ID it applies to; else null."
+    )
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = Field(default="list", description="Always 'list'.")
+    data: list[ModelCard] = Field(default_factory=list, description="Servable models.")
+
+
+class ErrorInfo(BaseModel):
+    message: str = Field(description="Human-readable explanation.")
+    type: str = Field(description="Error class, e.g. 'invalid_request_error'.")
+    code: str | None = Field(default=None, description="Machine-readable code, if any.")
+    param: str | None = Field(default=None, description="The offending request field, if known.")
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo = Field(description="What went wrong.")
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _loc_to_str(loc: tuple[Any, ...]) -> str:
+    # FastAPI prefixes body errors with "body"; clients know the field by its own name.
+    if len(loc) > 1 and loc[0] == "body":
+        loc = loc[1:]
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def validation_error_body(exc: ValidationError | RequestValidationError) -> dict[str, Any]:
+    """OpenAI error body for a failed request validation (HTTP 400).
+
+    The message names each field, e.g. "max_tokens: Input should be greater than or
+    equal to 1"; ``param`` is the first offending field.
+    """
+    messages, first_param = [], None
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            # FastAPI reports ("body", <char offset>) as the location; say what it is.
+            loc, param = (), None
+            detail = (err.get("ctx") or {}).get("error", "")
+            pos = err.get("loc", (None, None))[-1]
+            msg = f"request body is not valid JSON (at character {pos}): {detail}".rstrip(": ")
+        else:
+            loc = tuple(err.get("loc", ()))
+            param = None if loc in ((), ("body",)) else _loc_to_str(loc)
+            msg = err.get("msg", "invalid value")
+        where = _loc_to_str(loc)
+        messages.append(f"{where}: {msg}" if where else msg)
+        if first_param is None:
+            first_param = param
+    body = ErrorInfo(
+        message="; ".join(messages) or "invalid request",
+        type=InvalidRequestError.error_type,
+        code=InvalidRequestError.code,
+        param=first_param,
+    )
+    return ErrorResponse(error=body).model_dump()
+
+
+def error_body(exc: BaseException) -> dict[str, Any]:
+    """OpenAI error body for any exception; pair it with ``error_status(exc)``.
+
+    Unexpected exceptions get a generic message: their text may hold internals
+    (paths, tensor shapes) that are for the server log, not the client.
+    """
+    if isinstance(exc, (ValidationError, RequestValidationError)):
+        return validation_error_body(exc)
+    if isinstance(exc, ServeAppError):
+        info = ErrorInfo(message=exc.message, type=exc.error_type, code=exc.code)
+    else:
+        info = ErrorInfo(message="Internal server error", type="internal_error")
+    return ErrorResponse(error=info).model_dump()
+
+
+def error_status(exc: BaseException) -> int:
+    """HTTP status for ``exc``: its own for ServeAppError, 400 for validation, else 500."""
+    if isinstance(exc, (ValidationError, RequestValidationError)):
+        return 400
+    if isinstance(exc, ServeAppError):
+        return exc.status_code
+    return 500
+
+
+# ----------------------------------------------------------------------- chat prompt
+
+
+def render_chat(tokenizer: Any, messages: list[ChatMessage] | list[dict[str, Any]]) -> str:
+    """The prompt text for a conversation, ending where the assistant's reply begins.
+
+    Uses the tokenizer's chat template when it has one, else "<role>: <content>\\n"
+    per message then "assistant:". A templated prompt usually already holds BOS, so
+    tokenize it with ``add_special_tokens=False``.
+    """
+    msgs = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in messages]
+    flat = [{"role": m.role, "content": m.text()} for m in msgs]
+    if getattr(tokenizer, "chat_template", None):
+        import jinja2  # transformers' template engine; imported late as only this needs it
+
+        try:
+            return tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=True)
+        except jinja2.TemplateError as e:
+            # Templates reject conversations they cannot express (raise_exception, e.g.
+            # "roles must alternate"): that is the client's request, not a server fault.
+            raise InvalidRequestError(f"chat template rejected the messages: {e}") from e
+    return "".join(f"{m['role']}: {m['content']}\n" for m in flat) + "assistant:"

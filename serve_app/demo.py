@@ -104,6 +104,9 @@ def build_demo_assets(
     ``ranks`` and ``target_modules`` are per-adapter lists, cycled when shorter than
     ``num_adapters``; by default rank is 8 for even adapters and 16 for odd ones, on
     q/k/v/o_proj. ``lora_alpha`` is always ``2 * r``. ``force`` rebuilds even on a cache hit.
+
+    The vocab is exactly ``vocab_size`` up to about 18k; beyond that the synthetic training
+    text runs out of merges and the model's vocab is set to the tokenizer's real size.
     """
     if num_adapters < 0:
         raise ValueError(f"num_adapters must be >= 0, got {num_adapters}")
@@ -161,7 +164,7 @@ def build_demo_assets(
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=out))
     try:
         t0 = time.perf_counter()
-        _build_into(tmp, params, chat_template)
+        _build_into(tmp, params)
         (tmp / MARKER).write_text(json.dumps(params, indent=2, sort_keys=True) + "\n")
         # mkdtemp (and safetensors' writer) leave owner-only modes; the cache may be shared.
         for p in [tmp, *tmp.rglob("*")]:
@@ -195,9 +198,9 @@ def _publish(tmp: Path, final: Path, *, replace: bool) -> None:
             shutil.rmtree(trash, ignore_errors=True)
 
 
-def _build_into(root: Path, params: dict[str, Any], chat_template: str | None) -> None:
+def _build_into(root: Path, params: dict[str, Any]) -> None:
     base_dir = root / BASE_DIRNAME
-    tokenizer = build_tokenizer(params["vocab_size"], seed=params["seed"], chat_template=chat_template)
+    tokenizer = build_tokenizer(params["vocab_size"], seed=params["seed"], chat_template=params["chat_template"])
     tokenizer.save_pretrained(base_dir)
     # transformers 5 records its new "TokenizersBackend" class, which 4.x cannot load; the
     # 4.x name loads in both (5.x maps it to the same backend).
@@ -207,7 +210,7 @@ def _build_into(root: Path, params: dict[str, Any], chat_template: str | None) -
     tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
 
     model = build_base_model(
-        vocab_size=len(tokenizer),  # may be a little under the request if training ran out of merges
+        vocab_size=len(tokenizer),  # under the request only if training ran out of merges
         hidden_size=params["hidden_size"],
         intermediate_size=params["intermediate_size"],
         num_layers=params["num_layers"],

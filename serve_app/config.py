@@ -6,6 +6,7 @@ field's name instead of being silently ignored.
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -59,6 +60,87 @@ class EngineConfig(BaseModel):
             raise ValueError(
                 f"lora_target_modules {unknown} are not Llama projections; choose from {list(LORA_TARGET_KINDS)}"
             )
+        if self.quantization != "none" and self.dtype == "float16":
+            raise ValueError("quantized bases compute in bfloat16 or float32; set dtype to one of those")
+        return self
+
+
+class AppConfig(BaseModel):
+    """Arguments of ``build_app`` (serve_config.yaml's ``args``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(
+        default="demo",
+        description="Local Hugging Face folder of the base model, or 'demo' for the built-in offline tiny "
+        "Llama and its demo tenant adapters.",
+    )
+    adapters: str | None = Field(
+        default=None,
+        description="Folder with one sub-folder (a PEFT adapter) per adapter ID. Required unless base_model "
+        "is 'demo'.",
+    )
+    base_model_name: str = Field(
+        default="base", min_length=1, description="The `model` value that selects the base model, no adapter."
+    )
+    max_adapters_per_replica: int = Field(
+        default=8, ge=1, description="Size of each LoRA replica's adapter LRU (Serve multiplexing)."
+    )
+    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Largest adapter rank accepted.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto", description="Compute dtype (auto: bfloat16 on CUDA, float32 on CPU)."
+    )
+    quantization: Literal["none", "nf4", "int8"] = Field(
+        default="none", description="bitsandbytes quantization of the base model."
+    )
+    max_num_seqs: int = Field(default=64, ge=1, description="Sequences decoded together per replica.")
+    max_model_len: int | None = Field(default=None, ge=8, description="Prompt + completion limit in tokens.")
+    default_max_tokens: int = Field(
+        default=256, ge=1, description="max_tokens when a chat request (or a null max_tokens) leaves it out."
+    )
+    torch_threads: int | None = Field(
+        default=None, ge=1, description="torch threads per LoRA replica on CPU (default: the replica's num_cpus, at least 1)."
+    )
+    lora_replicas: int = Field(default=1, ge=1, description="Number of LoRA deployment replicas.")
+    lora_num_cpus: float = Field(default=1.0, ge=0, description="CPUs reserved per LoRA replica.")
+    lora_num_gpus: float = Field(default=0.0, ge=0, description="GPUs per LoRA replica (1 on a GPU node).")
+    lora_max_ongoing_requests: int = Field(
+        default=256, ge=1, description="Requests a LoRA replica accepts at once (running + queued in the engine)."
+    )
+    router_replicas: int = Field(default=1, ge=1, description="Number of router (HTTP ingress) replicas.")
+    router_num_cpus: float = Field(default=0.25, ge=0, description="CPUs reserved per router replica.")
+    demo_num_adapters: int = Field(
+        default=8, ge=1, le=10_000, description="With base_model 'demo': how many demo tenant adapters to build."
+    )
+
+    def resolve_paths(self) -> tuple[str, str]:
+        """(base model folder, adapters folder); builds the offline demo assets for 'demo'.
+
+        Each process that needs the files calls this: the demo build is cached and atomic, so
+        on a multi-node cluster every node makes its own identical copy instead of sharing a disk.
+        """
+        if self.base_model == "demo":
+            from serve_app.demo import build_demo_assets
+
+            assets = build_demo_assets(num_adapters=self.demo_num_adapters)
+            return str(assets.base), str(self.adapters or assets.adapters_dir)
+        return self.base_model, self.adapters
+
+    def engine_config(self, base_path: str) -> EngineConfig:
+        return EngineConfig(
+            model=base_path,
+            dtype=self.dtype,
+            quantization=self.quantization,
+            max_lora_rank=self.max_lora_rank,
+            max_num_seqs=self.max_num_seqs,
+            max_model_len=self.max_model_len,
+            torch_threads=self.torch_threads or max(1, math.ceil(self.lora_num_cpus)),
+        )
+
+    @model_validator(mode="after")
+    def _check(self) -> "AppConfig":
+        if self.base_model != "demo" and not self.adapters:
+            raise ValueError("adapters (a folder with one sub-folder per adapter ID) is required with a real base_model")
         if self.quantization != "none" and self.dtype == "float16":
             raise ValueError("quantized bases compute in bfloat16 or float32; set dtype to one of those")
         return self

@@ -206,6 +206,22 @@ class LoRAEngine:
             req.aborted = True
             self._cv.notify()
 
+    def submit(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        adapter: str | ResidentAdapter | None = None,
+        request_id: str | None = None,
+    ) -> "RequestStream":
+        """Start a request from async code; iterate the returned stream for its outputs.
+
+        Raises at once (before any await) for invalid input or an adapter that is gone, so a
+        caller can retry with a fresh adapter handle.
+        """
+        stream = RequestStream(self)
+        stream.req = self.add_request(prompt, params, adapter, (asyncio.get_running_loop(), stream.queue), request_id)
+        return stream
+
     async def generate(
         self,
         prompt: str | list[int],
@@ -214,20 +230,12 @@ class LoRAEngine:
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream a request's outputs as they are produced."""
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        req = self.add_request(prompt, params, adapter, (asyncio.get_running_loop(), queue), request_id)
-        finished = False
+        stream = self.submit(prompt, params, adapter, request_id)
         try:
-            while not finished:
-                out = await queue.get()
-                if out.error is not None:
-                    finished = True
-                    raise out.error
-                finished = out.finished
+            async for out in stream:
                 yield out
         finally:
-            if not finished:
-                self.abort(req)
+            stream.close()
 
     def generate_batch(
         self, requests: list[tuple[str | list[int], SamplingParams, str | ResidentAdapter | None]]
@@ -270,6 +278,9 @@ class LoRAEngine:
                 "generated_tokens": self.generated_tokens,
                 "lora": self.lora.stats(),
             }
+
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
 
     def shutdown(self) -> None:
         with self._cv:
@@ -408,6 +419,59 @@ class LoRAEngine:
                 loop.call_soon_threadsafe(_deliver, items)
             except RuntimeError:  # the caller's loop is closed: nobody is listening
                 pass
+
+
+class RequestStream:
+    """Async iterator over one request's outputs. ``close()`` aborts it if unfinished."""
+
+    def __init__(self, engine: LoRAEngine):
+        self.engine = engine
+        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self.req: Request | None = None
+        self.finished = False
+
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        return self._take(await self.queue.get())
+
+    def drain_nowait(self) -> list[RequestOutput]:
+        """Outputs already waiting, without blocking: lets a caller send several steps as one chunk."""
+        outs = []
+        while not self.finished and not self.queue.empty():
+            outs.append(self._take(self.queue.get_nowait()))
+        return outs
+
+    def _take(self, out: RequestOutput) -> RequestOutput:
+        if out.error is not None:
+            self.finished = True
+            raise out.error
+        self.finished = out.finished
+        return out
+
+    def close(self) -> None:
+        if not self.finished and self.req is not None:
+            self.finished = True
+            self.engine.abort(self.req)
+
+
+def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
+    """Fold consecutive outputs of one request into one (text and tokens concatenated)."""
+    last = outs[-1]
+    if len(outs) == 1:
+        return last
+    return RequestOutput(
+        request_id=last.request_id,
+        text="".join(o.text for o in outs),
+        token_ids=[t for o in outs for t in o.token_ids],
+        finished=last.finished,
+        finish_reason=last.finish_reason,
+        prompt_tokens=last.prompt_tokens,
+        completion_tokens=last.completion_tokens,
+    )
 
 
 def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:

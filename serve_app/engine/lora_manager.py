@@ -125,6 +125,8 @@ class LoRAManager:
             self._retire(res)
 
     def _retire(self, res: ResidentAdapter) -> None:
+        if res.retired:
+            return
         res.retired = True
         if res.refcount == 0:
             self._free_rows(res)

@@ -1,0 +1,37 @@
+"""The one builder: validate args, bind the deployments. serve_config.yaml imports this.
+
+    serve run serve_app.app:build_app base_model=demo
+    serve run serve_config.yaml
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray import serve
+from ray.serve import Application
+
+from serve_app.config import AppConfig
+from serve_app.deployments.lora import LoRADeployment
+from serve_app.router.ingress import Router
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    cfg = AppConfig.model_validate(args or {})
+    cfg.engine_config("validate-only")  # fail here, at deploy time, on bad engine args
+    raw = cfg.model_dump()
+    lora = serve.deployment(
+        LoRADeployment,
+        name="LoRADeployment",
+        num_replicas=cfg.lora_replicas,
+        max_ongoing_requests=cfg.lora_max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.lora_num_cpus, "num_gpus": cfg.lora_num_gpus},
+        health_check_period_s=10,
+    ).bind(raw)
+    return serve.deployment(
+        Router,
+        name="Router",
+        num_replicas=cfg.router_replicas,
+        max_ongoing_requests=4 * cfg.lora_max_ongoing_requests,
+        ray_actor_options={"num_cpus": cfg.router_num_cpus},
+    ).bind(lora, raw)

@@ -119,10 +119,27 @@ class ModelRunner:
         self.max_model_len = max_model_len
         self.device = next(model.parameters()).device
         self.dtype = model.model.embed_tokens.weight.dtype
+        self._rope_table(cfg)
         self.capacity = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self._ensure_capacity(min(256, max_model_len))
+
+    def _rope_table(self, cfg) -> None:
+        """cos/sin for every position, computed once with the model's own rotary module.
+
+        Saves a handful of ops per forward; skipped for rope types whose tables depend on the
+        current sequence length (dynamic NTK, longrope), which keep computing per call.
+        """
+        params = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+        self.cos = self.sin = None
+        if params.get("rope_type", "default") in ("dynamic", "longrope"):
+            return
+        pos = torch.arange(self.max_model_len, device=self.device)[None]
+        probe = torch.zeros(1, 1, device=self.device, dtype=self.dtype)
+        with torch.inference_mode():
+            cos, sin = self.inner.rotary_emb(probe, pos)  # [1, max_len, head_dim]
+        self.cos, self.sin = cos[0], sin[0]
 
     def _ensure_capacity(self, length: int) -> None:
         if length <= self.capacity:
@@ -177,15 +194,24 @@ class ModelRunner:
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [B]
         rows = torch.arange(bsz, device=self.device)
         span = max(positions) + 1
-        mask = (torch.arange(span, device=self.device)[None, :] <= pos[:, None])[:, None, None, :]  # [B,1,1,S]
+        # Additive mask: row b sees its own positions 0..pos[b] only.
+        mask = torch.zeros(bsz, 1, 1, span, dtype=self.dtype, device=self.device).masked_fill_(
+            torch.arange(span, device=self.device)[None, None, None, :] > pos[:, None, None, None], float("-inf")
+        )  # [B, 1, 1, S]
+        group = self.n_heads // self.n_kv
 
         def attend(li, q, k, v):  # q: [B, H, 1, hd], k/v: [B, KV, 1, hd]
             kc, vc = self.k[li], self.v[li]
             kc[rows, :, pos] = k[:, :, 0]
             vc[rows, :, pos] = v[:, :, 0]
-            return F.scaled_dot_product_attention(
-                q, kc[:bsz, :, :span], vc[:bsz, :, :span], attn_mask=mask, scale=self.scale, enable_gqa=self.gqa
-            )
+            keys, values = kc[:bsz, :, :span], vc[:bsz, :, :span]  # [B, KV, S, hd] views
+            # One query token per row: plain matmuls beat SDPA's kernel launch at this size,
+            # and grouping query heads per KV head handles GQA without copying K/V.
+            qg = q.reshape(bsz, self.n_kv, group, self.head_dim)  # [B, KV, G, hd]
+            scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(self.scale).add_(mask)  # [B, KV, G, S]
+            probs = scores.softmax(dim=-1) if self.dtype == torch.float32 else scores.float().softmax(dim=-1).to(self.dtype)
+            out = torch.matmul(probs, values)  # [B, KV, G, hd]
+            return out.view(bsz, self.n_heads, 1, self.head_dim)
 
         hidden = self._forward(ids, pos[:, None], attend, lora)  # [B, 1, hidden]
         return self._logits(hidden[:, -1])
@@ -195,7 +221,10 @@ class ModelRunner:
 
         bsz, t = ids.shape
         x = self.inner.embed_tokens(ids)  # [B, T, hidden]
-        cos, sin = self.inner.rotary_emb(x, positions)
+        if self.cos is not None:
+            cos, sin = self.cos[positions], self.sin[positions]  # [B, T, head_dim]
+        else:
+            cos, sin = self.inner.rotary_emb(x, positions)
         self.ctx.batch = lora
         try:
             for li, layer in enumerate(self.layers):

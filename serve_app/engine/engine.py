@@ -89,20 +89,22 @@ class Request:
 
 
 class LoRAEngine:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, *, transform: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
+        """``transform`` rewrites the loaded base before LoRA layers wrap it (the merged path
+        merges a tenant's adapter into the weights there)."""
         self.config = config
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         t0 = time.perf_counter()
         model, self.tokenizer, self.device, self.dtype = load_base_model(config)
+        if transform is not None:
+            model = transform(model)
         self.model = model
         self._ctx = LoRAContext()
         self.base_shape = base_shape(model, config.lora_target_modules)
         wrap_lora_layers(model, config.lora_target_modules, self._ctx)
         self.max_model_len = config.max_model_len or min(model.config.max_position_embeddings, 4096)
-        self.runner = ModelRunner(
-            model, max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len, ctx=self._ctx
-        )
+        self.runner = self._make_runner()
         self.lora = LoRAManager(self.base_shape, dtype=self.dtype, device=self.device)
         self.vocab_size = model.config.vocab_size
         self.eos_ids = self._eos_ids()
@@ -112,6 +114,7 @@ class LoRAEngine:
         self._running: list[Request] = []  # index == KV-cache slot
         self._outbox: list[tuple[Request, RequestOutput]] = []
         self._stopped = False
+        self._inflight = 0  # submitted and not finished, wherever they are
         self.steps = 0
         self.generated_tokens = 0
         self._thread = threading.Thread(target=self._loop, name="lora-engine", daemon=True)
@@ -120,6 +123,11 @@ class LoRAEngine:
             "engine ready in %.1fs: %s on %s (%s%s), max_model_len=%d",
             time.perf_counter() - t0, config.model, self.device, self.dtype,
             "" if config.quantization == "none" else f", {config.quantization}", self.max_model_len,
+        )
+
+    def _make_runner(self):
+        return ModelRunner(
+            self.model, max_num_seqs=self.config.max_num_seqs, max_model_len=self.max_model_len, ctx=self._ctx
         )
 
     def _eos_ids(self) -> frozenset[int]:
@@ -197,6 +205,7 @@ class LoRAEngine:
                     self.lora.release(resident)
                 raise EngineError("engine is shut down")
             self._waiting.append(req)
+            self._inflight += 1
             self._cv.notify()
         return req
 
@@ -281,6 +290,16 @@ class LoRAEngine:
 
     def is_alive(self) -> bool:
         return self._thread.is_alive()
+
+    def drain(self, timeout: float = 60.0) -> bool:
+        """Wait until no request is waiting or running (before unloading a whole engine)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._cv:
+                if self._inflight == 0:
+                    return True
+            time.sleep(0.02)
+        return False
 
     def shutdown(self) -> None:
         with self._cv:
@@ -367,7 +386,11 @@ class LoRAEngine:
         new_ids: list[int] | None = None,
         error: ServeAppError | None = None,
     ) -> bool:
+        if req.done:
+            return True
         req.done = True
+        with self._cv:
+            self._inflight -= 1
         if req.adapter is not None:
             self.lora.release(req.adapter)
             req.adapter = None

@@ -1,0 +1,69 @@
+"""Static batches through ``model.generate``, for models our decoder loop cannot drive.
+
+DeepSpeed's kernel injection replaces each decoder layer with a fused module that keeps its
+own KV cache, so the per-slot cache of model.py does not apply. This engine admits a batch,
+runs it to completion with ``generate`` and streams every step. A logits processor makes the
+choice of each token ours (same sampler, seeds, stop strings, EOS and max_tokens rules as the
+iteration-level engine), so the output is the same; only the batching is coarser.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from serve_app.engine.engine import LoRAEngine, Request
+
+
+class GenerateEngine(LoRAEngine):
+    def _make_runner(self):
+        return None  # generate() keeps its own cache
+
+    @torch.inference_mode()
+    def _step(self, admitted: list[Request]) -> None:
+        from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
+
+        rows = [r for r in admitted if not (r.aborted and self._finish(r, "abort"))]
+        if not rows:
+            return
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):  # left padding: every row's next token is at the end
+            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids)
+            mask[i, width - len(r.prompt_ids):] = 1
+        engine = self
+
+        class ChooseTokens(LogitsProcessor):
+            def __call__(self, input_ids, scores):  # scores: [B, vocab]
+                if any(r.aborted and not r.done for r in rows):
+                    for r in rows:
+                        if r.aborted and not r.done:
+                            engine._finish(r, "abort")
+                live = [i for i, r in enumerate(rows) if not r.done]
+                if live:
+                    engine._append_tokens([rows[i] for i in live], scores[live])
+                    engine._flush()
+                forced = torch.full_like(scores, float("-inf"))
+                for i, r in enumerate(rows):
+                    forced[i, r.output_ids[-1] if r.output_ids else pad] = 0.0
+                return forced
+
+        class AllDone(StoppingCriteria):
+            def __call__(self, input_ids, scores, **kwargs):
+                return torch.full((input_ids.shape[0],), all(r.done for r in rows), dtype=torch.bool)
+
+        gen_config = GenerationConfig(
+            max_new_tokens=max(r.params.max_tokens for r in rows) + 1, do_sample=False, pad_token_id=pad
+        )
+        self.model.generate(
+            input_ids=ids.to(self.device),
+            attention_mask=mask.to(self.device),
+            generation_config=gen_config,
+            logits_processor=LogitsProcessorList([ChooseTokens()]),
+            stopping_criteria=[AllDone()],
+        )
+        for r in rows:  # generate() ended (its own length cap): nothing may stay open
+            if not r.done:
+                self._finish(r, "length")
+        self.steps += 1

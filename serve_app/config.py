@@ -11,6 +11,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve_app.router.policy import PolicyConfig
+
 # The projections a Llama-family decoder layer has; LoRA can target any subset.
 LORA_TARGET_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -109,6 +111,24 @@ class AppConfig(BaseModel):
     )
     router_replicas: int = Field(default=1, ge=1, description="Number of router (HTTP ingress) replicas.")
     router_num_cpus: float = Field(default=0.25, ge=0, description="CPUs reserved per router replica.")
+    merged: bool = Field(
+        default=False,
+        description="Deploy the merged hot-tenant path: tenants in policy.hot_tenants, and (policy.dynamic) "
+        "tenants whose request rate stays high, are served from a copy of the base with their adapter merged.",
+    )
+    policy: PolicyConfig = Field(
+        default_factory=PolicyConfig, description="When the router sends a tenant to the merged path."
+    )
+    merged_replicas: int = Field(default=1, ge=1, description="Merged deployment replicas.")
+    merged_tenants_per_replica: int = Field(
+        default=2, ge=1, description="Merged copies per merged replica (each is a whole model in memory)."
+    )
+    merged_num_cpus: float = Field(default=0.5, ge=0, description="CPUs reserved per merged replica.")
+    merged_num_gpus: float = Field(default=0.0, ge=0, description="GPUs per merged replica.")
+    merged_kernel_inject: bool = Field(
+        default=True,
+        description="Inject DeepSpeed inference kernels into merged models where CUDA exists (ignored on CPU).",
+    )
     demo_num_adapters: int = Field(
         default=8, ge=1, le=10_000, description="With base_model 'demo': how many demo tenant adapters to build."
     )
@@ -143,4 +163,18 @@ class AppConfig(BaseModel):
             raise ValueError("adapters (a folder with one sub-folder per adapter ID) is required with a real base_model")
         if self.quantization != "none" and self.dtype == "float16":
             raise ValueError("quantized bases compute in bfloat16 or float32; set dtype to one of those")
+        if self.policy.hot_tenants and not self.merged:
+            raise ValueError(
+                f"policy.hot_tenants {self.policy.hot_tenants} need the merged path; set merged: true"
+            )
+        # Serve may route any merged tenant to any merged replica, so each replica needs a slot
+        # for every tenant the policy may merge; otherwise its LRU would evict a merged copy the
+        # router still sends traffic to.
+        need = len(self.policy.hot_tenants) + (self.policy.max_merged_tenants if self.policy.dynamic else 0)
+        if self.merged and self.merged_tenants_per_replica < need:
+            raise ValueError(
+                f"the policy may merge {need} tenants (hot_tenants + max_merged_tenants) but "
+                f"merged_tenants_per_replica is {self.merged_tenants_per_replica}; raise it to {need} "
+                "or lower max_merged_tenants"
+            )
         return self

@@ -324,7 +324,8 @@ class LoRAEngine:
                 self._step(admitted)
             except Exception as e:  # a bug or OOM must fail these requests, not kill the loop
                 logger.exception("engine step failed; failing %d requests", len(self._running) + len(admitted))
-                err = e if isinstance(e, ServeAppError) else EngineError(f"engine step failed: {type(e).__name__}: {e}")
+                # The client gets a generic message; the details are in the log above.
+                err = e if isinstance(e, ServeAppError) else EngineError("engine step failed; see the replica log")
                 for req in {*self._running, *admitted}:
                     if not req.done:
                         self._finish(req, None, error=err)

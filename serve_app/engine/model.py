@@ -141,6 +141,7 @@ class ModelRunner:
             cos, sin = self.inner.rotary_emb(probe, pos)  # [1, max_len, head_dim]
         self.cos, self.sin = cos[0], sin[0]
 
+    @torch.inference_mode()  # the cache is written only under inference mode; allocate it there too
     def _ensure_capacity(self, length: int) -> None:
         if length <= self.capacity:
             return
@@ -156,6 +157,7 @@ class ModelRunner:
                     cache.append(fresh)
         self.capacity = new
 
+    @torch.inference_mode()
     def move_slot(self, src: int, dst: int) -> None:
         for cache in (self.k, self.v):
             for c in cache:

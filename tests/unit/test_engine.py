@@ -308,3 +308,15 @@ def test_bad_adapter_folders(engine, tiny_assets, tmp_path):
     # None of that disturbed the adapters already served.
     assert "bad" not in engine.lora.resident_ids()
     assert len(engine.lora.resident_ids()) == len(tiny_assets.adapter_ids)
+
+
+def test_kv_cache_growth_then_compaction(engine, tiny_assets):
+    """A long request grows the KV cache; rows finishing at different steps then move slots."""
+    long_prompt = [1] + [random.Random(21).randrange(4, 512) for _ in range(300)]  # > 256: the cache grows
+    work = [(long_prompt, SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True), "tenant-1")]
+    work += [(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True), aid)
+             for p, n, aid in zip(prompts(6, seed=22), [2, 9, 3, 7, 5, 11], tiny_assets.adapter_ids)]
+    batched = engine.generate_batch(work)
+    alone = [engine.generate_batch([w])[0] for w in work]
+    assert engine.runner.capacity > 256
+    assert [o.token_ids for o in batched] == [o.token_ids for o in alone]

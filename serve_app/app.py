@@ -13,6 +13,7 @@ from ray.serve import Application
 
 from serve_app.config import AppConfig
 from serve_app.deployments.lora import LoRADeployment
+from serve_app.deployments.merged import MergedDeployment
 from serve_app.router.ingress import Router
 
 
@@ -28,10 +29,20 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         ray_actor_options={"num_cpus": cfg.lora_num_cpus, "num_gpus": cfg.lora_num_gpus},
         health_check_period_s=10,
     ).bind(raw)
+    merged = None
+    if cfg.merged:
+        merged = serve.deployment(
+            MergedDeployment,
+            name="MergedDeployment",
+            num_replicas=cfg.merged_replicas,
+            max_ongoing_requests=cfg.lora_max_ongoing_requests,
+            ray_actor_options={"num_cpus": cfg.merged_num_cpus, "num_gpus": cfg.merged_num_gpus},
+            health_check_period_s=10,
+        ).bind(raw)
     return serve.deployment(
         Router,
         name="Router",
         num_replicas=cfg.router_replicas,
         max_ongoing_requests=4 * cfg.lora_max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.router_num_cpus},
-    ).bind(lora, raw)
+    ).bind(lora, merged, raw)

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from ray import serve
 
+from serve_app import metrics
 from serve_app.adapters.local import LocalAdapterStore
 from serve_app.config import AppConfig
 from serve_app.engine.engine import LoRAEngine, RequestOutput, RequestStream, merge_outputs
@@ -36,6 +38,17 @@ class GenerateRequest:
     request_id: str | None = None
 
 
+def render_prompt(tokenizer, req: GenerateRequest) -> str | list[int]:
+    """The engine's prompt: text or token IDs as given, or a chat rendered to token IDs."""
+    if req.messages is None:
+        return req.prompt
+    from serve_app.api.protocol import render_chat
+
+    text = render_chat(tokenizer, req.messages)
+    # A chat template writes its own BOS; the plain default needs the tokenizer's.
+    return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
+
+
 class _LoadedAdapter:
     """The multiplexed model object. Serve calls __del__ on LRU eviction."""
 
@@ -43,6 +56,7 @@ class _LoadedAdapter:
         self.engine = engine
         self.resident = resident
         self._on_evict = on_evict
+        self.fresh = True  # the first request to see it caused the load: a cache miss
 
     def __del__(self):
         if not self.resident.retired:
@@ -61,7 +75,9 @@ class LoRADeployment:
 
         async def load_adapter(adapter_id: str) -> _LoadedAdapter:
             path = self.store.local_path(adapter_id)
+            t0 = time.perf_counter()
             resident = await asyncio.to_thread(self.engine.load_adapter, adapter_id, path)
+            metrics.ADAPTER_LOAD.observe(time.perf_counter() - t0, tags={"tier": "disk"})
             self.loads += 1
             logger.info("loaded adapter %s (%d bytes)", adapter_id, resident.nbytes)
             return _LoadedAdapter(self.engine, resident, self._evicted)
@@ -71,23 +87,19 @@ class LoRADeployment:
 
     def _evicted(self, adapter_id: str) -> None:
         self.evictions += 1
+        metrics.ADAPTER_CACHE.inc(tags={"event": "eviction", "tier": "device"})
         logger.info("evicted adapter %s (LRU); its memory is freed once its requests finish", adapter_id)
-
-    def _prompt(self, req: GenerateRequest) -> str | list[int]:
-        if req.messages is None:
-            return req.prompt
-        from serve_app.api.protocol import render_chat
-
-        tok = self.engine.tokenizer
-        text = render_chat(tok, req.messages)
-        # A chat template writes its own BOS; the plain default needs the tokenizer's.
-        return tok(text, add_special_tokens=not getattr(tok, "chat_template", None))["input_ids"]
 
     async def _submit(self, req: GenerateRequest) -> RequestStream:
         adapter_id = serve.get_multiplexed_model_id()
-        prompt = self._prompt(req)
+        prompt = render_prompt(self.engine.tokenizer, req)
         for attempt in range(3):
-            resident = (await self._get_adapter(adapter_id)).resident if adapter_id else None
+            resident = None
+            if adapter_id:
+                loaded = await self._get_adapter(adapter_id)
+                resident = loaded.resident
+                metrics.ADAPTER_CACHE.inc(tags={"event": "miss" if loaded.fresh else "hit", "tier": "device"})
+                loaded.fresh = False
             try:
                 return self.engine.submit(prompt, req.params, resident, req.request_id)
             except AdapterNotResidentError:

@@ -1,0 +1,161 @@
+"""The merged hot-tenant path on real Ray: static hot tenants, promotion under a burst, demotion,
+two routers agreeing, and a failed merge that leaves the tenant on the LoRA path.
+
+A second application ("merged-app", route prefix /m) runs beside the session's lora-app, with
+two router replicas and a policy with short windows so the test runs in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import time
+
+import httpx
+import pytest
+
+pytestmark = pytest.mark.serve
+
+APP = "merged-app"
+HOT = "tenant-1"
+BURSTY = "tenant-2"
+BROKEN = "tenant-bad"  # finite factors whose product overflows: only the merge's check refuses it
+PROMPT = "the quick brown"
+N = 8
+
+
+@pytest.fixture(scope="module")
+def merged_app(serve_env, tmp_path_factory):
+    from ray import serve
+    from safetensors.torch import load_file, save_file
+
+    from serve_app.app import build_app
+
+    adapters = tmp_path_factory.mktemp("merged-adapters")
+    for aid in serve_env.assets.adapter_ids:
+        shutil.copytree(serve_env.assets.adapter_path(aid), adapters / aid)
+    shutil.copytree(serve_env.assets.adapter_path("tenant-0"), adapters / BROKEN)
+    tensors = load_file(adapters / BROKEN / "adapter_model.safetensors")
+    save_file({k: v * 1e30 for k, v in tensors.items()}, adapters / BROKEN / "adapter_model.safetensors")
+
+    app = build_app({
+        "base_model": str(serve_env.assets.base),
+        "adapters": str(adapters),
+        "base_model_name": serve_env.base_name,
+        "merged": True,
+        "policy": {
+            "hot_tenants": [HOT, BROKEN],
+            "promote_rps": 4.0, "demote_rps": 1.0, "window_s": 1.5, "rate_window_s": 1.0,
+            "cooldown_s": 1.0, "max_merged_tenants": 1,
+        },
+        "merged_tenants_per_replica": 3,
+        "lora_num_cpus": 0.25, "merged_num_cpus": 0.25, "router_num_cpus": 0.1, "router_replicas": 2,
+        "torch_threads": 1,
+    })
+    serve.run(app, name=APP, route_prefix="/m")
+    yield serve_env.url + "/m"
+    serve.delete(APP)
+
+
+def _complete(client: httpx.Client, url: str, model: str) -> httpx.Response:
+    return client.post(url + "/v1/completions", json={
+        "model": model, "prompt": PROMPT, "max_tokens": N, "temperature": 0, "ignore_eos": True,
+    })
+
+
+def _wait_for(pred, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = pred()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_static_hot_tenant_is_served_merged_with_the_reference_output(merged_app, refs):
+    expected = refs.text(HOT, PROMPT, N)
+    with httpx.Client(timeout=60) as c:
+        def served_merged():
+            r = _complete(c, merged_app, HOT)
+            assert r.status_code == 200, r.text
+            # Before the merged copy is ready the LoRA path serves: same output either way.
+            assert r.json()["choices"][0]["text"] == expected
+            return r.headers["x-served-by"] == "merged"
+
+        _wait_for(served_merged, 90, f"{HOT} to be served merged")
+        # Ready now. Each router learns it at its next policy sync (every 0.5 s); after that,
+        # every request, whichever of the two routers takes it, goes to the merged copy.
+        time.sleep(1.5)
+        for _ in range(6):
+            r = _complete(c, merged_app, HOT)
+            assert r.headers["x-served-by"] == "merged" and r.json()["choices"][0]["text"] == expected
+        # Streaming takes the same path and gives the same text.
+        with c.stream("POST", merged_app + "/v1/completions", json={
+            "model": HOT, "prompt": PROMPT, "max_tokens": N, "temperature": 0, "ignore_eos": True, "stream": True,
+        }) as r:
+            assert r.headers["x-served-by"] == "merged"
+            body = r.read().decode()
+        import json
+
+        text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in body.splitlines()
+                       if line.startswith("data: {"))
+        assert text == expected
+        # The base model and other tenants stay on the LoRA path.
+        assert _complete(c, merged_app, "tenant-3").headers["x-served-by"] == "lora"
+        assert _complete(c, merged_app, "base").headers["x-served-by"] == "lora"
+
+
+def test_failed_merge_keeps_the_tenant_on_lora_and_says_why(merged_app):
+    with httpx.Client(timeout=60) as c:
+        def failed():
+            state = c.get(merged_app + "/admin/merged").json()
+            return state["tenants"].get(BROKEN, {}).get("state") == "failed" and state
+
+        state = _wait_for(failed, 90, f"the merge of {BROKEN} to fail")
+        reason = state["tenants"][BROKEN]["reason"]
+        assert BROKEN in reason and "non-finite" in reason, reason
+        r = _complete(c, merged_app, BROKEN)
+        assert r.headers["x-served-by"] == "lora"
+
+
+def test_burst_promotes_without_failures_then_demotes(merged_app, refs):
+    expected = refs.text(BURSTY, PROMPT, N)
+    paths: list[str] = []
+
+    async def burst(seconds_max: float):
+        async with httpx.AsyncClient(timeout=60) as c:
+            deadline = time.monotonic() + seconds_max
+            flipped_at = None
+            while time.monotonic() < deadline:
+                batch = await asyncio.gather(*(c.post(merged_app + "/v1/completions", json={
+                    "model": BURSTY, "prompt": PROMPT, "max_tokens": N, "temperature": 0, "ignore_eos": True,
+                }) for _ in range(4)))
+                for r in batch:
+                    assert r.status_code == 200, r.text  # zero failed requests during the switch
+                    assert r.json()["choices"][0]["text"] == expected
+                    paths.append(r.headers["x-served-by"])
+                if paths[-1] == "merged" and flipped_at is None:
+                    flipped_at = time.monotonic()
+                # Keep the rate up a little after the flip: both routers must agree from then on.
+                if flipped_at is not None and time.monotonic() - flipped_at > 2.0:
+                    return
+                await asyncio.sleep(0.1)
+
+    asyncio.run(burst(90))
+    assert paths[0] == "lora" and "merged" in paths, paths
+    first_merged = paths.index("merged")
+    # Once promoted (and both routers had a sync), nothing goes back to LoRA during the burst.
+    assert "lora" not in paths[first_merged + 8:], paths
+
+    with httpx.Client(timeout=60) as c:
+        # Traffic stops: below demote_rps for window_s, the tenant goes back to the LoRA path.
+        def demoted():
+            state = c.get(merged_app + "/admin/merged").json()
+            return BURSTY not in state["tenants"] or state["tenants"][BURSTY]["state"] not in ("ready", "warming")
+
+        _wait_for(demoted, 60, f"{BURSTY} to be demoted")
+        r = _complete(c, merged_app, BURSTY)
+        assert r.headers["x-served-by"] == "lora" and r.json()["choices"][0]["text"] == expected
+        state = c.get(merged_app + "/admin/merged").json()
+        assert state["counters"]["promotions"] >= 1 and state["counters"]["demotions"] >= 1, state

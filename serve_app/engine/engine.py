@@ -6,6 +6,12 @@ each uses. A request joins at the next iteration and leaves the moment it finish
 is refilled by compaction. Outputs go back per step: to asyncio queues (one wake-up per event
 loop per step, not per token) or to plain callbacks.
 
+Fair admission: when more requests wait than the batch has free rows, they are admitted
+round-robin across tenants (adapter IDs; the base model counts as one tenant), FIFO within a
+tenant (``FairQueue``). One tenant's 100 queued requests then delay another tenant's single
+request by one admission, not by 100. Running rows are never preempted; every running row gets
+one token per decode step, whoever owns it.
+
 Why our own loop and not transformers' continuous-batching manager: on the shared workload
 the manager ran at 0.42-0.46x of a plain batched ``generate`` (design/WORKLOAD.md); this loop
 runs above it (see benchmarks/engine_bench.py), and it needs per-row adapters, which the
@@ -21,7 +27,7 @@ import itertools
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
@@ -89,6 +95,58 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
 
 
+class FairQueue:
+    """The waiting queue: round-robin across tenants, FIFO within one.
+
+    A deque per tenant key (the request's adapter ID, ``None`` for the base model) and a
+    rotation of the keys that have waiting requests. ``popleft`` takes the head of the first
+    key's deque and moves that key to the back of the rotation; a key whose deque empties
+    leaves it, and rejoins at the back with its next request. O(1) per operation. Drop-in for
+    the ``deque`` it replaces (``append``, ``popleft``, ``len``, truth, iteration).
+    """
+
+    def __init__(self) -> None:
+        self._queues: OrderedDict[str | None, deque[Request]] = OrderedDict()
+        self._len = 0
+
+    @staticmethod
+    def key(req: Request) -> str | None:
+        return req.adapter.adapter_id if req.adapter is not None else None
+
+    def append(self, req: Request) -> None:
+        q = self._queues.get(k := self.key(req))
+        if q is None:
+            q = self._queues[k] = deque()
+        q.append(req)
+        self._len += 1
+
+    def popleft(self) -> Request:
+        if not self._len:
+            raise IndexError("pop from an empty FairQueue")
+        k, q = next(iter(self._queues.items()))
+        req = q.popleft()
+        if q:
+            self._queues.move_to_end(k)
+        else:
+            del self._queues[k]
+        self._len -= 1
+        return req
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __bool__(self) -> bool:
+        return self._len > 0
+
+    def __iter__(self):
+        for q in list(self._queues.values()):
+            yield from list(q)
+
+    def tenants(self) -> int:
+        """How many tenants have requests waiting."""
+        return len(self._queues)
+
+
 class LoRAEngine:
     def __init__(self, config: EngineConfig, *, transform: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
         """``transform`` rewrites the loaded base before LoRA layers wrap it (the merged path
@@ -101,7 +159,7 @@ class LoRAEngine:
         """
         self.config = config
         self._cv = threading.Condition()
-        self._waiting: deque[Request] = deque()
+        self._waiting = FairQueue()  # round-robin across tenants (see FairQueue)
         self._running: list[Request] = []  # index == KV-cache slot
         self._tasks: deque[tuple[Callable, tuple, Future]] = deque()  # run on the engine thread
         self._outbox: list[tuple[Request, RequestOutput]] = []
@@ -319,6 +377,7 @@ class LoRAEngine:
             return {
                 "running": len(self._running),
                 "waiting": len(self._waiting),
+                "waiting_tenants": self._waiting.tenants(),
                 "steps": self.steps,
                 "generated_tokens": self.generated_tokens,
                 "lora": self.lora.stats(),

@@ -53,18 +53,27 @@ class AdapterNotResidentError(ServeAppError):
     code = "adapter_not_loaded"
 
 
+# Projections that read the same input tensor share one A-matmul: for q/k/v (and gate/up)
+# the active adapters' A rows are concatenated, so a forward does one GEMM per group
+# instead of one per projection.
+INPUT_GROUP = {
+    "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+    "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in",
+}
+
+
 @dataclass
-class KindBatch:
-    a_t: torch.Tensor  # [num_layers, in, R]: active adapters' A rows, transposed for x @ a_t
-    b: torch.Tensor  # [num_layers, R, out]
-    mask: torch.Tensor | None  # [B, 1, R] 0/1, row b keeps only its own adapter's columns; None: all rows share
+class GroupBatch:
+    a_t: torch.Tensor  # [num_layers, in, R]: A rows of every active adapter, every kind of the group
+    mask: torch.Tensor | None  # [B, R] 0/1: row b keeps its own adapter's columns; None: one adapter for all
+    spans: dict[str, tuple[int, int, torch.Tensor]]  # kind -> (first col, end col, B [num_layers, r, out])
 
 
 @dataclass
 class LoRABatch:
     """Per-forward LoRA state read by every LoRALinear: which rows use which adapter's weights."""
 
-    kinds: dict[str, KindBatch]
+    groups: dict[str, GroupBatch]
 
 
 class LoRAManager:
@@ -211,30 +220,32 @@ class LoRAManager:
                 self._gather_cache.move_to_end(key)
         gathered = cached[1]
 
-        one_for_all = len(distinct) == 1 and row_adapters[0] is not None and None not in row_adapters
+        one_for_all = len(distinct) == 1 and None not in row_adapters
         row_slot = torch.tensor([r.slot if r is not None else 0 for r in row_adapters], device=self.device)
-        kinds = {}
-        for kind, (a_t, b, col_slot) in gathered.items():
-            if one_for_all:
-                mask = None
-            else:
-                mask = (row_slot[:, None] == col_slot[None, :]).to(self.dtype)[:, None, :]  # [B, 1, R]
-            kinds[kind] = KindBatch(a_t=a_t, b=b, mask=mask)
-        return LoRABatch(kinds=kinds)
+        groups = {}
+        for group, (a_t, spans, col_slot) in gathered.items():
+            mask = None if one_for_all else (row_slot[:, None] == col_slot[None, :]).to(self.dtype)  # [B, R]
+            groups[group] = GroupBatch(a_t=a_t, mask=mask, spans=spans)
+        return LoRABatch(groups=groups)
 
-    def _gather(self, distinct: list[ResidentAdapter]) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        out = {}
+    def _gather(self, distinct: list[ResidentAdapter]) -> dict[str, tuple]:
+        """Per input group: (A_t [L, in, R], {kind: (start, end, B)}, column owner slots [R])."""
+        parts: dict[str, list] = {}
         for kind in self._a:
             users = [r for r in distinct if kind in r.rows]
-            if not users:
-                continue
-            idx = torch.cat([r.rows[kind] for r in users])  # [R]
-            col_slot = torch.cat(
-                [torch.full((len(r.rows[kind]),), r.slot, device=self.device) for r in users]
-            )  # [R]
-            a_t = self._a[kind].index_select(1, idx).transpose(1, 2).contiguous()  # [L, in, R]
-            b = self._b[kind].index_select(1, idx)  # [L, R, out]
-            out[kind] = (a_t, b, col_slot)
+            if users:
+                parts.setdefault(INPUT_GROUP[kind], []).append((kind, users))
+        out = {}
+        for group, kinds in parts.items():
+            a_blocks, spans, owners, col = [], {}, [], 0
+            for kind, users in kinds:
+                idx = torch.cat([r.rows[kind] for r in users])  # [r_kind]
+                a_blocks.append(self._a[kind].index_select(1, idx))  # [L, r_kind, in]
+                spans[kind] = (col, col + len(idx), self._b[kind].index_select(1, idx))  # B: [L, r_kind, out]
+                owners += [torch.full((len(r.rows[kind]),), r.slot, device=self.device) for r in users]
+                col += len(idx)
+            a_t = torch.cat(a_blocks, dim=1).transpose(1, 2).contiguous()  # [L, in, R]
+            out[group] = (a_t, spans, torch.cat(owners))
         return out
 
     # ---- introspection -------------------------------------------------------------------

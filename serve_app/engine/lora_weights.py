@@ -8,19 +8,24 @@ Weights load only from safetensors: a pickle (``adapter_model.bin``) can run cod
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, Sequence
 
 import torch
 from safetensors import safe_open
 
 from serve_app.errors import AdapterNotFoundError, InvalidAdapterError
 
+logger = logging.getLogger(__name__)
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 1 << 20  # the LoRA settings are a few hundred bytes
 
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (PEFT's saved names; an
 # adapter name such as ".default" may appear before ".weight" in hand-made files).
@@ -52,6 +57,7 @@ class LoRAWeights:
     raw_bytes: int  # bytes of the lora_A/lora_B tensors as stored in the file
     base_model_name_or_path: str | None = None
     config: dict = field(default_factory=dict, repr=False)
+    warnings: list[str] = field(default_factory=list)  # accepted, but worth telling the operator
 
     @property
     def nbytes(self) -> int:
@@ -69,6 +75,12 @@ def read_adapter_config(adapter_id: str, path: str | os.PathLike) -> dict:
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
         raise _fail(adapter_id, f"{CONFIG_NAME} is missing in {path}; save the adapter with PEFT's save_pretrained")
+    size = cfg_path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise _fail(
+            adapter_id, f"{CONFIG_NAME} is {size} bytes, more than the limit {MAX_CONFIG_BYTES}; it should hold "
+            "only the LoRA settings"
+        )
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -86,6 +98,42 @@ def _alpha_for(module_name: str, cfg: dict, default_alpha: float) -> float:
     return default_alpha
 
 
+def _base_key(name: str) -> str:
+    """'meta-llama/Llama-2-7b-hf', '/models/Llama-2-7b-hf/' -> 'llama-2-7b-hf'."""
+    return name.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1].lower()
+
+
+def check_base_model(
+    adapter_id: str,
+    cfg: dict,
+    base: BaseShape,
+    mode: Literal["ignore", "warn", "refuse"],
+    aliases: Sequence[str] = (),
+) -> str | None:
+    """The mismatch message (a warning) if the adapter names another base; raises in 'refuse' mode.
+
+    Names are compared by their last path component, case-insensitive, so a hub ID and a local
+    folder of the same model match. Unknown on either side: nothing to compare.
+    """
+    claimed = cfg.get("base_model_name_or_path")
+    if mode == "ignore" or not isinstance(claimed, str) or not claimed.strip() or not base.name:
+        return None
+    accepted = {_base_key(n) for n in (base.name, *aliases) if n}
+    if _base_key(claimed) in accepted:
+        return None
+    problem = (
+        f"base_model_name_or_path {claimed!r} does not match the served base {_base_key(base.name)!r} "
+        f"(compared by last path component; accepted: {sorted(accepted)})"
+    )
+    if mode == "refuse":
+        raise _fail(
+            adapter_id,
+            f"{problem}; serve it with the base it was trained on, add the name to store.base_model_aliases "
+            "if it is the same model, or set store.base_model_mismatch: warn",
+        )
+    return f"adapter '{adapter_id}': {problem}; served anyway (store.base_model_mismatch: warn)"
+
+
 def load_lora_weights(
     adapter_id: str,
     path: str | os.PathLike,
@@ -94,10 +142,17 @@ def load_lora_weights(
     max_rank: int,
     dtype: torch.dtype,
     max_bytes: int = 1 << 30,
+    base_mismatch: Literal["ignore", "warn", "refuse"] = "warn",
+    base_aliases: Sequence[str] = (),
 ) -> LoRAWeights:
     """Parse and validate one adapter folder; raises InvalidAdapterError naming the problem."""
     path = Path(path)
     cfg = read_adapter_config(adapter_id, path)
+    warnings = []
+    mismatch = check_base_model(adapter_id, cfg, base, base_mismatch, base_aliases)
+    if mismatch:
+        logger.warning("%s", mismatch)
+        warnings.append(mismatch)
 
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
@@ -127,7 +182,7 @@ def load_lora_weights(
             raise _fail(
                 adapter_id,
                 f"target modules {unknown} are not LoRA-capable projections of the base model "
-                f"(this server wraps {sorted(base.kinds)})",
+                f"(this server wraps {sorted(base.kinds)}); retrain with target_modules among those",
             )
 
     weights_path = path / WEIGHTS_NAME
@@ -141,7 +196,11 @@ def load_lora_weights(
         raise _fail(adapter_id, f"{WEIGHTS_NAME} is missing in {path}")
     size = weights_path.stat().st_size
     if size > max_bytes:
-        raise _fail(adapter_id, f"weights are {size} bytes, more than max_adapter_bytes {max_bytes}")
+        raise _fail(
+            adapter_id,
+            f"weights are {size} bytes, more than max_adapter_bytes {max_bytes}; raise store.max_adapter_bytes "
+            "if this adapter is expected to be that large",
+        )
 
     # kind -> layer -> {"A": tensor, "B": tensor}
     found: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
@@ -199,7 +258,11 @@ def load_lora_weights(
                 )
             for name, t in (("lora_A", a), ("lora_B", b)):
                 if not torch.isfinite(t).all():
-                    raise _fail(adapter_id, f"layer {layer} {kind} {name} has NaN or inf values")
+                    raise _fail(
+                        adapter_id,
+                        f"layer {layer} {kind} {name} has NaN or inf values (every value must be finite); "
+                        "the training diverged or the file is corrupt: re-export the adapter",
+                    )
             ranks.add(a.shape[0])
         # rank_pattern can give layers different ranks; pad within this kind only.
         r_kind = max(ranks)
@@ -222,4 +285,5 @@ def load_lora_weights(
         raw_bytes=raw_bytes,
         base_model_name_or_path=cfg.get("base_model_name_or_path"),
         config=cfg,
+        warnings=warnings,
     )

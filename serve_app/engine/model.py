@@ -227,7 +227,7 @@ class ModelRunner:
             cos, sin = self.cos[positions], self.sin[positions]  # [B, T, head_dim]
         else:
             cos, sin = self.inner.rotary_emb(x, positions)
-        self.ctx.batch = lora
+        self.ctx.set(lora)
         try:
             for li, layer in enumerate(self.layers):
                 attn = layer.self_attn
@@ -243,7 +243,7 @@ class ModelRunner:
                 x = x + attn.o_proj(o.transpose(1, 2).reshape(bsz, t, -1))
                 x = x + layer.mlp(layer.post_attention_layernorm(x))
         finally:
-            self.ctx.batch = None
+            self.ctx.set(None)
         return x
 
     def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab]

@@ -32,10 +32,13 @@ class Promoter:
         self._task: asyncio.Task | None = None
         self._jobs: set[asyncio.Task] = set()
 
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._task is None:
+            self._task = loop.create_task(self._run())
+
     def path_for(self, adapter_id: str) -> str:
         """'merged' or 'lora' for this request, and count it toward the tenant's rate."""
-        if self._task is None:
-            self._task = asyncio.get_running_loop().create_task(self._run())
+        self.start(asyncio.get_running_loop())
         self._counts[adapter_id] += 1
         return self.routes.get(adapter_id, "lora")
 

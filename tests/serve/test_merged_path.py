@@ -143,7 +143,8 @@ def test_burst_promotes_without_failures_then_demotes(merged_app, refs):
                 await asyncio.sleep(0.1)
 
     asyncio.run(burst(90))
-    assert paths[0] == "lora" and "merged" in paths, paths
+    state = httpx.get(merged_app + "/admin/merged", timeout=30).json()
+    assert paths[0] == "lora" and "merged" in paths, (paths, state)
     first_merged = paths.index("merged")
     # Once promoted (and both routers had a sync), nothing goes back to LoRA during the burst.
     assert "lora" not in paths[first_merged + 8:], paths
@@ -155,6 +156,7 @@ def test_burst_promotes_without_failures_then_demotes(merged_app, refs):
             return BURSTY not in state["tenants"] or state["tenants"][BURSTY]["state"] not in ("ready", "warming")
 
         _wait_for(demoted, 60, f"{BURSTY} to be demoted")
+        time.sleep(1.5)  # routers pick the change up at their next policy sync (0.5 s)
         r = _complete(c, merged_app, BURSTY)
         assert r.headers["x-served-by"] == "lora" and r.json()["choices"][0]["text"] == expected
         state = c.get(merged_app + "/admin/merged").json()

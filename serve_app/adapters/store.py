@@ -1,24 +1,138 @@
 """The adapter store interface: where a tenant's PEFT folder comes from.
 
-One backend per file (local.py, ...). The engine only ever sees a local folder path; a
-remote backend's job is to make one (download into a disk cache) and say so when it can't.
+One backend per file: ``local.py`` (a folder on this machine) and ``fsspec_store.py`` (any
+fsspec URI: ``s3://`` through s3fs, ``gs://``, ``memory://`` ...). The engine only ever sees a
+local folder; ``fetch.py`` makes one (a remote store goes through ``disk_cache.py``).
+
+Paths given to a store are relative to its root, '/'-separated, and built only from validated
+adapter IDs and fixed names (``<id>``, ``.registry/<id>/v3``), never from client text.
+
+Errors: a missing folder is ``AdapterNotFoundError`` (404) or an empty listing; a store that
+cannot be reached (connection refused, timeout, access denied, root folder gone) is
+``AdapterStoreUnavailableError`` (503); a folder that exists but holds a broken adapter is
+``InvalidAdapterError`` (422).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+import re
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from serve_app.adapters.ids import MAX_ADAPTER_ID_LEN
+from serve_app.errors import AdapterNotFoundError, InvalidAdapterError
+
+if TYPE_CHECKING:
+    from serve_app.adapters.config import StoreConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # the only files ever downloaded or copied
+MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few hundred bytes
+
+_ID_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-@:]*")
+
+
+def is_valid_id(name: str) -> bool:
+    """validate_adapter_id without raising (for filtering store listings)."""
+    return bool(name) and len(name) <= MAX_ADAPTER_ID_LEN and ".." not in name and bool(_ID_OK.fullmatch(name))
+
+
+@dataclass(frozen=True)
+class FileInfo:
+    size: int
+    tag: str  # changes when the content does: an ETag, or mtime_ns for a local file
 
 
 class AdapterStore(Protocol):
+    uri: str  # the root, as configured
+    is_local: bool  # True: folders are read in place (no disk cache)
+    tier: str  # metrics tag of loads from this store: "disk" (local) or "s3" / "remote"
+
     def list_ids(self) -> list[str]:
-        """All adapter IDs the store can serve."""
+        """Adapter IDs with a folder at the root (hidden folders such as .registry excluded)."""
 
     def exists(self, adapter_id: str) -> bool:
-        """Whether the store holds this adapter (cheap; no download)."""
+        """Whether the root holds a folder for this adapter ID."""
 
-    def local_path(self, adapter_id: str) -> str:
-        """A local folder with adapter_config.json + adapter_model.safetensors.
+    def list_files(self, rel: str) -> dict[str, FileInfo]:
+        """Files directly in folder ``rel``; {} when the folder does not exist."""
 
-        Raises AdapterNotFoundError for an unknown ID, AdapterStoreUnavailableError when the
-        store cannot be reached.
-        """
+    def local_dir(self, rel: str) -> str:
+        """Local path of folder ``rel`` (local stores only)."""
+
+    def read_bytes(self, rel: str) -> bytes | None:
+        """A small file's content, None when it does not exist."""
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Replace a file atomically: readers see the old or the new content, never a mix."""
+
+    def get_file(self, rel: str, local_path: str, callback=None) -> None:
+        """Download one file; ``callback`` is an fsspec Callback (progress)."""
+
+    def put_file(self, local_path: str, rel: str) -> None:
+        """Upload one file."""
+
+    def delete_tree(self, rel: str) -> None:
+        """Delete a folder and everything in it (no error if it is gone)."""
+
+    def lock(self, rel: str) -> AbstractContextManager:
+        """An exclusive lock across processes where the backend has one (local: flock)."""
+
+
+def open_store(uri: str, config: "StoreConfig | None" = None) -> AdapterStore:
+    """A local folder (a path or file://) or an fsspec URI (s3://bucket/prefix, ...)."""
+    from serve_app.adapters.config import StoreConfig
+
+    config = config or StoreConfig()
+    if "://" not in uri or uri.startswith("file://"):
+        from serve_app.adapters.local import LocalAdapterStore
+
+        return LocalAdapterStore(uri[len("file://"):] if uri.startswith("file://") else uri)
+    from serve_app.adapters.fsspec_store import FsspecAdapterStore
+
+    return FsspecAdapterStore(uri, config.storage_options, timeout_s=config.timeout_s)
+
+
+def pickle_refused(adapter_id: str) -> InvalidAdapterError:
+    return InvalidAdapterError(
+        f"adapter '{adapter_id}': {PICKLE_NAME} is a pickle file and is refused (it can run code when "
+        f"loaded); re-save the adapter with safe_serialization=True to get {WEIGHTS_NAME}"
+    )
+
+
+def check_adapter_files(adapter_id: str, files: dict[str, FileInfo], where: str, *, max_bytes: int) -> None:
+    """Refuse a folder before downloading or copying anything: what is missing, what is too big.
+
+    The same problems are caught again when the files are parsed (engine/lora_weights.py);
+    this check exists so that a remote store never sends us a pickle or a 50 GB file.
+    """
+    if not files:
+        raise AdapterNotFoundError(f"adapter '{adapter_id}' not found: no files at {where}")
+    if CONFIG_NAME not in files:
+        raise InvalidAdapterError(
+            f"adapter '{adapter_id}': {CONFIG_NAME} is missing in {where}; save the adapter with PEFT's "
+            "save_pretrained"
+        )
+    if WEIGHTS_NAME not in files:
+        if PICKLE_NAME in files:
+            raise pickle_refused(adapter_id)
+        raise InvalidAdapterError(f"adapter '{adapter_id}': {WEIGHTS_NAME} is missing in {where}")
+    size = files[WEIGHTS_NAME].size
+    if size > max_bytes:
+        raise InvalidAdapterError(
+            f"adapter '{adapter_id}': weights are {size} bytes, more than max_adapter_bytes {max_bytes}; "
+            "raise store.max_adapter_bytes if this adapter is expected to be that large"
+        )
+    if files[CONFIG_NAME].size > MAX_CONFIG_BYTES:
+        raise InvalidAdapterError(
+            f"adapter '{adapter_id}': {CONFIG_NAME} is {files[CONFIG_NAME].size} bytes, more than the limit "
+            f"{MAX_CONFIG_BYTES}; it should hold only the LoRA settings"
+        )
+
+
+def fingerprint(files: dict[str, FileInfo]) -> str:
+    """Identity of an adapter folder's content, from the two files that matter."""
+    return ";".join(f"{n}:{files[n].size}:{files[n].tag}" for n in ADAPTER_FILES if n in files)

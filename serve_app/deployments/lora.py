@@ -1,9 +1,26 @@
-"""The multiplexed LoRA deployment: one engine per replica, adapters keyed by tenant ID.
+"""The multiplexed LoRA deployment: one engine per replica, adapters keyed by ``id@version``.
 
-Ray Serve's multiplexing routes each adapter ID to replicas that already hold it and keeps an
-LRU of ``max_adapters_per_replica`` per replica. Its "model" here is a small handle on the
-engine's resident adapter; eviction calls the handle's ``__del__``, which only retires the
+Ray Serve's multiplexing routes each multiplexed model ID to replicas that already hold it and
+keeps an LRU of ``max_adapters_per_replica`` per replica. The router sends ``<id>@v<n>`` for a
+registered version (``<id>`` alone for a folder put in the store by hand, version 0), so an
+update is a new multiplexed model (adapters/registry.py). Its "model" here is a small handle on
+the engine's resident adapter; eviction calls the handle's ``__del__``, which only retires the
 adapter: the engine frees its memory when the last request using it finishes.
+
+Tiers, top to bottom, each checked before the next:
+  device  the engine's pool (Serve's LRU of resident adapters)
+  ram     parsed, validated ``LoRAWeights`` in host RAM (``store.ram_cache_bytes``), so an
+          evicted adapter comes back with one copy: no disk, no parsing
+  disk    the node's disk cache of a remote store, or the local store folder itself
+  s3      the store (adapters/fetch.py downloads into the disk cache)
+Downloading and parsing happen before Serve's one-load-at-a-time lock is taken, so a slow
+download of one tenant does not hold up another tenant's load; parsing runs on the engine
+thread (engine.run_in_engine), like every torch operation of the replica.
+
+Versions: loading ``id@v2`` retires older versions of ``id`` on this replica at once; every
+``registry_refresh_s`` the replica re-reads the manifest and retires versions that are no
+longer current or were deleted (device slots, RAM copies). Requests already running finish on
+the version they pinned.
 
 All tenants share the engine's batching loop; nothing here serializes requests.
 """
@@ -11,21 +28,35 @@ All tenants share the engine's batching loop; nothing here serializes requests.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import threading
 import time
+from collections import OrderedDict, defaultdict
 from dataclasses import dataclass
 from typing import AsyncIterator
 
 from ray import serve
 
 from serve_app import metrics
-from serve_app.adapters.local import LocalAdapterStore
+from serve_app.adapters.disk_cache import DiskCache
+from serve_app.adapters.fetch import AdapterFetcher, default_cache_dir
+from serve_app.adapters.ids import validate_adapter_id
+from serve_app.adapters.ram_cache import RamCache
+from serve_app.adapters.registry import AdapterRegistry, Manifest, mux_id, parse_mux_id
+from serve_app.adapters.store import open_store
 from serve_app.config import AppConfig
 from serve_app.engine.engine import LoRAEngine, RequestOutput, RequestStream, merge_outputs
 from serve_app.engine.lora_manager import AdapterNotResidentError, ResidentAdapter
+from serve_app.engine.lora_weights import LoRAWeights, load_lora_weights
 from serve_app.engine.sampling import SamplingParams
+from serve_app.errors import AdapterNotFoundError, InvalidAdapterError, InvalidRequestError
 
 logger = logging.getLogger("ray.serve")
+
+_HANDOFF_MAX = 16  # prefetched adapters waiting for Serve's load lock (when the RAM tier can't hold them)
+_INVALID_MAX = 1024  # refused adapters remembered per replica
+_INVALID_V0_TTL_S = 10.0  # a hand-placed folder may be fixed in place; a version never changes
 
 
 @dataclass
@@ -50,62 +81,296 @@ def render_prompt(tokenizer, req: GenerateRequest) -> str | list[int]:
 
 
 class _LoadedAdapter:
-    """The multiplexed model object. Serve calls __del__ on LRU eviction."""
+    """The multiplexed model object. Serve calls __del__ on LRU eviction.
 
-    def __init__(self, engine: LoRAEngine, resident: ResidentAdapter, on_evict):
+    Serve runs one load at a time per replica, under a lock. So that a burst of misses does not
+    queue one engine step per load, the load returns as soon as the copy into the pool is
+    *queued* on the engine thread; requests ``pin()`` it outside the lock, and every copy
+    queued meanwhile runs at the same step boundary.
+
+    Eviction (or retirement) may come before the copy is done, while requests wait for it: the
+    unload is then deferred until every waiting request has pinned the adapter, so none of them
+    fails; the rows are freed when the last of them finishes.
+    """
+
+    def __init__(self, engine: LoRAEngine, pending: asyncio.Future, on_evict, tier: str):
         self.engine = engine
-        self.resident = resident
-        self._on_evict = on_evict
+        self.resident: ResidentAdapter | None = None
+        self.tier = tier  # where it was loaded from
         self.fresh = True  # the first request to see it caused the load: a cache miss
+        self._on_evict = on_evict
+        self._lock = threading.Lock()
+        self._gone = False  # evicted or retired (possibly before the copy finished)
+        self._unloaded = False
+        self._waiters = 0  # requests between asking for it and pinning it
+        self._pending = pending
+        pending.add_done_callback(self._installed)
+
+    def _installed(self, fut: asyncio.Future) -> None:
+        if fut.cancelled() or fut.exception() is not None:
+            return
+        with self._lock:
+            self.resident = fut.result()
+        self._maybe_unload()
+
+    def _maybe_unload(self) -> None:
+        with self._lock:
+            if not self._gone or self.resident is None or self._waiters or self._unloaded:
+                return
+            self._unloaded = True
+        self.engine.unload_adapter(self.resident)
+
+    async def pin(self) -> ResidentAdapter:
+        """Wait for the copy, then pin it for one request (release with engine.lora.release)."""
+        self._waiters += 1
+        try:
+            resident = await asyncio.shield(self._pending)
+            return self.engine.lora.acquire(resident)
+        finally:
+            self._waiters -= 1
+            self._maybe_unload()
+
+    def _drop(self) -> bool:
+        with self._lock:
+            if self._gone:
+                return False
+            self._gone = True
+        self._maybe_unload()
+        return True
+
+    def retire(self) -> None:
+        """Unload because a newer version exists or the adapter was deleted (not an LRU eviction)."""
+        self._drop()
 
     def __del__(self):
-        if not self.resident.retired:
-            self.engine.unload_adapter(self.resident)
-            self._on_evict(self.resident.adapter_id)
+        if self._drop():
+            self._on_evict(self.resident.adapter_id if self.resident is not None else "(loading)")
 
 
 class LoRADeployment:
     def __init__(self, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
-        base, adapters_dir = cfg.resolve_paths()
+        base, adapters_uri = cfg.resolve_paths()
         self.engine = LoRAEngine(cfg.engine_config(base))
-        self.store = LocalAdapterStore(adapters_dir)
+        self.store_config = scfg = cfg.store
+        self.store = open_store(adapters_uri, scfg)
+        self.registry = AdapterRegistry(self.store, scfg)
+        disk = None
+        if not self.store.is_local:
+            disk = DiskCache(scfg.disk_cache_dir or default_cache_dir(), scfg.disk_cache_bytes,
+                             on_evict=lambda key: self._event("eviction", "disk"))
+        self.fetcher = AdapterFetcher(self.store, scfg, disk_cache=disk, on_event=self._event)
+        self.ram = RamCache(scfg.ram_cache_bytes, on_evict=lambda key: self._event("eviction", "ram"))
+        self._parse = functools.partial(
+            load_lora_weights,
+            base=self.engine.base_shape,
+            max_rank=self.engine.config.max_lora_rank,
+            dtype=self.engine.dtype,
+            max_bytes=min(scfg.max_adapter_bytes, self.engine.config.max_adapter_bytes),
+            base_mismatch=scfg.base_model_mismatch,
+            base_aliases=tuple(scfg.base_model_aliases),
+        )
+        self._fetching: dict[str, asyncio.Task] = {}
+        self._handoff: OrderedDict[str, tuple[LoRAWeights, str, float]] = OrderedDict()
+        self._invalid: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        self._reconciler: asyncio.Task | None = None
+        self._manifest_error_logged = 0.0
         self.loads = 0
         self.evictions = 0
+        self.retired_versions = 0
+        self.loads_by_tier: dict[str, int] = defaultdict(int)
+        self.load_seconds_by_tier: dict[str, float] = defaultdict(float)
 
-        async def load_adapter(adapter_id: str) -> _LoadedAdapter:
-            path = self.store.local_path(adapter_id)
-            t0 = time.perf_counter()
-            resident = await asyncio.to_thread(self.engine.load_adapter, adapter_id, path)
-            metrics.ADAPTER_LOAD.observe(time.perf_counter() - t0, tags={"tier": "disk"})
-            self.loads += 1
-            logger.info("loaded adapter %s (%d bytes)", adapter_id, resident.nbytes)
-            return _LoadedAdapter(self.engine, resident, self._evicted)
+        async def load_adapter(mux: str) -> _LoadedAdapter:
+            weights, tier, t0 = await self._weights(mux)  # a RAM or prefetch hit: no wait here
+            pending = asyncio.ensure_future(
+                asyncio.to_thread(self.engine.run_in_engine, self.engine.lora.add, weights))
+
+            def installed(fut: asyncio.Future) -> None:
+                if fut.cancelled() or fut.exception() is not None:
+                    return
+                dt = time.perf_counter() - t0
+                metrics.ADAPTER_LOAD.observe(dt, tags={"tier": tier})
+                self.loads += 1
+                self.loads_by_tier[tier] += 1
+                self.load_seconds_by_tier[tier] += dt
+                logger.info("loaded adapter %s from %s in %.3fs (%d bytes)", mux, tier, dt, fut.result().nbytes)
+                self._retire_older(mux)
+
+            pending.add_done_callback(installed)
+            return _LoadedAdapter(self.engine, pending, self._evicted, tier)
 
         # A closure, not a bound method: Serve stores its LRU on the decorated callable.
+        self._load_fn = load_adapter
         self._get_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter)
+
+    # ---- tiers below the device ------------------------------------------------------------------
+
+    def _event(self, event: str, tier: str) -> None:
+        metrics.ADAPTER_CACHE.inc(tags={"event": event, "tier": tier})
+
+    def _loaded_models(self) -> OrderedDict:
+        wrapper = getattr(self._load_fn, "__serve_multiplex_wrapper", None)
+        models = getattr(wrapper, "models", None)
+        return models if models is not None else OrderedDict()
+
+    async def _weights(self, mux: str) -> tuple[LoRAWeights, str, float]:
+        """(parsed weights, the tier they came from, when the load started): handoff, RAM, or a
+        fetch + parse shared by every concurrent caller of the same ``mux``."""
+        t0 = time.perf_counter()
+        handed = self._handoff.pop(mux, None)
+        if handed is not None and t0 - handed[2] < 60:
+            return handed
+        weights = self.ram.get(mux)
+        if weights is not None:
+            self._event("hit", "ram")
+            return weights, "ram", t0
+        self._event("miss", "ram")
+        refused = self._invalid.get(mux)
+        if refused is not None:
+            message, when = refused
+            if parse_mux_id(mux)[1] > 0 or time.monotonic() - when < _INVALID_V0_TTL_S:
+                raise InvalidAdapterError(message)
+            del self._invalid[mux]
+        task = self._fetching.get(mux)
+        if task is None:
+            task = asyncio.ensure_future(self._fetch_parse(mux))
+            self._fetching[mux] = task
+            task.add_done_callback(lambda _t, m=mux: self._fetching.pop(m, None))
+        weights, tier = await asyncio.shield(task)
+        return weights, tier, t0
+
+    async def _fetch_parse(self, mux: str) -> tuple[LoRAWeights, str]:
+        t0 = time.perf_counter()
+        adapter_id, version = parse_mux_id(mux)
+        validate_adapter_id(adapter_id)
+        try:
+            for attempt in range(2):
+                fetched = await asyncio.to_thread(self.fetcher.fetch, adapter_id, version)
+                t1 = time.perf_counter()
+                try:
+                    weights = await asyncio.to_thread(self.engine.run_in_engine, self._parse, mux, fetched.path)
+                    break
+                except AdapterNotFoundError:
+                    # The disk cache evicted the folder between fetch and parse (a tiny cap): fetch again.
+                    if self.store.is_local or attempt == 1:
+                        raise
+        except InvalidAdapterError as e:
+            # Remembered, so a hostile adapter costs one download and one parse, not one per request.
+            self._invalid[mux] = (e.message, time.monotonic())
+            while len(self._invalid) > _INVALID_MAX:
+                self._invalid.popitem(last=False)
+            logger.warning("refused adapter %s: %s", mux, e.message)
+            raise
+        logger.info("fetched %s from %s in %.3fs, parsed in %.3fs (%d bytes)", mux, fetched.tier,
+                    fetched.seconds, time.perf_counter() - t1, weights.nbytes)
+        self.ram.put(mux, weights, weights.nbytes)
+        # For the load that follows (even if the RAM tier could not keep it), with its true
+        # source tier and start time for the load-latency metric.
+        self._handoff[mux] = (weights, fetched.tier, t0)
+        while len(self._handoff) > _HANDOFF_MAX:
+            self._handoff.popitem(last=False)
+        return weights, fetched.tier
+
+    async def _prefetch(self, mux: str) -> None:
+        """Download + parse outside Serve's load lock; the load then only copies into the pool."""
+        if mux in self._loaded_models() or mux in self._handoff or mux in self.ram:
+            return
+        await self._weights(mux)
+
+    # ---- versions --------------------------------------------------------------------------------
+
+    def _unload(self, mux: str, reason: str) -> bool:
+        models = self._loaded_models()
+        loaded = models.pop(mux, None)
+        self.ram.pop(mux)
+        self._handoff.pop(mux, None)
+        if loaded is None:
+            return False
+        wrapper = getattr(self._load_fn, "__serve_multiplex_wrapper", None)
+        if wrapper is not None:
+            wrapper._push_multiplexed_replica_info = True  # tell Serve's routers at once
+        loaded.retire()
+        self.retired_versions += 1
+        logger.info("retired adapter %s (%s); its memory is freed once its requests finish", mux, reason)
+        return True
+
+    def _retire_older(self, mux: str) -> None:
+        adapter_id, version = parse_mux_id(mux)
+        for other in [*self._loaded_models(), *self.ram.keys()]:
+            oid, ov = parse_mux_id(other)
+            if oid == adapter_id and ov < version:
+                self._unload(other, f"replaced by {mux}")
+
+    def apply_manifest(self, manifest: Manifest) -> list[str]:
+        """Retire every loaded or cached version that the manifest says is old or deleted."""
+        stale = [m for m in dict.fromkeys([*self._loaded_models(), *self.ram.keys(), *self._handoff])
+                 if manifest.is_stale(m)]
+        for m in stale:
+            self._unload(m, "deleted" if manifest.is_deleted(parse_mux_id(m)[0]) else "no longer current")
+        return stale
+
+    async def _reconcile_loop(self) -> None:
+        period = self.store_config.registry_refresh_s
+        while True:
+            await asyncio.sleep(period)
+            try:
+                manifest = await asyncio.to_thread(self.registry.read)
+            except Exception as e:  # store down: keep what is loaded, try again next period
+                if time.monotonic() - self._manifest_error_logged > 60:
+                    logger.warning("cannot read the adapter registry (%s); loaded adapters keep serving", e)
+                    self._manifest_error_logged = time.monotonic()
+                continue
+            try:
+                self.apply_manifest(manifest)
+            except Exception:
+                logger.exception("applying the adapter registry failed")
+
+    def _start_background(self) -> None:
+        if self._reconciler is None or self._reconciler.done():
+            self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
+
+    # ---- requests --------------------------------------------------------------------------------
 
     def _evicted(self, adapter_id: str) -> None:
         self.evictions += 1
-        metrics.ADAPTER_CACHE.inc(tags={"event": "eviction", "tier": "device"})
+        self._event("eviction", "device")
         logger.info("evicted adapter %s (LRU); its memory is freed once its requests finish", adapter_id)
 
+    async def _loaded(self, mux: str) -> tuple[_LoadedAdapter, ResidentAdapter]:
+        if mux not in self._loaded_models():
+            await self._prefetch(mux)
+        loaded = await self._get_adapter(mux)
+        try:
+            return loaded, await loaded.pin()
+        except Exception:
+            # The copy failed, or its rows are already freed: drop the broken entry so that the
+            # next attempt (the caller retries AdapterNotResidentError) loads it afresh.
+            models = self._loaded_models()
+            if models.get(mux) is loaded:
+                del models[mux]
+                loaded.retire()
+            raise
+
     async def _submit(self, req: GenerateRequest) -> RequestStream:
-        adapter_id = serve.get_multiplexed_model_id()
+        self._start_background()
+        mux = serve.get_multiplexed_model_id()
         prompt = render_prompt(self.engine.tokenizer, req)
         for attempt in range(3):
-            resident = None
-            if adapter_id:
-                loaded = await self._get_adapter(adapter_id)
-                resident = loaded.resident
-                metrics.ADAPTER_CACHE.inc(tags={"event": "miss" if loaded.fresh else "hit", "tier": "device"})
-                loaded.fresh = False
+            pinned = None
             try:
-                return self.engine.submit(prompt, req.params, resident, req.request_id)
+                if mux:
+                    loaded, pinned = await self._loaded(mux)
+                    self._event("miss" if loaded.fresh else "hit", "device")
+                    loaded.fresh = False
+                return self.engine.submit(prompt, req.params, pinned, req.request_id)
             except AdapterNotResidentError:
-                # Evicted (and freed) between the LRU lookup and the pin: load it again.
+                # Evicted or retired (and freed) between the lookup and the pin: load it again.
                 if attempt == 2:
                     raise
+            finally:
+                if pinned is not None:
+                    self.engine.lora.release(pinned)  # the request holds its own pin now
 
     async def generate(self, req: GenerateRequest) -> RequestOutput:
         stream = await self._submit(req)
@@ -124,15 +389,65 @@ class LoRADeployment:
         finally:
             stream.close()
 
+    # ---- lifecycle (called by the router's admin API) ----------------------------------------------
+
+    async def validate_adapter(self, adapter_id: str, version: int) -> dict:
+        """Fetch and fully validate one version (it stays in the RAM tier): the router's check
+        before it makes a new version current. Raises InvalidAdapterError with the reason."""
+        self._start_background()
+        mux = mux_id(adapter_id, version)
+        weights, tier, t0 = await self._weights(mux)
+        self._handoff.pop(mux, None)  # not a load: a later load is a RAM hit
+        return {"rank": weights.rank, "nbytes": weights.nbytes, "raw_bytes": weights.raw_bytes,
+                "warnings": list(weights.warnings), "tier": tier, "seconds": time.perf_counter() - t0}
+
+    async def warm(self) -> dict:
+        """Load this request's multiplexed adapter into device memory (prefetch)."""
+        self._start_background()
+        mux = serve.get_multiplexed_model_id()
+        if not mux:
+            raise InvalidRequestError("warm needs a multiplexed_model_id (the adapter to load)")
+        t0 = time.perf_counter()
+        loaded, resident = await self._loaded(mux)
+        self.engine.lora.release(resident)
+        tier = loaded.tier if loaded.fresh else "device"
+        self._event("miss" if loaded.fresh else "hit", "device")
+        loaded.fresh = False
+        ctx = serve.get_replica_context()
+        return {"adapter": mux, "replica": getattr(ctx.replica_id, "unique_id", str(ctx.replica_id)),
+                "nbytes": resident.nbytes, "seconds": time.perf_counter() - t0, "loaded_from": tier}
+
+    async def refresh_registry(self) -> list[str]:
+        """Re-read the manifest now and retire what it makes stale (tests, operators)."""
+        manifest = await asyncio.to_thread(self.registry.read)
+        return self.apply_manifest(manifest)
+
     async def stats(self) -> dict:
-        return {**self.engine.stats(), "adapter_loads": self.loads, "adapter_evictions": self.evictions,
-                "resident_adapters": self.engine.lora.resident_ids()}
+        self._start_background()
+        return {
+            **self.engine.stats(),
+            "adapter_loads": self.loads,
+            "adapter_evictions": self.evictions,
+            "retired_versions": self.retired_versions,
+            "resident_adapters": self.engine.lora.resident_ids(),
+            "loads_by_tier": dict(self.loads_by_tier),
+            "load_seconds_by_tier": dict(self.load_seconds_by_tier),
+            "ram": self.ram.stats(),
+            "disk": None if self.fetcher.disk is None else {
+                "downloads": self.fetcher.downloads, "hits": self.fetcher.disk_hits,
+                "bytes": self.fetcher.disk.total_bytes(), "max_bytes": self.fetcher.disk.max_bytes,
+            },
+            "refused": list(self._invalid),
+        }
 
     def check_health(self) -> None:
         if not self.engine.is_alive():
             raise RuntimeError("engine loop thread died")
 
     def __del__(self):
+        task = getattr(self, "_reconciler", None)
+        if task is not None:
+            task.cancel()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -1,0 +1,145 @@
+"""Make a local folder for one adapter version: read in place (local store) or via the disk cache.
+
+Tiers, from the bottom: the store (a folder: tier "disk"; s3://: tier "s3") -> the node's disk
+cache (remote stores only) -> (the replica's RAM tier and device slots live in
+deployments/lora.py, which owns the engine).
+
+* A committed version (``v >= 1``) is immutable: a disk-cache hit is used without asking the
+  store, so cached versions keep serving while the store is down.
+* Version 0 (a folder put in the store by hand) may be replaced in place: a disk-cache hit is
+  checked against the store's ETag/size when the store answers, and used as is when it does not.
+
+Before any byte is downloaded, the listing is checked: both files present, no pickle, weights
+under ``max_adapter_bytes`` (store.check_adapter_files). Large downloads log their progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from serve_app.adapters.config import StoreConfig
+from serve_app.adapters.disk_cache import DiskCache
+from serve_app.adapters.registry import AdapterRegistry
+from serve_app.adapters.store import ADAPTER_FILES, AdapterStore, check_adapter_files, fingerprint
+from serve_app.errors import AdapterStoreUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> str:
+    return os.path.join(tempfile.gettempdir(), "serve_app_adapter_cache")
+
+
+def progress_callback(label: str, size: int, min_bytes: int, *, every_s: float = 2.0, log=None):
+    """An fsspec Callback logging a download's percent, bytes and rate (None below min_bytes)."""
+    if size < min_bytes:
+        return None
+    from fsspec.callbacks import Callback
+
+    log = log or logger.info
+
+    class _Progress(Callback):
+        def __init__(self):
+            super().__init__(size=size)
+            self.t0 = time.monotonic()
+            self.last_t = self.t0
+            self.last_pct = -100.0
+
+        def call(self, *args, **kwargs):
+            now = time.monotonic()
+            total = self.size or size
+            pct = 100.0 * self.value / total if total else 100.0
+            if self.value >= total or pct - self.last_pct >= 10 or now - self.last_t >= every_s:
+                rate = self.value / max(now - self.t0, 1e-6)
+                log("downloading %s: %.0f%% (%.1f / %.1f MB, %.1f MB/s)", label, pct, self.value / 1e6,
+                    total / 1e6, rate / 1e6)
+                self.last_t, self.last_pct = now, pct
+
+    return _Progress()
+
+
+@dataclass(frozen=True)
+class Fetched:
+    path: str  # local folder with adapter_config.json + adapter_model.safetensors
+    tier: str  # where the bytes came from: "disk" (local store or disk cache) or the store's tier ("s3")
+    seconds: float
+    nbytes: int = 0
+
+
+class AdapterFetcher:
+    def __init__(
+        self,
+        store: AdapterStore,
+        config: StoreConfig | None = None,
+        *,
+        disk_cache: DiskCache | None = None,
+        on_event: Callable[[str, str], None] | None = None,
+    ):
+        """``on_event(event, tier)``: "hit" / "miss" of the disk cache (metrics hook)."""
+        self.store = store
+        self.config = config or StoreConfig()
+        self.registry = AdapterRegistry(store, self.config)
+        if disk_cache is None and not store.is_local:
+            disk_cache = DiskCache(self.config.disk_cache_dir or default_cache_dir(), self.config.disk_cache_bytes)
+        self.disk = disk_cache
+        self.on_event = on_event or (lambda event, tier: None)
+        self.downloads = 0
+        self.disk_hits = 0
+
+    def _key(self, rel: str) -> str:
+        return f"{self.store.uri}|{rel}"
+
+    def fetch(self, adapter_id: str, version: int) -> Fetched:
+        t0 = time.perf_counter()
+        rel = self.registry.version_rel(adapter_id, version)
+        where = self.registry.version_uri(adapter_id, version)
+        max_bytes = self.config.max_adapter_bytes
+        if self.store.is_local:
+            files = self.store.list_files(rel)
+            check_adapter_files(adapter_id, files, where, max_bytes=max_bytes)
+            return Fetched(self.store.local_dir(rel), "disk", time.perf_counter() - t0,
+                           sum(files[n].size for n in ADAPTER_FILES))
+
+        key = self._key(rel)
+        hit = self.disk.get(key)
+        if hit is not None and version > 0:
+            return self._hit(hit, t0)
+        try:
+            files = self.store.list_files(rel)
+        except AdapterStoreUnavailableError:
+            if hit is not None:
+                logger.warning("adapter store unreachable; serving %s from the disk cache (may be stale)", where)
+                return self._hit(hit, t0)
+            raise
+        check_adapter_files(adapter_id, files, where, max_bytes=max_bytes)
+        fp = fingerprint(files)
+        if hit is not None and hit.fingerprint == fp:
+            return self._hit(hit, t0)
+        self.on_event("miss", "disk")
+
+        def fill(tmp: Path) -> None:
+            for name in ADAPTER_FILES:
+                cb = progress_callback(f"{where}/{name}", files[name].size, self.config.progress_min_bytes)
+                self.store.get_file(f"{rel}/{name}", str(tmp / name), callback=cb)
+                got = (tmp / name).stat().st_size
+                if got != files[name].size:
+                    raise AdapterStoreUnavailableError(
+                        f"download of {where}/{name} was cut short ({got} of {files[name].size} bytes); retry"
+                    )
+
+        entry = self.disk.put(key, fill, fingerprint=fp)
+        self.downloads += 1
+        dt = time.perf_counter() - t0
+        logger.info("downloaded %s (%d bytes) in %.2fs", where, entry.nbytes, dt)
+        return Fetched(entry.path, self.store.tier, dt, entry.nbytes)
+
+    def _hit(self, hit, t0: float) -> Fetched:
+        self.disk_hits += 1
+        self.on_event("hit", "disk")
+        return Fetched(hit.path, "disk", time.perf_counter() - t0, hit.nbytes)

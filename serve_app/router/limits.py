@@ -1,0 +1,600 @@
+"""Per-tenant limits on the router, and the HTTP edge checks that come before any parsing.
+
+What a request can be refused for, and how:
+
+| limit | answer |
+|---|---|
+| body larger than ``max_body_bytes`` | 413, before the body is parsed (``BodySizeLimitMiddleware``) |
+| a prompt longer than ``max_prompt_tokens`` | 400 |
+| ``max_tokens`` above the ``max_tokens`` cap | 400 |
+| a request that could never fit a limit (more prompts or tokens than the burst or the concurrency cap) | 400: retrying cannot help |
+| over the tenant's request or token bucket | 429 + ``Retry-After``: when the bucket will hold enough |
+| over the tenant's concurrency cap | 429 + ``Retry-After: 1`` |
+
+Token buckets: ``requests_per_minute`` / ``tokens_per_minute`` refill continuously up to their
+burst. A request costs 1 request per prompt, and prompt tokens + ``max_tokens`` per prompt,
+charged when it is admitted (as OpenAI's limiter does: the completion's length is not known
+yet). Concurrency counts prompts in flight, streams included, until the response ends.
+
+Limits are per router replica (each keeps its own buckets): with N router replicas a tenant
+can get up to N times the configured rates. Python handle callers are not limited.
+
+The tenant key is the API key's tenant (``auth.py``); with auth off, the adapter ID (or the
+base model's name), so each adapter still gets its own buckets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from serve_app.errors import InvalidRequestError, RateLimitError, ServeAppError
+
+DEFAULT_MAX_BODY_BYTES = 4 << 20
+CONCURRENCY_RETRY_AFTER_S = 1.0
+# Prompts longer than this (characters) are tokenized off the event loop.
+_OFFLOAD_CHARS = 32_768
+
+
+class RequestTooLargeError(InvalidRequestError):
+    """The request body is larger than the router accepts."""
+
+    status_code = 413
+    code = "request_too_large"
+
+
+# --------------------------------------------------------------------------- config
+
+
+class LimitsConfig(BaseModel):
+    """``limits`` in build_app's args. Every limit but the body size is off unless set."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_body_bytes: int = Field(
+        default=DEFAULT_MAX_BODY_BYTES,
+        ge=1024,
+        le=1 << 30,
+        description="Largest HTTP request body accepted, in bytes; larger bodies get 413 before they are parsed.",
+    )
+    max_prompt_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Longest prompt, in tokens (each prompt of a batch; a chat counts its rendered prompt); "
+        "longer ones get 400. Null: only the model's max_model_len applies.",
+    )
+    max_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Largest max_tokens a request may ask for (after the server default fills a missing "
+        "one); larger gets 400. Null: only max_model_len applies.",
+    )
+    requests_per_minute: float | None = Field(
+        default=None,
+        gt=0,
+        description="Per-tenant request bucket: prompts admitted per minute, refilled continuously. "
+        "Over it: 429 with Retry-After. Null: no request bucket.",
+    )
+    request_burst: int | None = Field(
+        default=None,
+        ge=1,
+        description="Capacity of the request bucket (prompts a tenant may send at once after idling). "
+        "Default: ten seconds' worth of requests_per_minute, at least 1.",
+    )
+    tokens_per_minute: float | None = Field(
+        default=None,
+        gt=0,
+        description="Per-tenant token bucket: prompt tokens + max_tokens admitted per minute. Over it: 429 "
+        "with Retry-After. Null: no token bucket.",
+    )
+    token_burst: int | None = Field(
+        default=None,
+        ge=1,
+        description="Capacity of the token bucket. Default: ten seconds' worth of tokens_per_minute, and at "
+        "least max_prompt_tokens + max_tokens when both are set, so a request at the limits can pass.",
+    )
+    max_concurrent_requests: int | None = Field(
+        default=None,
+        ge=1,
+        description="Per-tenant prompts in flight at once (streams count until they end). Over it: 429 with "
+        "Retry-After. Keep it below lora_max_ongoing_requests so one tenant cannot fill a replica's queue.",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "LimitsConfig":
+        if self.request_burst is not None and self.requests_per_minute is None:
+            raise ValueError("limits.request_burst needs limits.requests_per_minute")
+        if self.token_burst is not None and self.tokens_per_minute is None:
+            raise ValueError("limits.token_burst needs limits.tokens_per_minute")
+        largest = self.largest_request_tokens
+        if self.token_burst is not None and largest is not None and self.token_burst < largest:
+            raise ValueError(
+                f"limits.token_burst {self.token_burst} is less than max_prompt_tokens + max_tokens = {largest}: "
+                "a request at those limits could never be admitted; raise token_burst or lower the caps"
+            )
+        return self
+
+    @property
+    def largest_request_tokens(self) -> int | None:
+        if self.max_prompt_tokens is None or self.max_tokens is None:
+            return None
+        return self.max_prompt_tokens + self.max_tokens
+
+    @property
+    def effective_request_burst(self) -> int | None:
+        if self.requests_per_minute is None:
+            return None
+        return self.request_burst or max(1, math.ceil(self.requests_per_minute / 6))
+
+    @property
+    def effective_token_burst(self) -> int | None:
+        if self.tokens_per_minute is None:
+            return None
+        if self.token_burst is not None:
+            return self.token_burst
+        return max(1, math.ceil(self.tokens_per_minute / 6), self.largest_request_tokens or 0)
+
+    @property
+    def needs_prompt_tokens(self) -> bool:
+        """Whether admission needs prompt token counts (the router then loads the tokenizer)."""
+        return self.max_prompt_tokens is not None or self.tokens_per_minute is not None
+
+
+# --------------------------------------------------------------------------- buckets and leases
+
+
+@dataclass
+class TokenBucket:
+    """Continuous refill at ``rate`` per second up to ``capacity``; starts full."""
+
+    rate: float
+    capacity: float
+    level: float = -1.0
+    stamp: float = 0.0
+
+    def __post_init__(self):
+        if self.level < 0:
+            self.level = self.capacity
+
+    def refill(self, now: float) -> None:
+        if now > self.stamp:
+            self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = max(self.stamp, now)
+
+    def wait_for(self, cost: float) -> float:
+        """Seconds until ``cost`` is available (0 if it is now). Call ``refill`` first."""
+        return 0.0 if self.level >= cost else (cost - self.level) / self.rate
+
+    @property
+    def full(self) -> bool:
+        return self.level >= self.capacity
+
+
+@dataclass
+class _TenantState:
+    requests: TokenBucket | None
+    tokens: TokenBucket | None
+    active: int = 0
+
+
+class Lease:
+    """An admitted request's hold on its tenant's concurrency; released exactly once.
+
+    Use as ``async with`` around a whole response, or ``guard(stream)`` to release when a
+    stream ends (or is closed). Dropping an unreleased lease releases it too, so a stream that
+    is never started cannot leak a slot.
+    """
+
+    __slots__ = ("_limiter", "tenant", "n", "_released", "__weakref__")
+
+    def __init__(self, limiter: "TenantLimiter | None", tenant: str, n: int):
+        self._limiter = limiter
+        self.tenant = tenant
+        self.n = n
+        self._released = limiter is None
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._limiter._release(self.tenant, self.n)
+
+    async def __aenter__(self) -> "Lease":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.release()
+
+    async def guard(self, stream: AsyncIterator) -> AsyncIterator:
+        """Yield ``stream``'s items; release when it ends, fails or is closed."""
+        try:
+            async for item in stream:
+                yield item
+        finally:
+            self.release()
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass
+
+
+def unlimited_lease(tenant: str = "", n: int = 1) -> Lease:
+    """A lease that holds nothing (for callers that are not limited)."""
+    return Lease(None, tenant, n)
+
+
+class TenantLimiter:
+    """Per-tenant token buckets and concurrency caps, plus the prompt / max_tokens caps.
+
+    ``admit`` is synchronous: it decides at once (400, 429 or a ``Lease``). Thread-safe.
+    """
+
+    def __init__(
+        self,
+        cfg: LimitsConfig,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        tokenizer: Any = None,
+        tokenizer_path: str | None = None,
+    ):
+        self.cfg = cfg
+        self.clock = clock
+        self._tokenizer = tokenizer
+        self._tokenizer_path = tokenizer_path
+        self._lock = threading.Lock()
+        self._tenants: dict[str, _TenantState] = {}
+        self._prune_at = 1024
+        self.rejected: dict[str, int] = {}
+        self._req_rate = None if cfg.requests_per_minute is None else cfg.requests_per_minute / 60.0
+        self._tok_rate = None if cfg.tokens_per_minute is None else cfg.tokens_per_minute / 60.0
+        self._req_burst = cfg.effective_request_burst
+        self._tok_burst = cfg.effective_token_burst
+
+    @classmethod
+    def from_config(cls, cfg: LimitsConfig, *, tokenizer_path: str | None = None) -> "TenantLimiter":
+        """``tokenizer_path``: the base model folder; its tokenizer is loaded (once, lazily) only
+        if a limit needs prompt token counts."""
+        return cls(cfg, tokenizer_path=tokenizer_path)
+
+    @property
+    def needs_prompt_tokens(self) -> bool:
+        return self.cfg.needs_prompt_tokens
+
+    # ---- prompt token counts ------------------------------------------------------------------
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            if self._tokenizer_path is None:
+                raise RuntimeError("prompt token limits need the tokenizer: pass tokenizer_path")
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
+        return self._tokenizer
+
+    def count_prompts_sync(self, request: Any) -> list[int]:
+        """Tokens of each prompt of a CompletionRequest (one per prompt) or ChatCompletionRequest
+        (one), counted as the LoRA replica will tokenize them. Zeros when no limit needs them."""
+        if hasattr(request, "messages"):
+            if not self.needs_prompt_tokens:
+                return [0]
+            from serve_app.api.protocol import render_chat
+
+            tok = self.tokenizer
+            text = render_chat(tok, request.messages)
+            return [len(tok(text, add_special_tokens=not getattr(tok, "chat_template", None))["input_ids"])]
+        prompts = request.prompts()
+        if not self.needs_prompt_tokens:
+            return [0] * len(prompts)
+        return [len(p) if isinstance(p, list) else len(self.tokenizer(p)["input_ids"]) for p in prompts]
+
+    async def count_prompts(self, request: Any) -> list[int]:
+        """``count_prompts_sync``, off the event loop when the prompts are long."""
+        if self.needs_prompt_tokens and _text_size(request) > _OFFLOAD_CHARS:
+            return await asyncio.to_thread(self.count_prompts_sync, request)
+        return self.count_prompts_sync(request)
+
+    # ---- admission ------------------------------------------------------------------------------
+
+    def check_request(self, prompt_tokens: Sequence[int], max_tokens: int) -> None:
+        """400 for what no retry can fix: a prompt or max_tokens over its cap, or a request
+        larger than a bucket's burst or the concurrency cap."""
+        cfg = self.cfg
+        n = len(prompt_tokens)
+        if cfg.max_tokens is not None and max_tokens > cfg.max_tokens:
+            self._count("max_tokens")
+            raise InvalidRequestError(
+                f"max_tokens {max_tokens} is more than this server's limit {cfg.max_tokens}; lower max_tokens",
+                code="max_tokens_too_large",
+            )
+        if cfg.max_prompt_tokens is not None:
+            longest = max(prompt_tokens, default=0)
+            if longest > cfg.max_prompt_tokens:
+                self._count("prompt_tokens")
+                raise InvalidRequestError(
+                    f"the prompt is {longest} tokens, more than this server's limit {cfg.max_prompt_tokens}; "
+                    "shorten it",
+                    code="prompt_too_long",
+                )
+        if self._req_burst is not None and n > self._req_burst:
+            self._count("request_burst")
+            raise InvalidRequestError(
+                f"this request holds {n} prompts, more than a tenant's request burst {self._req_burst}; "
+                "send fewer prompts per request",
+                code="too_many_prompts",
+            )
+        if cfg.max_concurrent_requests is not None and n > cfg.max_concurrent_requests:
+            self._count("concurrency")
+            raise InvalidRequestError(
+                f"this request holds {n} prompts, more than a tenant's concurrency limit "
+                f"{cfg.max_concurrent_requests}; send fewer prompts per request",
+                code="too_many_prompts",
+            )
+        cost = sum(prompt_tokens) + n * max_tokens
+        if self._tok_burst is not None and cost > self._tok_burst:
+            self._count("token_burst")
+            raise InvalidRequestError(
+                f"this request may use {cost} tokens (prompt + max_tokens per prompt), more than a tenant's "
+                f"token burst {self._tok_burst}; lower max_tokens or shorten the prompt",
+                code="request_too_large",
+            )
+
+    def admit(self, tenant: str, prompt_tokens: int | Sequence[int], max_tokens: int) -> Lease:
+        """Admit a request now or refuse it: 400 (``check_request``), 429 with ``retry_after``,
+        or a ``Lease`` to release when the response is over. ``prompt_tokens``: one count per
+        prompt (an int for a single prompt)."""
+        counts = [prompt_tokens] if isinstance(prompt_tokens, int) else list(prompt_tokens)
+        if not counts:
+            counts = [0]
+        self.check_request(counts, max_tokens)
+        n = len(counts)
+        token_cost = sum(counts) + n * max_tokens
+        cfg = self.cfg
+        with self._lock:
+            now = self.clock()
+            st = self._tenants.get(tenant)
+            if st is None:
+                st = self._tenants[tenant] = self._new_state(now)
+            waits: dict[str, float] = {}
+            if st.requests is not None:
+                st.requests.refill(now)
+                if (w := st.requests.wait_for(n)) > 0:
+                    waits[f"{cfg.requests_per_minute:g} requests/min"] = w
+            if st.tokens is not None:
+                st.tokens.refill(now)
+                if (w := st.tokens.wait_for(token_cost)) > 0:
+                    waits[f"{cfg.tokens_per_minute:g} tokens/min"] = w
+            if cfg.max_concurrent_requests is not None and st.active + n > cfg.max_concurrent_requests:
+                waits[f"{cfg.max_concurrent_requests} concurrent requests"] = CONCURRENCY_RETRY_AFTER_S
+            if waits:
+                for what in waits:
+                    self.rejected[what.split(" ", 1)[1]] = self.rejected.get(what.split(" ", 1)[1], 0) + 1
+                retry = max(waits.values())
+                raise RateLimitError(
+                    f"tenant {tenant!r} is over its limit of {' and '.join(waits)}; "
+                    f"retry after {max(1, math.ceil(retry))} s",
+                    retry_after=retry,
+                )
+            if st.requests is not None:
+                st.requests.level -= n
+            if st.tokens is not None:
+                st.tokens.level -= token_cost
+            st.active += n
+            if len(self._tenants) > self._prune_at:
+                self._prune(now)
+        return Lease(self, tenant, n)
+
+    def _new_state(self, now: float) -> _TenantState:
+        return _TenantState(
+            requests=None if self._req_rate is None else TokenBucket(self._req_rate, self._req_burst, stamp=now),
+            tokens=None if self._tok_rate is None else TokenBucket(self._tok_rate, self._tok_burst, stamp=now),
+        )
+
+    def _release(self, tenant: str, n: int) -> None:
+        with self._lock:
+            st = self._tenants.get(tenant)
+            if st is not None:
+                st.active = max(0, st.active - n)
+
+    def _prune(self, now: float) -> None:
+        """Forget tenants that are idle with full buckets: a fresh state is the same thing.
+        Keeps memory bounded by the tenants active lately, not every name ever seen."""
+        for name in [k for k, st in self._tenants.items() if self._idle(st, now)]:
+            del self._tenants[name]
+        self._prune_at = max(1024, 2 * len(self._tenants))
+
+    @staticmethod
+    def _idle(st: _TenantState, now: float) -> bool:
+        if st.active:
+            return False
+        for b in (st.requests, st.tokens):
+            if b is not None:
+                b.refill(now)
+                if not b.full:
+                    return False
+        return True
+
+    def _count(self, reason: str) -> None:
+        with self._lock:
+            self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def active(self, tenant: str) -> int:
+        with self._lock:
+            st = self._tenants.get(tenant)
+            return 0 if st is None else st.active
+
+    def stats(self) -> dict:
+        with self._lock:
+            return {
+                "tenants_tracked": len(self._tenants),
+                "active": {k: st.active for k, st in self._tenants.items() if st.active},
+                "rejected": dict(self.rejected),
+            }
+
+
+def check_unicode(request: Any) -> None:
+    """400 for text that is not valid Unicode: a JSON ``\\udc80`` escape decodes to a lone
+    surrogate, which no tokenizer can encode (it would fail in the replica as a 500)."""
+    texts: list[str] = []
+    if hasattr(request, "messages"):
+        for m in request.messages:
+            c = m.content
+            texts += [c] if isinstance(c, str) else [getattr(part, "text", "") for part in c]
+    else:
+        p = request.prompt
+        texts += [p] if isinstance(p, str) else [x for x in p if isinstance(x, str)]
+    stop = getattr(request, "stop", None)
+    texts += [stop] if isinstance(stop, str) else list(stop or [])
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidRequestError(
+                f"text contains an unpaired surrogate ({t[e.start]!r} at character {e.start}); "
+                "send valid Unicode (UTF-8)",
+                code="invalid_unicode",
+            ) from None
+
+
+def _text_size(request: Any) -> int:
+    if hasattr(request, "messages"):
+        return sum(len(m.text()) if hasattr(m, "text") else len(str(m)) for m in request.messages)
+    p = request.prompt
+    if isinstance(p, str):
+        return len(p)
+    return sum(len(x) if isinstance(x, str) else 0 for x in p)
+
+
+# --------------------------------------------------------------------------- HTTP edge
+
+
+def retry_after_header(exc: BaseException) -> dict[str, str]:
+    """``{"Retry-After": "<whole seconds>"}`` for an error that carries ``retry_after``, else {}."""
+    retry = getattr(exc, "retry_after", None)
+    if retry is None:
+        return {}
+    return {"Retry-After": str(max(1, math.ceil(retry)))}
+
+
+_HTTP_ERRORS = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("authentication_error", "invalid_api_key"),
+    403: ("permission_error", "forbidden"),
+    404: ("invalid_request_error", "not_found"),
+    405: ("invalid_request_error", "method_not_allowed"),
+    413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_media_type"),
+    422: ("invalid_request_error", "invalid_request"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+}
+
+
+def http_error_body(status_code: int, detail: Any = None) -> dict[str, Any]:
+    """OpenAI's error shape for a Starlette/FastAPI ``HTTPException`` (unknown route, wrong
+    method, a body FastAPI could not decode, ...), which FastAPI would answer as ``{"detail"}``."""
+    etype, code = _HTTP_ERRORS.get(
+        status_code, ("invalid_request_error" if status_code < 500 else "internal_error", f"http_{status_code}")
+    )
+    if isinstance(detail, str) and detail:
+        message = detail
+    else:
+        from http import HTTPStatus
+
+        try:
+            message = HTTPStatus(status_code).phrase
+        except ValueError:
+            message = f"HTTP {status_code}"
+    if status_code == 400 and message == "There was an error parsing the body":
+        message = "request body could not be decoded (it must be UTF-8 JSON of reasonable depth)"
+    return {"error": {"message": message, "type": etype, "code": code}}
+
+
+async def send_error(send, exc: ServeAppError, headers: dict[str, str] | None = None) -> None:
+    """Answer an ASGI request with ``exc`` in OpenAI's shape (for middleware, before any route)."""
+    from serve_app.api.protocol import error_body
+
+    body = json.dumps(error_body(exc), separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    hdrs = {**retry_after_header(exc), **(headers or {})}
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in hdrs.items()]
+    await send({"type": "http.response.start", "status": exc.status_code, "headers": raw})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class BodySizeLimitMiddleware:
+    """Pure ASGI: refuse bodies over the limit with 413 before any route parses them.
+
+    A ``Content-Length`` over the limit is refused without reading; otherwise the body is read
+    (at most limit + one chunk is held) and replayed to the app. ``max_bytes`` is an int or a
+    zero-argument callable (the router sets the limit in its constructor); None means the
+    default ``DEFAULT_MAX_BODY_BYTES``.
+    """
+
+    def __init__(self, app, max_bytes: int | Callable[[], int | None] = DEFAULT_MAX_BODY_BYTES):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _limit(self) -> int:
+        v = self.max_bytes() if callable(self.max_bytes) else self.max_bytes
+        return DEFAULT_MAX_BODY_BYTES if v is None else v
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self._limit()
+        too_large = RequestTooLargeError(f"request body is larger than this server's limit of {limit} bytes")
+        for name, value in scope.get("headers", ()):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    return await send_error(send, InvalidRequestError("Content-Length is not an integer"))
+                if declared > limit:
+                    return await send_error(send, too_large, {"connection": "close"})
+                break
+        chunks: list[bytes] = []
+        size = 0
+        disconnected = False
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                disconnected = True
+                break
+            if msg["type"] != "http.request":
+                continue
+            body = msg.get("body", b"")
+            size += len(body)
+            if size > limit:
+                return await send_error(send, too_large, {"connection": "close"})
+            if body:
+                chunks.append(body)
+            if not msg.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                if disconnected:
+                    return {"type": "http.disconnect"}
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)

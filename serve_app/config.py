@@ -11,6 +11,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from serve_app.adapters.config import StoreConfig
+from serve_app.router.auth import AuthConfig
+from serve_app.router.limits import LimitsConfig
 from serve_app.router.policy import PolicyConfig
 
 # The projections a Llama-family decoder layer has; LoRA can target any subset.
@@ -129,6 +132,21 @@ class AppConfig(BaseModel):
         default=True,
         description="Inject DeepSpeed inference kernels into merged models where CUDA exists (ignored on CPU).",
     )
+    store: StoreConfig = Field(
+        default_factory=StoreConfig,
+        description="How adapters are reached and cached: `adapters` may also be an fsspec URI "
+        "(s3://bucket/prefix, with store.storage_options); versions, disk and RAM tiers, validation policy.",
+    )
+    auth: AuthConfig = Field(
+        default_factory=AuthConfig,
+        description="Tenant API keys (Authorization: Bearer) on the HTTP routes: key sources, on/off. Off only "
+        "for the local demo (the router logs a warning at start); the cluster configs turn it on.",
+    )
+    limits: LimitsConfig = Field(
+        default_factory=LimitsConfig,
+        description="HTTP limits per tenant: body size, max prompt tokens, max_tokens cap, request and token "
+        "buckets, concurrency (400 / 413 / 429 + Retry-After).",
+    )
     demo_num_adapters: int = Field(
         default=8, ge=1, le=10_000, description="With base_model 'demo': how many demo tenant adapters to build."
     )
@@ -146,7 +164,9 @@ class AppConfig(BaseModel):
             return str(assets.base), str(self.adapters or assets.adapters_dir)
         return self.base_model, self.adapters
 
-    def engine_config(self, base_path: str) -> EngineConfig:
+    def engine_config(self, base_path: str, *, num_cpus: float | None = None) -> EngineConfig:
+        """Engine args for a replica reserving ``num_cpus`` (default: a LoRA replica's)."""
+        cpus = self.lora_num_cpus if num_cpus is None else num_cpus
         return EngineConfig(
             model=base_path,
             dtype=self.dtype,
@@ -154,7 +174,7 @@ class AppConfig(BaseModel):
             max_lora_rank=self.max_lora_rank,
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
-            torch_threads=self.torch_threads or max(1, math.ceil(self.lora_num_cpus)),
+            torch_threads=self.torch_threads or max(1, math.ceil(cpus)),
         )
 
     @model_validator(mode="after")
@@ -163,6 +183,24 @@ class AppConfig(BaseModel):
             raise ValueError("adapters (a folder with one sub-folder per adapter ID) is required with a real base_model")
         if self.quantization != "none" and self.dtype == "float16":
             raise ValueError("quantized bases compute in bfloat16 or float32; set dtype to one of those")
+        lim = self.limits
+        if lim.max_tokens is not None and self.default_max_tokens > lim.max_tokens:
+            raise ValueError(
+                f"default_max_tokens {self.default_max_tokens} is above limits.max_tokens {lim.max_tokens}: "
+                "requests that leave max_tokens out would be refused; lower default_max_tokens"
+            )
+        if self.max_model_len is not None and lim.max_prompt_tokens is not None and lim.max_prompt_tokens >= self.max_model_len:
+            raise ValueError(
+                f"limits.max_prompt_tokens {lim.max_prompt_tokens} leaves no room to generate within "
+                f"max_model_len {self.max_model_len}; lower it"
+            )
+        if (lim.max_concurrent_requests is not None
+                and lim.max_concurrent_requests * self.router_replicas >= self.lora_max_ongoing_requests * self.lora_replicas):
+            raise ValueError(
+                f"limits.max_concurrent_requests {lim.max_concurrent_requests} x {self.router_replicas} router "
+                f"replicas would let one tenant fill every LoRA replica's queue (lora_max_ongoing_requests "
+                f"{self.lora_max_ongoing_requests} x {self.lora_replicas}); lower it"
+            )
         if self.policy.hot_tenants and not self.merged:
             raise ValueError(
                 f"policy.hot_tenants {self.policy.hot_tenants} need the merged path; set merged: true"

@@ -72,9 +72,23 @@ class InvalidAdapterError(ServeAppError):
 
 
 class RateLimitError(ServeAppError):
+    """Over a tenant's rate or concurrency limit. ``retry_after``: seconds until a retry can
+    succeed (the router sends it as the ``Retry-After`` header, rounded up)."""
+
     status_code = 429
     error_type = "rate_limit_error"
     code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: float | None = None):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+    def __reduce__(self):
+        return (_rebuild_rate_limit, (type(self), self.message, self.code, self.retry_after))
+
+
+def _rebuild_rate_limit(cls, message, code, retry_after):
+    return cls(message, code=code, retry_after=retry_after)
 
 
 class AdapterStoreUnavailableError(ServeAppError):

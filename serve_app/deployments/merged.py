@@ -43,7 +43,7 @@ class MergedDeployment:
     def __init__(self, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
         self.base_path, adapters_dir = cfg.resolve_paths()
-        self.engine_config = cfg.engine_config(self.base_path)
+        self.engine_config = cfg.engine_config(self.base_path, num_cpus=cfg.merged_num_cpus)
         self.kernel_inject = cfg.merged_kernel_inject
         self.store = LocalAdapterStore(adapters_dir)
 

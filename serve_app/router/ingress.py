@@ -22,12 +22,12 @@ from typing import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import metrics
 from serve_app.adapters.ids import validate_adapter_id
-from serve_app.adapters.local import LocalAdapterStore
 from serve_app.api import sse
 from serve_app.api.protocol import (
     ChatCompletionRequest,
@@ -53,7 +53,17 @@ from serve_app.api.protocol import (
 from serve_app.config import AppConfig
 from serve_app.deployments.lora import GenerateRequest
 from serve_app.engine.engine import RequestOutput
+from serve_app.router.auth import Authenticator, AuthMiddleware, principal_of
+from serve_app.router.limits import (
+    BodySizeLimitMiddleware,
+    Lease,
+    TenantLimiter,
+    check_unicode,
+    http_error_body,
+    retry_after_header,
+)
 from serve_app.errors import AdapterNotFoundError, EngineOverloadedError, ServeAppError
+from serve_app.router.admin import AdapterAdmin, RegisterAdapterRequest
 
 logger = logging.getLogger("ray.serve")
 
@@ -61,6 +71,13 @@ MODEL_HEADER = "serve_multiplexed_model_id"
 SERVED_BY = "x-served-by"
 
 app = FastAPI(title="serve-app: multi-tenant LoRA inference", version="0.1.0")
+
+# The edge checks run before any route parses a body. Router.__init__ fills _EDGE (one Router
+# per replica process); until then AuthMiddleware answers 503. Added last = runs first: auth
+# (401 / admin 403), then the body size (413).
+_EDGE: dict = {"auth": None, "max_body_bytes": None}
+app.add_middleware(BodySizeLimitMiddleware, max_bytes=lambda: _EDGE["max_body_bytes"])
+app.add_middleware(AuthMiddleware, authenticator=lambda: _EDGE["auth"])
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -77,12 +94,21 @@ def unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+REPLICA_RETRIES = 1  # retries of a request whose replica died before it sent anything
+
+
+def _replica_died(exc: BaseException) -> bool:
+    from ray import exceptions as rex
+
+    return isinstance(exc, (rex.ActorDiedError, rex.ActorUnavailableError))
+
+
 def error_response(exc: BaseException, path: str = "lora") -> JSONResponse:
     exc = unwrap(exc)
     status = error_status(exc)
     if status >= 500:
         logger.error("request failed: %r", exc, exc_info=exc)
-    return JSONResponse(error_body(exc), status_code=status, headers={SERVED_BY: path})
+    return JSONResponse(error_body(exc), status_code=status, headers={SERVED_BY: path, **retry_after_header(exc)})
 
 
 @app.exception_handler(RequestValidationError)
@@ -90,14 +116,28 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     return JSONResponse(validation_error_body(exc), status_code=400)
 
 
-async def _respond(impl, body, header: str | None, stream: bool):
-    """Run a completion implementation and answer over HTTP, errors in OpenAI's shape."""
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    """Unknown route (404), wrong method (405), undecodable body (400): OpenAI's shape, not {"detail"}."""
+    return JSONResponse(
+        http_error_body(exc.status_code, exc.detail), status_code=exc.status_code, headers=getattr(exc, "headers", None)
+    )
+
+
+async def _respond(impl, body, header: str | None, stream: bool, lease: Lease):
+    """Run a completion implementation and answer over HTTP, errors in OpenAI's shape.
+
+    ``lease`` (the tenant's concurrency slot) is held until the response ends: the whole
+    call, or the whole stream.
+    """
     try:
         if stream:
             path, chunks = impl(body, header)
-            return await _sse_response(chunks, path)
-        path, resp = await impl(body, header)
+            return await _sse_response(lease.guard(chunks), path)
+        async with lease:
+            path, resp = await impl(body, header)
     except Exception as e:
+        lease.release()
         return error_response(e)
     return JSONResponse(resp.model_dump(), headers={SERVED_BY: path})
 
@@ -173,10 +213,13 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
 class Router:
     def __init__(self, lora: DeploymentHandle, merged: DeploymentHandle | None, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
-        _, adapters_dir = cfg.resolve_paths()
+        base_path, adapters_dir = cfg.resolve_paths()
+        self.auth = Authenticator.from_config(cfg.auth)  # logs a warning when auth is off
+        self.limiter = TenantLimiter.from_config(cfg.limits, tokenizer_path=base_path)
+        _EDGE.update(auth=self.auth, max_body_bytes=cfg.limits.max_body_bytes)
         self.lora = lora
         self.merged = merged
-        self.store = LocalAdapterStore(adapters_dir)
+        self.admin = AdapterAdmin(adapters_dir, cfg.store, lora)  # tenant -> id@version, lifecycle API
         self.base_model_name = cfg.base_model_name
         self.default_max_tokens = cfg.default_max_tokens
         self.promoter = None
@@ -188,25 +231,45 @@ class Router:
             app_name = serve.get_replica_context().app_name
             actor = get_or_create_policy_actor(cfg.policy, name=f"{POLICY_ACTOR_NAME}:{app_name}")
             self.promoter = Promoter(actor, merged)
+            # Start syncing now, so static hot tenants are merged before their first request.
+            try:
+                self.promoter.start(asyncio.get_running_loop())
+            except RuntimeError:  # constructed outside the replica's loop: starts on first request
+                pass
+
+    # ---- HTTP admission: the caller may use this model (403), within its limits (400 / 429) ---------
+
+    async def _admit(self, raw: Request, body, header: str | None) -> Lease:
+        name = header or body.model
+        adapter_id = None if name == self.base_model_name else name
+        principal = principal_of(raw)
+        # Before the adapter is looked up: the answer must not depend on whether it exists.
+        self.auth.authorize(principal, adapter_id)
+        check_unicode(body)  # a lone surrogate would fail in the tokenizer as a 500
+        counts = await self.limiter.count_prompts(body)
+        max_tokens = body.to_sampling_params(self.default_max_tokens).max_tokens
+        # With auth off, each model is its own "tenant" for the limits.
+        return self.limiter.admit(principal.tenant or name, counts, max_tokens)
 
     # ---- resolution and forwarding -------------------------------------------------------------
 
     def _resolve(self, model: str, header: str | None = None) -> tuple[str | None, str]:
-        """(adapter ID or None for the base model, serving path 'lora' | 'merged')."""
+        """(multiplexed model ID or None for the base model, serving path 'lora' | 'merged').
+
+        On the LoRA path the ID is the tenant's current version, ``<id>@v<n>`` (router/admin.py).
+        """
         name = header or model
+        versioned = None
         if name == self.base_model_name:
             adapter_id = None
         else:
             validate_adapter_id(name)
-            if not self.store.exists(name):
-                raise AdapterNotFoundError(
-                    f"model '{name}' does not exist; GET /v1/models lists the base model and the adapters"
-                )
+            versioned = self.admin.resolve(name)  # 404 unknown or deleted, 503 store unreachable
             adapter_id = name
         path = self.promoter.path_for(adapter_id) if self.promoter is not None and adapter_id else "lora"
         metrics.ROUTER_PATH.inc(tags={"path": path})
         metrics.REQUESTS.inc(tags={"adapter": adapter_id or self.base_model_name, "path": path})
-        return adapter_id, path
+        return (versioned if path == "lora" else adapter_id), path
 
     def _handle(self, adapter_id: str | None, path: str, stream: bool) -> DeploymentHandle:
         h = self.merged if path == "merged" else self.lora
@@ -215,10 +278,17 @@ class Router:
         return h.options(stream=True) if stream else h
 
     async def _generate(self, adapter_id: str | None, path: str, req: GenerateRequest) -> RequestOutput:
-        try:
-            out = await self._handle(adapter_id, path, stream=False).generate.remote(req)
-        except Exception as e:
-            raise unwrap(e) from None
+        for attempt in range(REPLICA_RETRIES + 1):
+            try:
+                out = await self._handle(adapter_id, path, stream=False).generate.remote(req)
+                break
+            except Exception as e:
+                # Nothing has reached the client yet, so a request whose replica died under it
+                # (killed, OOM) is retried on a live one instead of being lost.
+                if attempt < REPLICA_RETRIES and _replica_died(e):
+                    logger.warning("a %s replica died under a request; retrying it on another replica", path)
+                    continue
+                raise unwrap(e) from None
         metrics.GENERATED_TOKENS.inc(out.completion_tokens, tags={"adapter": adapter_id or self.base_model_name})
         return out
 
@@ -228,15 +298,24 @@ class Router:
         t0 = time.perf_counter()
         first = True
         try:
-            async for out in self._handle(adapter_id, path, stream=True).generate_stream.remote(req):
-                if first:
-                    metrics.TTFT.observe(time.perf_counter() - t0, tags={"path": path})
-                    first = False
-                if out.finished:
-                    metrics.GENERATED_TOKENS.inc(
-                        out.completion_tokens, tags={"adapter": adapter_id or self.base_model_name}
-                    )
-                yield out
+            for attempt in range(REPLICA_RETRIES + 1):
+                try:
+                    async for out in self._handle(adapter_id, path, stream=True).generate_stream.remote(req):
+                        if first:
+                            metrics.TTFT.observe(time.perf_counter() - t0, tags={"path": path})
+                            first = False
+                        if out.finished:
+                            metrics.GENERATED_TOKENS.inc(
+                                out.completion_tokens, tags={"adapter": adapter_id or self.base_model_name}
+                            )
+                        yield out
+                    break
+                except Exception as e:
+                    # Only a stream that has sent nothing is retried: a started one would repeat text.
+                    if first and attempt < REPLICA_RETRIES and _replica_died(e):
+                        logger.warning("a %s replica died before a stream started; retrying it", path)
+                        continue
+                    raise
         except Exception as e:
             raise unwrap(e) from None
         finally:
@@ -246,7 +325,7 @@ class Router:
 
     async def models(self) -> ModelList:
         cards = [ModelCard(id=self.base_model_name, owned_by="serve-app")]
-        cards += [ModelCard(id=a, owned_by="tenant", parent=self.base_model_name) for a in self.store.list_ids()]
+        cards += [ModelCard(id=a, owned_by="tenant", parent=self.base_model_name) for a in self.admin.model_ids()]
         return ModelList(data=cards)
 
     async def completions(self, request: CompletionRequest, header_model: str | None = None) -> CompletionResponse:
@@ -274,6 +353,52 @@ class Router:
         if self.promoter is None:
             return {"enabled": False}
         return {"enabled": True, **(await self.promoter.actor.snapshot.remote())}
+
+    # ---- adapter lifecycle (router/admin.py): Python handle methods and, below, HTTP routes -------
+
+    async def list_adapters(self) -> dict:
+        """Adapters with their current version and history."""
+        return await self.admin.list_adapters()
+
+    async def register_adapter(self, adapter_id: str, uri: str, warm: bool = True) -> dict:
+        """Register or update a tenant's adapter from a URI: a new version, validated, then current."""
+        return await self.admin.register_adapter(adapter_id, uri, warm)
+
+    async def delete_adapter(self, adapter_id: str) -> dict:
+        """Delete a tenant's adapter: 404 from then on, its memory freed on every replica."""
+        return await self.admin.delete_adapter(adapter_id)
+
+    async def warm_adapter(self, adapter_id: str) -> dict:
+        """Load a tenant's current version into a LoRA replica now."""
+        return await self.admin.warm_adapter(adapter_id)
+
+    @app.get("/admin/adapters")
+    async def http_list_adapters(self):
+        try:
+            return JSONResponse(await self.list_adapters())
+        except Exception as e:
+            return error_response(e)
+
+    @app.post("/admin/adapters")
+    async def http_register_adapter(self, body: RegisterAdapterRequest):
+        try:
+            return JSONResponse(await self.register_adapter(body.adapter_id, body.uri, body.warm))
+        except Exception as e:
+            return error_response(e)
+
+    @app.delete("/admin/adapters/{adapter_id}")
+    async def http_delete_adapter(self, adapter_id: str):
+        try:
+            return JSONResponse(await self.delete_adapter(adapter_id))
+        except Exception as e:
+            return error_response(e)
+
+    @app.post("/admin/adapters/{adapter_id}/warm")
+    async def http_warm_adapter(self, adapter_id: str):
+        try:
+            return JSONResponse(await self.warm_adapter(adapter_id))
+        except Exception as e:
+            return error_response(e)
 
     # ---- implementations: each returns the serving path with the result ---------------------------
 
@@ -379,8 +504,12 @@ class Router:
         return {"status": "ok"}
 
     @app.get("/v1/models")
-    async def http_models(self):
-        return JSONResponse((await self.models()).model_dump())
+    async def http_models(self, raw: Request):
+        # A tenant sees the models its key may use, never other tenants' adapter IDs.
+        models = await self.models()
+        principal = principal_of(raw)
+        models.data = [m for m in models.data if principal.may_use(None if m.id == self.base_model_name else m.id)]
+        return JSONResponse(models.model_dump())
 
     @app.get("/admin/merged")
     async def http_merged_state(self):
@@ -388,10 +517,20 @@ class Router:
 
     @app.post("/v1/completions")
     async def http_completions(self, body: CompletionRequest, raw: Request):
+        header = raw.headers.get(MODEL_HEADER)
+        try:
+            lease = await self._admit(raw, body, header)
+        except Exception as e:
+            return error_response(e)
         return await _respond(self._completions_stream if body.stream else self._completions,
-                              body, raw.headers.get(MODEL_HEADER), body.stream)
+                              body, header, body.stream, lease)
 
     @app.post("/v1/chat/completions")
     async def http_chat(self, body: ChatCompletionRequest, raw: Request):
+        header = raw.headers.get(MODEL_HEADER)
+        try:
+            lease = await self._admit(raw, body, header)
+        except Exception as e:
+            return error_response(e)
         return await _respond(self._chat_stream if body.stream else self._chat,
-                              body, raw.headers.get(MODEL_HEADER), body.stream)
+                              body, header, body.stream, lease)

@@ -65,6 +65,7 @@ def serve_env(serve_assets):
     # Replicas of the test-defined deployment (test_serve_app.Caller) import it by module name.
     pythonpath = os.pathsep.join(p for p in (repo_root, os.environ.get("PYTHONPATH")) if p)
     ray.init(
+        address="local",  # a private cluster, never one another session started
         num_cpus=2,
         include_dashboard=False,
         log_to_driver=False,

@@ -46,7 +46,7 @@ from serve_app.adapters.ram_cache import RamCache
 from serve_app.adapters.registry import AdapterRegistry, Manifest, mux_id, parse_mux_id
 from serve_app.adapters.store import open_store
 from serve_app.config import AppConfig
-from serve_app.engine.engine import LoRAEngine, RequestOutput, RequestStream, merge_outputs
+from serve_app.engine.engine import LoRAEngine, RequestOutput, RequestStream
 from serve_app.engine.lora_manager import AdapterNotResidentError, ResidentAdapter
 from serve_app.engine.lora_weights import LoRAWeights, load_lora_weights
 from serve_app.engine.sampling import SamplingParams
@@ -373,21 +373,11 @@ class LoRADeployment:
                     self.engine.lora.release(pinned)  # the request holds its own pin now
 
     async def generate(self, req: GenerateRequest) -> RequestOutput:
-        stream = await self._submit(req)
-        try:
-            return merge_outputs([out async for out in stream])
-        finally:
-            stream.close()
+        return await (await self._submit(req)).collect()
 
     async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        stream = await self._submit(req)
-        try:
-            async for out in stream:
-                # Whatever else is already queued goes in the same chunk: fewer Ray messages
-                # when the consumer is slower than the engine.
-                yield merge_outputs([out, *stream.drain_nowait()])
-        finally:
-            stream.close()
+        async for out in (await self._submit(req)).chunks():
+            yield out
 
     # ---- lifecycle (called by the router's admin API) ----------------------------------------------
 

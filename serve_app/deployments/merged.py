@@ -18,7 +18,7 @@ from ray import serve
 from serve_app.adapters.local import LocalAdapterStore
 from serve_app.config import AppConfig
 from serve_app.deployments.lora import GenerateRequest, render_prompt
-from serve_app.engine.engine import LoRAEngine, RequestOutput, merge_outputs
+from serve_app.engine.engine import LoRAEngine, RequestOutput, RequestStream
 from serve_app.engine.merge import build_merged_engine
 
 logger = logging.getLogger("ray.serve")
@@ -86,19 +86,13 @@ class MergedDeployment:
         logger.info("unloaded merged copy of %s (demoted)", adapter_id)
         return True
 
-    async def generate(self, req: GenerateRequest) -> RequestOutput:
+    async def _submit(self, req: GenerateRequest) -> RequestStream:
         engine = await self._engine()
-        stream = engine.submit(render_prompt(engine.tokenizer, req), req.params, None, req.request_id)
-        try:
-            return merge_outputs([out async for out in stream])
-        finally:
-            stream.close()
+        return engine.submit(render_prompt(engine.tokenizer, req), req.params, None, req.request_id)
+
+    async def generate(self, req: GenerateRequest) -> RequestOutput:
+        return await (await self._submit(req)).collect()
 
     async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        engine = await self._engine()
-        stream = engine.submit(render_prompt(engine.tokenizer, req), req.params, None, req.request_id)
-        try:
-            async for out in stream:
-                yield merge_outputs([out, *stream.drain_nowait()])
-        finally:
-            stream.close()
+        async for out in (await self._submit(req)).chunks():
+            yield out

@@ -585,6 +585,22 @@ class RequestStream:
             self.finished = True
             self.engine.abort(self.req)
 
+    async def collect(self) -> RequestOutput:
+        """The whole request as one output; aborts it if the caller goes away first."""
+        try:
+            return merge_outputs([out async for out in self])
+        finally:
+            self.close()
+
+    async def chunks(self) -> AsyncIterator[RequestOutput]:
+        """Outputs as they come, with whatever else is already queued folded into the same
+        chunk: fewer messages downstream when the consumer is slower than the engine."""
+        try:
+            async for out in self:
+                yield merge_outputs([out, *self.drain_nowait()])
+        finally:
+            self.close()
+
 
 def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
     """Fold consecutive outputs of one request into one (text and tokens concatenated)."""

@@ -67,6 +67,9 @@ class GenerateRequest:
     prompt: str | list[int] | None = None
     messages: list[dict] | None = None  # chat: rendered with the replica's tokenizer
     request_id: str | None = None
+    # Fair-admission key: the authenticated tenant (API key principal), so a tenant with N
+    # adapters gets one share, not N. None: keyed by the adapter (the base model counts as one).
+    tenant: str | None = None
 
 
 def render_prompt(tokenizer, req: GenerateRequest) -> str | list[int]:
@@ -363,7 +366,7 @@ class LoRADeployment:
                     loaded, pinned = await self._loaded(mux)
                     self._event("miss" if loaded.fresh else "hit", "device")
                     loaded.fresh = False
-                return self.engine.submit(prompt, req.params, pinned, req.request_id)
+                return self.engine.submit(prompt, req.params, pinned, req.request_id, tenant=req.tenant)
             except AdapterNotResidentError:
                 # Evicted or retired (and freed) between the lookup and the pin: load it again.
                 if attempt == 2:

@@ -89,6 +89,7 @@ class Request:
     assembler: TextAssembler
     stop_ids: frozenset[int]
     generator: torch.Generator | None = None
+    tenant: str | None = None  # fair-admission key; None: the adapter ID
     output_ids: list[int] = field(default_factory=list)
     aborted: bool = False
     done: bool = False
@@ -111,6 +112,8 @@ class FairQueue:
 
     @staticmethod
     def key(req: Request) -> str | None:
+        if req.tenant is not None:
+            return "tenant:" + req.tenant
         return req.adapter.adapter_id if req.adapter is not None else None
 
     def append(self, req: Request) -> None:
@@ -271,6 +274,7 @@ class LoRAEngine:
         adapter: str | ResidentAdapter | None,
         sink: Callable[[RequestOutput], None] | tuple[asyncio.AbstractEventLoop, asyncio.Queue],
         request_id: str | None = None,
+        tenant: str | None = None,
     ) -> Request:
         prompt_ids = self.tokenize(prompt)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
@@ -292,6 +296,7 @@ class LoRAEngine:
             assembler=TextAssembler(self.tokenizer, prompt_ids, params.stop),
             stop_ids=stop_ids,
             generator=generator,
+            tenant=tenant,
         )
         with self._cv:
             if self._stopped:
@@ -315,6 +320,8 @@ class LoRAEngine:
         params: SamplingParams,
         adapter: str | ResidentAdapter | None = None,
         request_id: str | None = None,
+        *,
+        tenant: str | None = None,
     ) -> "RequestStream":
         """Start a request from async code; iterate the returned stream for its outputs.
 
@@ -322,7 +329,9 @@ class LoRAEngine:
         caller can retry with a fresh adapter handle.
         """
         stream = RequestStream(self)
-        stream.req = self.add_request(prompt, params, adapter, (asyncio.get_running_loop(), stream.queue), request_id)
+        stream.req = self.add_request(
+            prompt, params, adapter, (asyncio.get_running_loop(), stream.queue), request_id, tenant=tenant
+        )
         return stream
 
     async def generate(

@@ -1,9 +1,35 @@
-"""The merged deployment: hot tenants served from weights with their adapter merged in.
+"""The merged deployment: hot tenants served from weights with one adapter version merged in.
 
-Multiplexed by adapter ID like the LoRA deployment, but each "model" is a whole engine over a
-merged copy of the base (one per replica by default), so a hot tenant runs at the bare base
-model's speed. Building one takes seconds; the router keeps the tenant on the LoRA path until
-``warm`` has returned here, so nobody waits for it.
+Multiplexed by ``<id>@v<n>`` like the LoRA deployment (``<id>`` alone for a hand-placed folder,
+version 0), and each "model" is a whole engine over a merged copy of the base (one per replica
+by default), so a hot tenant runs at the bare base model's speed. A version is immutable, so a
+copy keyed by it can never hold another owner's or an older upload's weights: an update or a
+delete + re-register is a new multiplexed ID. Building one takes seconds; the router keeps the
+tenant on the LoRA path until ``warm`` has returned here, so nobody waits for it.
+
+The copy is built through the LoRA path's adapter pipeline (``adapter_pipeline``: local store
+or S3 via fsspec, registry versions, the node's disk cache) and validated with the same store
+settings (``validation_settings``: ``max_adapter_bytes``, ``base_model_mismatch``,
+``base_model_aliases``) before PEFT reads anything (engine/merge.py).
+
+Retiring copies (their memory is freed once the requests running on them finish):
+  * loading ``id@v<n>`` retires this replica's older versions of ``id`` first (the policy only
+    asks for a new version once it no longer routes the old one), so they never compete with
+    other tenants' copies for a slot;
+  * every ``registry_refresh_s`` the replica re-reads the manifest: a copy of a deleted adapter
+    is retired at once and a deleted adapter is not loaded again (404); a copy of a version that
+    is no longer current is retired once it has been stale for ``stale_grace_s`` (two refresh
+    periods plus two policy syncs), the time every router needs to resolve the new version, so
+    a router that has not seen the update yet does not make this replica rebuild the old one;
+  * ``unload`` (the promoter: demotion, or a version replaced).
+
+Propagation bound (no request is answered from a version older than the one the LoRA path
+serves, beyond it): a router sends a request here only when the version it resolved is the one
+the tenant's ready copy holds (router/promoter.py), the same version its LoRA path would use.
+So the merged path lags an update exactly as the LoRA path does: by at most
+``registry_refresh_s`` plus one manifest read (router/admin.py), zero on the router replica
+that made the update. A deleted tenant gets 404 from the router within the same bound, and its
+copy is retired here within ``registry_refresh_s``.
 """
 
 from __future__ import annotations
@@ -11,24 +37,74 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator
+from typing import Any, AsyncIterator
 
 from ray import serve
 
-from serve_app.adapters.local import LocalAdapterStore
+from serve_app.adapters.config import StoreConfig
+from serve_app.adapters.disk_cache import DiskCache
+from serve_app.adapters.fetch import AdapterFetcher, default_cache_dir
+from serve_app.adapters.ids import validate_adapter_id
+from serve_app.adapters.registry import AdapterRegistry, Manifest, mux_id, parse_mux_id
+from serve_app.adapters.store import AdapterStore, open_store
 from serve_app.config import AppConfig
 from serve_app.deployments.lora import GenerateRequest, render_prompt
 from serve_app.engine.engine import LoRAEngine, RequestOutput, RequestStream
 from serve_app.engine.merge import build_merged_engine
+from serve_app.errors import AdapterNotFoundError, InvalidRequestError
 
 logger = logging.getLogger("ray.serve")
+
+POLICY_SYNC_S = 0.5  # router/promoter.py's default interval
+
+
+def adapter_pipeline(adapters_uri: str, scfg: StoreConfig, *, on_disk_evict=None, on_event=None
+                     ) -> tuple[AdapterStore, AdapterRegistry, AdapterFetcher]:
+    """(store, registry, fetcher) for ``adapters_uri``, built as deployments/lora.py builds its own:
+    a disk cache below remote stores, versions from the registry."""
+    store = open_store(adapters_uri, scfg)
+    registry = AdapterRegistry(store, scfg)
+    disk = None
+    if not store.is_local:
+        disk = DiskCache(scfg.disk_cache_dir or default_cache_dir(), scfg.disk_cache_bytes, on_evict=on_disk_evict)
+    return store, registry, AdapterFetcher(store, scfg, disk_cache=disk, on_event=on_event)
+
+
+def validation_settings(scfg: StoreConfig, engine_max_adapter_bytes: int) -> dict[str, Any]:
+    """The adapter validation keyword arguments both paths use (load_lora_weights / merge)."""
+    return {
+        "max_bytes": min(scfg.max_adapter_bytes, engine_max_adapter_bytes),
+        "base_mismatch": scfg.base_model_mismatch,
+        "base_aliases": tuple(scfg.base_model_aliases),
+    }
+
+
+def stale_copies(loaded: list[str], manifest: Manifest, stale_since: dict[str, float], now: float,
+                 grace_s: float) -> list[tuple[str, str]]:
+    """(mux, reason) of the loaded copies to retire now; updates ``stale_since`` in place.
+
+    Deleted adapters at once; versions no longer current once stale for ``grace_s``."""
+    out = []
+    for mux in loaded:
+        adapter_id, _ = parse_mux_id(mux)
+        if manifest.is_deleted(adapter_id):
+            out.append((mux, "deleted"))
+        elif manifest.is_stale(mux):
+            since = stale_since.setdefault(mux, now)
+            if now - since >= grace_s:
+                out.append((mux, f"no longer current (v{manifest.current(adapter_id)} is)"))
+        else:
+            stale_since.pop(mux, None)
+    for mux in [m for m in stale_since if m not in loaded]:
+        del stale_since[mux]
+    return out
 
 
 class _MergedModel:
     """The multiplexed object; Serve calls __del__ on LRU eviction."""
 
-    def __init__(self, adapter_id: str, engine: LoRAEngine):
-        self.adapter_id = adapter_id
+    def __init__(self, mux: str, engine: LoRAEngine):
+        self.mux = mux
         self.engine = engine
 
     def __del__(self):
@@ -42,49 +118,151 @@ class _MergedModel:
 class MergedDeployment:
     def __init__(self, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
-        self.base_path, adapters_dir = cfg.resolve_paths()
+        self.base_path, adapters_uri = cfg.resolve_paths()
         self.engine_config = cfg.engine_config(self.base_path, num_cpus=cfg.merged_num_cpus)
         self.kernel_inject = cfg.merged_kernel_inject
-        self.store = LocalAdapterStore(adapters_dir)
+        self.store_config = scfg = cfg.store
+        self.store, self.registry, self.fetcher = adapter_pipeline(adapters_uri, scfg)
+        self.validation = validation_settings(scfg, self.engine_config.max_adapter_bytes)
+        self.stale_grace_s = 2 * scfg.registry_refresh_s + 2 * POLICY_SYNC_S
+        self._manifest: Manifest | None = None
+        self._stale_since: dict[str, float] = {}
+        self._reconciler: asyncio.Task | None = None
+        self._manifest_error_logged = 0.0
+        self.retired: list[str] = []  # most recent last (stats)
 
-        async def load(adapter_id: str) -> _MergedModel:
-            path = self.store.local_path(adapter_id)
+        async def load(mux: str) -> _MergedModel:
+            adapter_id, version = parse_mux_id(mux)
+            validate_adapter_id(adapter_id)
+            if self._manifest is not None and self._manifest.is_deleted(adapter_id):
+                raise AdapterNotFoundError(f"model '{adapter_id}' was deleted; register it again with POST /admin/adapters")
             t0 = time.perf_counter()
-            engine = await asyncio.to_thread(
-                build_merged_engine, self.engine_config, adapter_id, path, kernel_inject=self.kernel_inject
-            )
-            logger.info("merged adapter %s into the base in %.1fs", adapter_id, time.perf_counter() - t0)
-            return _MergedModel(adapter_id, engine)
+            for attempt in range(2):
+                fetched = await asyncio.to_thread(self.fetcher.fetch, adapter_id, version)
+                try:
+                    engine = await asyncio.to_thread(
+                        build_merged_engine, self.engine_config, mux, fetched.path,
+                        kernel_inject=self.kernel_inject, **self.validation,
+                    )
+                    break
+                except AdapterNotFoundError:
+                    # The disk cache evicted the folder between fetch and merge (a tiny cap): fetch again.
+                    if self.store.is_local or attempt == 1:
+                        raise
+            logger.info("merged adapter %s (from %s) into the base in %.1fs", mux, fetched.tier,
+                        time.perf_counter() - t0)
+            return _MergedModel(mux, engine)
 
+        # A closure, not a bound method: Serve stores its LRU on the decorated callable.
         self._load_fn = load
         self._get_model = serve.multiplexed(max_num_models_per_replica=cfg.merged_tenants_per_replica)(load)
 
-    async def _engine(self) -> LoRAEngine:
-        adapter_id = serve.get_multiplexed_model_id()
-        if not adapter_id:
-            raise ValueError("the merged deployment serves adapters only; call it with multiplexed_model_id")
-        return (await self._get_model(adapter_id)).engine
+    # ---- copies ------------------------------------------------------------------------------
 
-    async def warm(self) -> str:
-        """Build (or find) the merged copy for this request's adapter; returns when it is ready."""
-        await self._engine()
-        return serve.get_multiplexed_model_id()
+    def _models(self) -> dict:
+        wrapper = getattr(self._load_fn, "__serve_multiplex_wrapper", None)
+        models = getattr(wrapper, "models", None)
+        return models if models is not None else {}
 
-    async def unload(self, adapter_id: str) -> bool:
-        """Drop a demoted tenant's merged copy now instead of at the next LRU eviction.
+    async def _retire(self, mux: str, reason: str) -> bool:
+        """Drop one copy now instead of at the next LRU eviction.
 
         Serve has no public unload for multiplexed models; this reaches into its wrapper (Ray
         2.4x-2.60 layout) and degrades to "freed at the next eviction" if that layout changes.
         """
-        wrapper = getattr(self._load_fn, "__serve_multiplex_wrapper", None)
-        models = getattr(wrapper, "models", None)
-        if models is None or adapter_id not in models:
+        model = self._models().pop(mux, None)
+        if model is None:
             return False
-        model = models.pop(adapter_id)
-        wrapper._push_multiplexed_replica_info = True
+        wrapper = getattr(self._load_fn, "__serve_multiplex_wrapper", None)
+        if wrapper is not None:
+            wrapper._push_multiplexed_replica_info = True  # tell Serve's routers at once
+        self._stale_since.pop(mux, None)
+        self.retired = [*self.retired[-31:], mux]
+        logger.info("retiring merged copy %s (%s); freed once its requests finish", mux, reason)
         await asyncio.to_thread(model.__del__)
-        logger.info("unloaded merged copy of %s (demoted)", adapter_id)
         return True
+
+    async def _retire_older(self, mux: str) -> None:
+        adapter_id, version = parse_mux_id(mux)
+        for other in list(self._models()):
+            oid, ov = parse_mux_id(other)
+            if oid == adapter_id and ov < version:
+                await self._retire(other, f"replaced by {mux}")
+
+    async def apply_manifest(self, manifest: Manifest, now: float | None = None) -> list[str]:
+        """Retire the copies this manifest makes deleted (now) or stale (after the grace)."""
+        self._manifest = manifest
+        now = time.monotonic() if now is None else now
+        retired = []
+        for mux, reason in stale_copies(list(self._models()), manifest, self._stale_since, now, self.stale_grace_s):
+            if await self._retire(mux, reason):
+                retired.append(mux)
+        return retired
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            try:
+                manifest = await asyncio.to_thread(self.registry.read)
+            except Exception as e:  # store down: keep what is loaded, try again next period
+                if time.monotonic() - self._manifest_error_logged > 60:
+                    logger.warning("cannot read the adapter registry (%s); merged copies keep serving", e)
+                    self._manifest_error_logged = time.monotonic()
+            else:
+                try:
+                    await self.apply_manifest(manifest)
+                except Exception:
+                    logger.exception("applying the adapter registry to merged copies failed")
+            await asyncio.sleep(self.store_config.registry_refresh_s)
+
+    def _start_background(self) -> None:
+        if self._reconciler is None or self._reconciler.done():
+            self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
+
+    async def _engine(self) -> LoRAEngine:
+        self._start_background()
+        mux = serve.get_multiplexed_model_id()
+        if not mux:
+            raise InvalidRequestError("the merged deployment serves adapters only; call it with multiplexed_model_id")
+        if mux not in self._models():
+            await self._retire_older(mux)
+        return (await self._get_model(mux)).engine
+
+    # ---- called by the router's promoter -------------------------------------------------------
+
+    async def resolve(self, adapter_id: str) -> str:
+        """The multiplexed ID of ``adapter_id``'s current version, read from the store now
+        (a static hot tenant is promoted before any router resolved it). 404 if deleted."""
+        validate_adapter_id(adapter_id)
+        manifest = await asyncio.to_thread(self.registry.read)
+        current = manifest.current(adapter_id)
+        if current is None:
+            raise AdapterNotFoundError(f"model '{adapter_id}' was deleted; register it again with POST /admin/adapters")
+        return mux_id(adapter_id, current)
+
+    async def warm(self) -> str:
+        """Build (or find) the merged copy for this request's ``<id>@v<n>``; returns when ready."""
+        await self._engine()
+        return serve.get_multiplexed_model_id()
+
+    async def unload(self, adapter_id: str, version: int | None = None) -> list[str]:
+        """Drop ``adapter_id``'s copy of ``version`` (None: every version) on this replica now."""
+        out = []
+        for mux in list(self._models()):
+            aid, v = parse_mux_id(mux)
+            if aid == adapter_id and (version is None or v == version) and await self._retire(mux, "unloaded"):
+                out.append(mux)
+        return out
+
+    async def refresh_registry(self) -> list[str]:
+        """Re-read the manifest now and retire what it makes deleted or stale (tests, operators)."""
+        return await self.apply_manifest(await asyncio.to_thread(self.registry.read))
+
+    async def stats(self) -> dict:
+        self._start_background()
+        return {"loaded": list(self._models()), "retired": list(self.retired),
+                "stale_since": dict(self._stale_since), "stale_grace_s": self.stale_grace_s}
+
+    # ---- requests ------------------------------------------------------------------------------
 
     async def _submit(self, req: GenerateRequest) -> RequestStream:
         engine = await self._engine()
@@ -96,3 +274,8 @@ class MergedDeployment:
     async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
         async for out in (await self._submit(req)).chunks():
             yield out
+
+    def __del__(self):
+        task = getattr(self, "_reconciler", None)
+        if task is not None:
+            task.cancel()

@@ -45,6 +45,19 @@ the tenant qualifies again after a back-off of ``cooldown_s`` doubled per consec
 failure (capped at 64x): a broken adapter must not burn a model build every cooldown, yet a
 transient failure (out of memory during a deploy) heals without an operator.
 
+Versions: a merged copy holds one adapter *version*, ``<id>@v<n>`` (adapters/registry.py).
+Routers report their counts keyed by the multiplexed ID they resolved, so the policy learns
+each tenant's newest version from the traffic itself (versions only grow). A tenant is routed
+to its merged copy only by a router that resolved the same version the copy holds
+(``ready_table``), so a copy never answers for a version other than the one the LoRA path
+would serve on that router. When a newer version of a warming or ready tenant shows up, the
+entry goes back to ``warming`` for the new version at once (no cooldown: an update is an
+operator's act, not a rate measurement): the tenant is served from the LoRA path (new
+version) until the copy of the new version reports ready; the promote action names the
+``previous`` version, whose copy the caller unloads first. ``mark_ready`` / ``mark_failed``
+for a version the entry no longer holds are ignored. A static hot tenant is promoted at start
+with ``version=None`` (not seen yet): the caller resolves the current version from the store.
+
 ``PathPolicy`` is pure and clock-injected (every method takes ``now``), so tests drive time
 by hand. ``PolicyState`` wraps one in a named Ray actor so every router replica sees the
 same decisions: routers count requests locally, flush the counts every ~0.5 s with
@@ -63,6 +76,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from serve_app.adapters.ids import validate_adapter_id
+from serve_app.adapters.registry import mux_id, parse_mux_id
 from serve_app.errors import InvalidRequestError
 
 logger = logging.getLogger(__name__)
@@ -176,11 +190,23 @@ class PolicyConfig(BaseModel):
 
 @dataclass(frozen=True)
 class Action:
-    """A change for the caller to start: build (promote) or unload (demote) a merged replica."""
+    """A change for the caller to start: build (promote) or unload (demote) a merged replica.
+
+    ``version``: the adapter version to build (promote) or unload (demote); None when the policy
+    has not seen one yet (the caller resolves the current one). ``previous``: on a promote for a
+    new version, the version whose merged copy is no longer routed and should be unloaded first.
+    """
 
     kind: ActionKind
     tenant: str
     reason: str
+    version: int | None = None
+    previous: int | None = None
+
+    @property
+    def mux(self) -> str | None:
+        """The multiplexed model ID of ``version`` (None if unknown)."""
+        return None if self.version is None else mux_id(self.tenant, self.version)
 
 
 @dataclass
@@ -193,6 +219,7 @@ class _Entry:
     static: bool
     failures: int = 0  # consecutive; reset by mark_ready
     retry_at: float | None = None  # failed only: earliest promotion retry
+    version: int | None = None  # the adapter version the merged copy holds (None: not resolved yet)
 
 
 class _RateTracker:
@@ -271,13 +298,16 @@ class PathPolicy:
         self._trackers: dict[str, _RateTracker] = {}
         self._entries: dict[str, _Entry] = {}
         self._cooldown_until: dict[str, float] = {}
+        self._versions: dict[str, int] = {}  # newest version routers reported per tenant
         self._now = -math.inf  # latest time seen; the default for mark_* calls
-        self.counters = {"promotions": 0, "demotions": 0, "failures": 0}
+        self.counters = {"promotions": 0, "demotions": 0, "failures": 0, "version_updates": 0}
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def record(self, tenant: str, now: float, n: int = 1) -> None:
-        """Count ``n`` requests for ``tenant`` at ``now``."""
+    def record(self, tenant: str, now: float, n: int = 1, version: int | None = None) -> None:
+        """Count ``n`` requests for ``tenant`` at ``now``, resolved to ``version`` (None: unknown)."""
+        if version is not None and version > self._versions.get(tenant, -1):
+            self._versions[tenant] = version
         if n <= 0:
             return
         self._tick(now)
@@ -289,26 +319,36 @@ class PathPolicy:
             tracker.advance(idx, self.config)
         tracker.add(n)
 
-    def mark_ready(self, tenant: str, now: float | None = None) -> bool:
-        """The tenant's merged replica serves: route it there. False if it was not warming."""
+    def mark_ready(self, tenant: str, now: float | None = None, *, version: int | None = None) -> bool:
+        """The tenant's merged replica of ``version`` serves: route it there.
+
+        False if it was not warming, or is warming another version (a newer one arrived while
+        this copy was built): the copy is the caller's to unload."""
         entry = self._entries.get(tenant)
-        if entry is None or entry.state != "warming":
-            # A late report for a promotion that was since demoted or failed: the replica is
-            # the caller's to unload; routing it traffic now would undo that decision.
-            logger.info("policy: ignoring ready for %s (state %s)", tenant, entry and entry.state)
+        if entry is None or entry.state != "warming" or not self._same_version(entry, version):
+            # A late report for a promotion that was since demoted, failed or superseded by a
+            # newer version: routing it traffic now would undo that decision.
+            logger.info("policy: ignoring ready for %s v%s (state %s, v%s)", tenant, version,
+                        entry and entry.state, entry and entry.version)
             return False
+        if version is not None:
+            entry.version = version
         entry.state, entry.since, entry.failures = "ready", self._at(now), 0
-        logger.info("policy: %s now served by its merged replica", tenant)
+        logger.info("policy: %s now served by its merged replica (v%s)", tenant, entry.version)
         return True
 
-    def mark_failed(self, tenant: str, reason: str, now: float | None = None) -> bool:
+    def mark_failed(
+        self, tenant: str, reason: str, now: float | None = None, *, version: int | None = None
+    ) -> bool:
         """The merged replica could not be built (or broke): keep the tenant on LoRA.
 
-        False if the tenant was not warming or ready (nothing to fail)."""
+        False if the tenant was not warming or ready (nothing to fail), or holds another version."""
         entry = self._entries.get(tenant)
-        if entry is None or entry.state not in ("warming", "ready"):
+        if entry is None or entry.state not in ("warming", "ready") or not self._same_version(entry, version):
             logger.info("policy: ignoring failure for %s (state %s): %s", tenant, entry and entry.state, reason)
             return False
+        if version is not None:
+            entry.version = version
         t = self._at(now)
         entry.failures += 1
         backoff = self.config.cooldown_s * min(2 ** (entry.failures - 1), MAX_FAILURE_BACKOFF)
@@ -345,7 +385,7 @@ class PathPolicy:
             tracker.advance(idx, cfg)
         self._prune(now)
 
-        actions: list[Action] = []
+        actions: list[Action] = self._decide_versions(now)
         for tenant in cfg.hot_tenants:  # config order: deterministic
             entry = self._entries.get(tenant)
             if (entry is None or entry.state == "failed") and not self._cooling(tenant, now):
@@ -405,15 +445,32 @@ class PathPolicy:
             )
         return actions
 
+    def _decide_versions(self, now: float) -> list[Action]:
+        """Re-warm every warming or ready tenant whose routers now resolve a newer version."""
+        actions = []
+        for tenant, entry in sorted(self._entries.items()):
+            latest = self._versions.get(tenant)
+            if entry.state not in ("warming", "ready") or entry.version is None or latest is None:
+                continue
+            if latest > entry.version:
+                previous = entry.version
+                reason = f"new version v{latest} (merged copy held v{previous})"
+                entry.state, entry.since, entry.reason, entry.version = "warming", now, reason, latest
+                self.counters["version_updates"] += 1
+                logger.info("policy: %s: %s; LoRA path until the new copy is ready", tenant, reason)
+                actions.append(Action("promote", tenant, reason, version=latest, previous=previous))
+        return actions
+
     def _promote(self, tenant: str, now: float, reason: str, *, static: bool) -> Action:
         prev = self._entries.get(tenant)
+        version = self._versions.get(tenant, prev.version if prev else None)
         self._entries[tenant] = _Entry(
-            "warming", now, reason, static, failures=prev.failures if prev else 0
+            "warming", now, reason, static, failures=prev.failures if prev else 0, version=version
         )
         self._cooldown_until[tenant] = now + self.config.cooldown_s
         self.counters["promotions"] += 1
-        logger.info("policy: promoting %s: %s", tenant, reason)
-        return Action("promote", tenant, reason)
+        logger.info("policy: promoting %s (v%s): %s", tenant, version, reason)
+        return Action("promote", tenant, reason, version=version)
 
     def _demote(self, tenant: str, now: float, reason: str) -> Action:
         entry = self._entries[tenant]
@@ -421,7 +478,7 @@ class PathPolicy:
         self._cooldown_until[tenant] = now + self.config.cooldown_s
         self.counters["demotions"] += 1
         logger.info("policy: demoting %s: %s", tenant, reason)
-        return Action("demote", tenant, reason)
+        return Action("demote", tenant, reason, version=entry.version)
 
     # -- outputs --------------------------------------------------------------------------
 
@@ -433,6 +490,13 @@ class PathPolicy:
     def routes(self) -> dict[str, Path]:
         """The tenants routed to a merged replica; anyone absent goes to LoRA."""
         return {t: "merged" for t, e in self._entries.items() if e.state == "ready"}
+
+    def ready_table(self) -> dict[str, str]:
+        """Tenant -> multiplexed ID (``<id>@v<n>``) of its ready merged copy. A router sends a
+        request to the merged path only if it resolved exactly that ID; any other version
+        (newer or older) goes to the LoRA path."""
+        return {t: mux_id(t, e.version) for t, e in self._entries.items()
+                if e.state == "ready" and e.version is not None}
 
     def snapshot(self) -> dict[str, Any]:
         """JSON-ready view for the admin endpoint."""
@@ -448,6 +512,8 @@ class PathPolicy:
                 "failures": e.failures,
                 "retry_at": e.retry_at if e.state == "failed" else None,
                 "route": self.route(tenant),
+                "version": e.version,
+                "latest_version": self._versions.get(tenant),
             }
         return {
             "now": self._now if math.isfinite(self._now) else None,
@@ -479,6 +545,11 @@ class PathPolicy:
         tracker = self._trackers.get(tenant)
         return tracker.rate if tracker else 0.0
 
+    @staticmethod
+    def _same_version(entry: _Entry, version: int | None) -> bool:
+        # None on either side: not resolved yet (static at start) or a caller without versions.
+        return version is None or entry.version is None or entry.version == version
+
     def _cooling(self, tenant: str, now: float) -> bool:
         return now < self._cooldown_until.get(tenant, -math.inf)
 
@@ -489,6 +560,8 @@ class PathPolicy:
             entry = self._entries.get(tenant)
             if entry is None or entry.state == "failed":
                 del self._trackers[tenant]
+        for tenant in [t for t in self._versions if t not in self._trackers and t not in self._entries]:
+            del self._versions[tenant]
         for tenant in [t for t, until in self._cooldown_until.items() if now >= until]:
             del self._cooldown_until[tenant]
         # A failure stays visible until it could be retried and the tenant has gone quiet.
@@ -511,21 +584,28 @@ class PolicyState:
         self._policy = PathPolicy(PolicyConfig.model_validate(config))
 
     def record_batch(self, counts: dict[str, int], now: float | None = None) -> dict[str, Path]:
-        """Add a router's request counts since its last flush; returns ``routes()`` so one
-        round trip both reports and refreshes the router's cached table."""
+        """Add a router's request counts since its last flush, keyed by the multiplexed ID each
+        request resolved to (``<id>@v<n>``; a bare ID is version 0); returns ``routes()``."""
         t = self._now(now)
-        for tenant, n in counts.items():
-            self._policy.record(tenant, t, n)
+        for mux, n in counts.items():
+            tenant, version = parse_mux_id(mux)
+            self._policy.record(tenant, t, n, version=version)
         return self._policy.routes()
+
+    def sync(self, counts: dict[str, int], now: float | None = None) -> dict[str, str]:
+        """``record_batch``, returning ``ready_table()``: one round trip both reports a router's
+        counts and refreshes its table of which version each merged copy holds."""
+        self.record_batch(counts, now)
+        return self._policy.ready_table()
 
     def decide(self, now: float | None = None) -> list[Action]:
         return self._policy.decide(self._now(now))
 
-    def mark_ready(self, tenant: str, now: float | None = None) -> bool:
-        return self._policy.mark_ready(tenant, self._now(now))
+    def mark_ready(self, tenant: str, now: float | None = None, *, version: int | None = None) -> bool:
+        return self._policy.mark_ready(tenant, self._now(now), version=version)
 
-    def mark_failed(self, tenant: str, reason: str, now: float | None = None) -> bool:
-        return self._policy.mark_failed(tenant, reason, self._now(now))
+    def mark_failed(self, tenant: str, reason: str, now: float | None = None, *, version: int | None = None) -> bool:
+        return self._policy.mark_failed(tenant, reason, self._now(now), version=version)
 
     def mark_demoted(self, tenant: str, now: float | None = None) -> bool:
         return self._policy.mark_demoted(tenant, self._now(now))
@@ -535,6 +615,9 @@ class PolicyState:
 
     def routes(self) -> dict[str, Path]:
         return self._policy.routes()
+
+    def ready_table(self) -> dict[str, str]:
+        return self._policy.ready_table()
 
     def snapshot(self) -> dict[str, Any]:
         return self._policy.snapshot()

@@ -322,9 +322,10 @@ def test_snapshot_shape():
     snap = p.snapshot()
     assert set(snap) == {"now", "tenants", "dynamic_slots", "tracked_tenants", "counters", "config"}
     t1 = snap["tenants"]["t1"]
-    assert set(t1) == {"state", "since", "reason", "rps", "static", "failures", "retry_at", "route"}
+    assert set(t1) == {"state", "since", "reason", "rps", "static", "failures", "retry_at", "route", "version",
+                       "latest_version"}
     assert t1["rps"] == pytest.approx(10.0, abs=1.0) and t1["route"] == "merged"
-    assert snap["counters"] == {"promotions": 2, "demotions": 0, "failures": 0}
+    assert snap["counters"] == {"promotions": 2, "demotions": 0, "failures": 0, "version_updates": 0}
     assert snap["config"]["promote_rps"] == 5.0
 
 
@@ -375,3 +376,86 @@ def test_config_defaults_and_descriptions():
     assert PolicyConfig(dynamic=False, max_merged_tenants=0).max_merged_tenants == 0
     for name, field in PolicyConfig.model_fields.items():
         assert field.description, f"{name} has no description"
+
+
+# -- versions: a merged copy holds one adapter version ------------------------------------------
+
+
+def test_merged_copy_is_routed_only_for_the_version_it_holds():
+    s = PolicyState({**BASE, "hot_tenants": ["vip"], "dynamic": False, "max_merged_tenants": 0})
+    (action,) = s.decide(now=0.0)
+    assert (action.kind, action.tenant, action.version, action.mux) == ("promote", "vip", None, None)
+    # Not seen yet: the builder resolved v3 from the store and reports it.
+    assert s.mark_ready("vip", now=1.0, version=3)
+    assert s.sync({"vip@v3": 4}, now=1.5) == {"vip": "vip@v3"} == s.ready_table()
+    assert s.routes() == {"vip": "merged"}
+    assert s.snapshot()["tenants"]["vip"]["version"] == 3
+
+
+def test_new_version_goes_to_lora_until_its_copy_is_ready_then_merged_again():
+    s = PolicyState({**BASE, "hot_tenants": ["vip"], "dynamic": False, "max_merged_tenants": 0})
+    s.decide(now=0.0)
+    s.mark_ready("vip", now=1.0, version=1)
+    assert s.sync({"vip@v1": 5}, now=1.5) == {"vip": "vip@v1"}
+    # A router resolved the update v2 (the table above already keeps it off the v1 copy).
+    assert s.sync({"vip@v2": 1, "vip@v1": 2}, now=2.0) == {"vip": "vip@v1"}
+    (action,) = s.decide(now=2.1)
+    assert (action.kind, action.version, action.previous, action.mux) == ("promote", 2, 1, "vip@v2")
+    assert "v2" in action.reason
+    # The old copy is no longer routed, to anyone: the tenant is on LoRA (v2) meanwhile.
+    assert s.ready_table() == {} and s.routes() == {}
+    assert s.snapshot()["tenants"]["vip"]["state"] == "warming"
+    assert s.decide(now=2.6) == []  # one re-warm per version, not one per decide
+    # A late report from the old build, or an old router's stale count, changes nothing.
+    assert not s.mark_ready("vip", now=3.0, version=1)
+    assert not s.mark_failed("vip", "old build broke", now=3.0, version=1)
+    s.sync({"vip@v1": 3}, now=3.1)
+    assert s.decide(now=3.2) == [] and s.ready_table() == {}
+    assert s.mark_ready("vip", now=4.0, version=2)
+    assert s.ready_table() == {"vip": "vip@v2"}
+    assert s.snapshot()["counters"]["version_updates"] == 1
+
+
+def test_version_update_while_warming_supersedes_the_build():
+    p = make(hot_tenants=["vip"], dynamic=False, max_merged_tenants=0)
+    p.record("vip", 0.0, version=1)
+    (a1,) = p.decide(0.1)
+    assert (a1.version, a1.previous) == (1, None)
+    p.record("vip", 0.5, version=2)
+    (a2,) = p.decide(0.6)
+    assert (a2.kind, a2.version, a2.previous) == ("promote", 2, 1)
+    assert not p.mark_ready("vip", version=1)  # the v1 build finished too late: its copy is freed
+    assert p.route("vip") == "lora"
+    assert p.mark_ready("vip", version=2) and p.ready_table() == {"vip": "vip@v2"}
+
+
+def test_dynamic_tenant_update_and_demotion_carry_versions():
+    p = make()
+    acts = []
+    for i in range(200):  # 10 rps on v1 for 20 s
+        p.record("t1", i * 0.1, version=1)
+        if i % 5 == 0:
+            acts += p.decide(i * 0.1)
+    (promote,) = acts
+    assert (promote.kind, promote.version) == ("promote", 1)
+    assert p.mark_ready("t1", version=1)
+    for i in range(200, 210):
+        p.record("t1", i * 0.1, version=2)
+    (update,) = p.decide(21.0)
+    assert (update.kind, update.version, update.previous) == ("promote", 2, 1)  # no cooldown for an update
+    assert p.mark_ready("t1", version=2)
+    acts = drive(p, {}, 21.0, 200.0)
+    (demote,) = [a for _, a in acts]
+    assert (demote.kind, demote.version) == ("demote", 2)
+    assert p.mark_demoted("t1")
+
+
+def test_failed_version_is_retried_with_the_newest_version():
+    p = make(hot_tenants=["vip"], dynamic=False, max_merged_tenants=0, cooldown_s=10.0)
+    p.record("vip", 0.0, version=4)
+    (a,) = p.decide(0.0)
+    assert p.mark_failed("vip", "non-finite", now=1.0, version=4)
+    p.record("vip", 2.0, version=5)
+    assert p.decide(5.0) == []  # still backing off
+    (retry,) = p.decide(11.5)
+    assert (retry.kind, retry.version, retry.previous) == ("promote", 5, None)

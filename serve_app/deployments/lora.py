@@ -48,7 +48,7 @@ from serve_app.adapters.store import open_store
 from serve_app.config import AppConfig
 from serve_app.engine.engine import LoRAEngine, RequestOutput, RequestStream
 from serve_app.engine.lora_manager import AdapterNotResidentError, ResidentAdapter
-from serve_app.engine.lora_weights import LoRAWeights, load_lora_weights
+from serve_app.engine.lora_weights import LoRAWeights, load_adapter_tensors, parse_adapter_config
 from serve_app.engine.sampling import SamplingParams
 from serve_app.errors import AdapterNotFoundError, InvalidAdapterError, InvalidRequestError
 
@@ -164,14 +164,22 @@ class LoRADeployment:
                              on_evict=lambda key: self._event("eviction", "disk"))
         self.fetcher = AdapterFetcher(self.store, scfg, disk_cache=disk, on_event=self._event)
         self.ram = RamCache(scfg.ram_cache_bytes, on_evict=lambda key: self._event("eviction", "ram"))
-        self._parse = functools.partial(
-            load_lora_weights,
+        # An adapter is parsed in two halves: its config (a tenant's JSON: pure Python) on a
+        # worker thread, so a hostile config never holds the engine thread; its tensors (torch
+        # work, bounded by max_adapter_bytes) on the engine thread, like every torch op here.
+        self._parse_config = functools.partial(
+            parse_adapter_config,
+            base=self.engine.base_shape,
+            max_rank=self.engine.config.max_lora_rank,
+            base_mismatch=scfg.base_model_mismatch,
+            base_aliases=tuple(scfg.base_model_aliases),
+        )
+        self._load_tensors = functools.partial(
+            load_adapter_tensors,
             base=self.engine.base_shape,
             max_rank=self.engine.config.max_lora_rank,
             dtype=self.engine.dtype,
             max_bytes=min(scfg.max_adapter_bytes, self.engine.config.max_adapter_bytes),
-            base_mismatch=scfg.base_model_mismatch,
-            base_aliases=tuple(scfg.base_model_aliases),
         )
         self._fetching: dict[str, asyncio.Task] = {}
         self._handoff: OrderedDict[str, tuple[LoRAWeights, str, float]] = OrderedDict()
@@ -252,7 +260,8 @@ class LoRADeployment:
                 fetched = await asyncio.to_thread(self.fetcher.fetch, adapter_id, version)
                 t1 = time.perf_counter()
                 try:
-                    weights = await asyncio.to_thread(self.engine.run_in_engine, self._parse, mux, fetched.path)
+                    spec = await asyncio.to_thread(self._parse_config, mux, fetched.path)
+                    weights = await asyncio.to_thread(self.engine.run_in_engine, self._load_tensors, spec, fetched.path)
                     break
                 except AdapterNotFoundError:
                     # The disk cache evicted the folder between fetch and parse (a tiny cap): fetch again.

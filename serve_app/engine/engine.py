@@ -36,8 +36,8 @@ import torch
 
 from serve_app.config import EngineConfig
 from serve_app.engine.detokenizer import TextAssembler
-from serve_app.engine.lora_manager import LoRAManager, ResidentAdapter
-from serve_app.engine.lora_weights import load_lora_weights
+from serve_app.engine.lora_manager import LoRABatch, LoRAManager, ResidentAdapter
+from serve_app.engine.lora_weights import AdapterSpec, load_adapter_tensors, parse_adapter_config
 from serve_app.engine.model import ModelRunner, base_shape, load_base_model, wrap_lora_layers
 from serve_app.engine.lora_layers import LoRAContext
 from serve_app.engine.sampling import SamplingParams, sample
@@ -237,12 +237,17 @@ class LoRAEngine:
     # ---- adapters --------------------------------------------------------------------------
 
     def load_adapter(self, adapter_id: str, path: str) -> ResidentAdapter:
-        """Validate and copy an adapter into device memory; it becomes the ID's current version."""
-        return self.run_in_engine(self._load_adapter, adapter_id, path)
+        """Validate and copy an adapter into device memory; it becomes the ID's current version.
 
-    def _load_adapter(self, adapter_id: str, path: str) -> ResidentAdapter:
-        weights = load_lora_weights(
-            adapter_id, path, self.base_shape,
+        The config is parsed on the caller's thread (pure Python); only the tensor work waits for
+        the engine thread.
+        """
+        spec = parse_adapter_config(adapter_id, path, self.base_shape, max_rank=self.config.max_lora_rank)
+        return self.run_in_engine(self._load_adapter, spec, path)
+
+    def _load_adapter(self, spec: AdapterSpec, path: str) -> ResidentAdapter:
+        weights = load_adapter_tensors(
+            spec, path, self.base_shape,
             max_rank=self.config.max_lora_rank, dtype=self.dtype, max_bytes=self.config.max_adapter_bytes,
         )
         return self.lora.add(weights)
@@ -458,12 +463,7 @@ class LoRAEngine:
         self._compact()
 
         if admitted:
-            first = len(self._running)
-            self._running.extend(admitted)
-            lora = self.lora.prepare([r.adapter for r in admitted])
-            logits = self.runner.prefill([r.prompt_ids for r in admitted], first, lora)
-            self._append_tokens(admitted, logits)
-            self._compact()
+            self._prefill(admitted)
 
         if self._running:
             rows = self._running
@@ -471,20 +471,65 @@ class LoRAEngine:
             tokens = [r.output_ids[-1] for r in rows]
             positions = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in rows]
             logits = self.runner.decode(tokens, positions, lora)
-            self._append_tokens(rows, logits)
+            self._append_tokens(rows, logits, lora)
             self._compact()
         self.steps += 1
 
-    def _append_tokens(self, rows: list[Request], logits: torch.Tensor) -> None:
-        picked = sample(logits, [r.params for r in rows], [r.generator for r in rows])
-        self.generated_tokens += len(rows)
-        for req, token in zip(rows, picked):
+    def _prefill(self, admitted: list[Request]) -> None:
+        """Prefill newly admitted requests into the slots after the running ones.
+
+        A prefill that raises is retried one request at a time, so a request whose prompt or
+        adapter breaks the forward fails alone; the running rows' KV slots are not touched by
+        a prefill, so they carry on either way.
+        """
+        first = len(self._running)
+        self._running.extend(admitted)
+        try:
+            lora = self.lora.prepare([r.adapter for r in admitted])
+            logits = self.runner.prefill([r.prompt_ids for r in admitted], first, lora)
+        except Exception as e:
+            del self._running[first:]
+            if len(admitted) > 1:
+                for req in admitted:
+                    self._prefill([req])
+                return
+            self._fail(admitted[0], e, "prefill")
+            return
+        self._append_tokens(admitted, logits, lora)
+        self._compact()
+
+    def _fail(self, req: Request, exc: BaseException, where: str) -> None:
+        """Fail one request, whatever the others in its step do."""
+        if isinstance(exc, ServeAppError):
+            err = exc
+        else:
+            logger.error("request %s failed in %s", req.request_id, where, exc_info=exc)
+            err = EngineError(f"the request failed in the engine ({where}); see the replica log")
+        self._finish(req, None, error=err)
+
+    def _append_tokens(self, rows: list[Request], logits: torch.Tensor, lora: LoRABatch | None = None) -> None:
+        picked, errors = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+        if lora is not None and lora.poisoned:
+            for i, req in enumerate(rows):
+                if req.adapter is not None and req.adapter.slot in lora.poisoned:
+                    errors[i] = EngineError(
+                        f"adapter '{req.adapter.adapter_id}' was found corrupted in device memory and unloaded; retry"
+                    )
+        self.generated_tokens += len(rows) - len(errors)
+        for i, (req, token) in enumerate(zip(rows, picked)):
+            if i in errors:
+                self._fail(req, errors[i], "sampling")
+                continue
             req.output_ids.append(token)
             n_out = len(req.output_ids)
             if token in req.stop_ids:
                 self._finish(req, "stop", new_ids=[token])
                 continue
-            delta, hit_stop = req.assembler.add_token(token)
+            try:
+                delta, hit_stop = req.assembler.add_token(token)
+            except Exception as e:  # detokenizing / stop matching of this request only
+                self._fail(req, e, "detokenization")
+                continue
             if hit_stop:
                 self._finish(req, "stop", delta, [token])
             elif n_out >= req.params.max_tokens or len(req.prompt_ids) + n_out >= self.max_model_len:
@@ -509,7 +554,10 @@ class LoRAEngine:
             self.lora.release(req.adapter)
             req.adapter = None
         if reason in ("length", "stop") and not req.assembler.stopped:
-            delta += req.assembler.finish()
+            try:
+                delta += req.assembler.finish()
+            except Exception:  # this request's text only; it still finishes
+                logger.exception("detokenizer flush of %s failed", req.request_id)
         self._emit(
             req,
             RequestOutput(

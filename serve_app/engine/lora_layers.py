@@ -4,8 +4,11 @@ One module per projection, created at start; adapters are data (see lora_manager
 modules. For a batch whose rows use different adapters, the delta is
 
     h     = x @ A_active.T        # [N, R]   R = sum of the active adapters' ranks
-    h    *= mask                  # [N, R]   row b keeps only its own adapter's columns
+    h[drop] = 0                   # [N, R]   row b keeps only its own adapter's columns
     out  += h @ B_active          # [N, out] B already holds alpha/r (one addmm)
+
+``masked_fill`` rather than a multiply by a 0/1 mask: another adapter's column may hold an inf
+(``0 * inf`` is NaN, and would reach every row); a fill writes an exact 0 whatever was there.
 
 A fixed number of dense ops per projection whatever the number of adapters, instead of a
 Python loop over adapters (PEFT's mixed batch) or a per-row weight gather (punica's BGMV
@@ -42,9 +45,9 @@ class LoRAContext:
             return cached[1]
         x2 = x.reshape(-1, x.shape[-1])  # [N, in], N = B * T
         h = torch.mm(x2, g.a_t[layer])  # [N, R]
-        if g.mask is not None:
-            rows = g.mask.shape[0]
-            h.mul_(g.mask if x2.shape[0] == rows else g.mask.repeat_interleave(x2.shape[0] // rows, dim=0))
+        if g.drop is not None:
+            rows = g.drop.shape[0]  # B; N = B * T in a prefill
+            h.view(rows, -1, h.shape[-1]).masked_fill_(g.drop[:, None, :], 0)
         self._h[(layer, group)] = (x, h)
         return h
 

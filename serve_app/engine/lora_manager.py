@@ -11,11 +11,19 @@ with a unique integer slot. Requests pin the ResidentAdapter they started with. 
 eviction, an update, a delete) only retires it: its rows go back to the free list when the last
 pinned request finishes, so a running sequence never sees another tenant's weights, and a new
 load never lands in rows still in use.
+
+Numerical isolation. A row never reads another adapter's columns, not even as ``0 * value``:
+the mask is applied with ``masked_fill`` (an inf in another adapter's ``x @ A`` column becomes
+0, where multiplying by 0 would give NaN), and each gather checks the B (and A) rows it copies:
+an adapter whose device rows are not finite -- validation refuses such weights, so this is
+defence in depth against a bug or a corrupted copy -- has its columns zeroed in the gathered
+copy, is marked ``poisoned`` and retired, and only its own requests fail.
 """
 
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -25,6 +33,7 @@ import torch
 from serve_app.engine.lora_weights import BaseShape, LoRAWeights
 from serve_app.errors import ServeAppError
 
+logger = logging.getLogger(__name__)
 _slot_counter = itertools.count(1)
 
 
@@ -40,6 +49,7 @@ class ResidentAdapter:
     refcount: int = 0
     retired: bool = False  # unloaded: no new requests; rows freed when refcount drops to 0
     freed: bool = False
+    poisoned: bool = False  # its device rows were found non-finite: its requests fail, it is reloaded
 
     def __repr__(self) -> str:
         return f"ResidentAdapter({self.adapter_id!r}, slot={self.slot}, refs={self.refcount}, retired={self.retired})"
@@ -65,7 +75,7 @@ INPUT_GROUP = {
 @dataclass
 class GroupBatch:
     a_t: torch.Tensor  # [num_layers, in, R]: A rows of every active adapter, every kind of the group
-    mask: torch.Tensor | None  # [B, R] 0/1: row b keeps its own adapter's columns; None: one adapter for all
+    drop: torch.Tensor | None  # [B, R] bool: True where column r is NOT row b's adapter's; None: one adapter for all
     spans: dict[str, tuple[int, int, torch.Tensor]]  # kind -> (first col, end col, B [num_layers, r, out])
 
 
@@ -74,6 +84,7 @@ class LoRABatch:
     """Per-forward LoRA state read by every LoRALinear: which rows use which adapter's weights."""
 
     groups: dict[str, GroupBatch]
+    poisoned: frozenset[int] = frozenset()  # slots whose rows were not finite (zeroed here): fail their rows
 
 
 class LoRAManager:
@@ -183,7 +194,7 @@ class LoRAManager:
                     raise AdapterNotResidentError(f"adapter '{adapter}' is not loaded on this replica")
             else:
                 res = adapter
-                if res.freed:
+                if res.freed or res.poisoned:
                     raise AdapterNotResidentError(
                         f"adapter '{res.adapter_id}' was unloaded before the request started; retry"
                     )
@@ -218,35 +229,55 @@ class LoRAManager:
                     self._gather_cache.popitem(last=False)
             else:
                 self._gather_cache.move_to_end(key)
-        gathered = cached[1]
+        gathered, poisoned = cached[1]
 
         one_for_all = len(distinct) == 1 and None not in row_adapters
         row_slot = torch.tensor([r.slot if r is not None else 0 for r in row_adapters], device=self.device)
         groups = {}
         for group, (a_t, spans, col_slot) in gathered.items():
-            mask = None if one_for_all else (row_slot[:, None] == col_slot[None, :]).to(self.dtype)  # [B, R]
-            groups[group] = GroupBatch(a_t=a_t, mask=mask, spans=spans)
-        return LoRABatch(groups=groups)
+            drop = None if one_for_all else row_slot[:, None] != col_slot[None, :]  # [B, R] bool
+            groups[group] = GroupBatch(a_t=a_t, drop=drop, spans=spans)
+        return LoRABatch(groups=groups, poisoned=poisoned)
 
-    def _gather(self, distinct: list[ResidentAdapter]) -> dict[str, tuple]:
-        """Per input group: (A_t [L, in, R], {kind: (start, end, B)}, column owner slots [R])."""
+    def _gather(self, distinct: list[ResidentAdapter]) -> tuple[dict[str, tuple], frozenset[int]]:
+        """Per input group: (A_t [L, in, R], {kind: (start, end, B)}, column owner slots [R]),
+        and the slots of adapters whose rows are not finite (zeroed in the copy, retired)."""
         parts: dict[str, list] = {}
         for kind in self._a:
             users = [r for r in distinct if kind in r.rows]
             if users:
                 parts.setdefault(INPUT_GROUP[kind], []).append((kind, users))
         out = {}
+        poisoned: set[int] = set()
         for group, kinds in parts.items():
             a_blocks, spans, owners, col = [], {}, [], 0
             for kind, users in kinds:
                 idx = torch.cat([r.rows[kind] for r in users])  # [r_kind]
-                a_blocks.append(self._a[kind].index_select(1, idx))  # [L, r_kind, in]
-                spans[kind] = (col, col + len(idx), self._b[kind].index_select(1, idx))  # B: [L, r_kind, out]
-                owners += [torch.full((len(r.rows[kind]),), r.slot, device=self.device) for r in users]
+                a_sel = self._a[kind].index_select(1, idx)  # [L, r_kind, in]
+                b_sel = self._b[kind].index_select(1, idx)  # [L, r_kind, out]
+                owner = torch.cat([torch.full((len(r.rows[kind]),), r.slot, device=self.device) for r in users])
+                bad = ~(torch.isfinite(a_sel).all(dim=2).all(dim=0) & torch.isfinite(b_sel).all(dim=2).all(dim=0))
+                if bool(bad.any()):  # [r_kind] columns of a broken adapter: never let them meet other rows
+                    bad_slots = set(owner[bad].tolist())
+                    cols = torch.isin(owner, torch.tensor(sorted(bad_slots), device=self.device))
+                    a_sel[:, cols] = 0
+                    b_sel[:, cols] = 0
+                    poisoned |= bad_slots
+                a_blocks.append(a_sel)
+                spans[kind] = (col, col + len(idx), b_sel)
+                owners.append(owner)
                 col += len(idx)
             a_t = torch.cat(a_blocks, dim=1).transpose(1, 2).contiguous()  # [L, in, R]
             out[group] = (a_t, spans, torch.cat(owners))
-        return out
+        for res in distinct:
+            if res.slot in poisoned and not res.poisoned:
+                res.poisoned = True
+                logger.error("adapter %s (slot %d) has non-finite rows in device memory; failing its requests "
+                             "and retiring it (the next request reloads it)", res.adapter_id, res.slot)
+                if self._current.get(res.adapter_id) is res:
+                    del self._current[res.adapter_id]
+                self._retire(res)
+        return out, frozenset(poisoned)
 
     # ---- introspection -------------------------------------------------------------------
 

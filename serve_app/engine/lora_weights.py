@@ -3,6 +3,12 @@
 Everything that can be wrong with an adapter is caught here, before any byte reaches device
 memory, and reported with the adapter's name, the offending value, the limit and the fix.
 Weights load only from safetensors: a pickle (``adapter_model.bin``) can run code on load.
+
+Two halves, because a tenant controls both files: ``parse_adapter_config`` is pure Python (JSON,
+scalars, rank_pattern / alpha_pattern matched literally -- never a tenant's regex) and runs on
+any thread, so a hostile config never holds the engine thread; ``load_adapter_tensors`` does the
+torch work on the engine thread and validates what the pool will hold: the weights after the
+alpha/r scaling and the cast to the compute dtype, finite, with a gain that cannot overflow it.
 """
 
 from __future__ import annotations
@@ -71,10 +77,11 @@ def _fail(adapter_id: str, problem: str) -> InvalidAdapterError:
 def read_adapter_config(adapter_id: str, path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_dir():
-        raise AdapterNotFoundError(f"adapter '{adapter_id}' not found: no folder at {path}")
+        logger.info("adapter %s: no folder at %s", adapter_id, path)  # the path is for the log, not the tenant
+        raise AdapterNotFoundError(f"adapter '{adapter_id}' not found in the adapter store")
     cfg_path = path / CONFIG_NAME
     if not cfg_path.is_file():
-        raise _fail(adapter_id, f"{CONFIG_NAME} is missing in {path}; save the adapter with PEFT's save_pretrained")
+        raise _fail(adapter_id, f"{CONFIG_NAME} is missing in the adapter folder; save the adapter with PEFT's save_pretrained")
     size = cfg_path.stat().st_size
     if size > MAX_CONFIG_BYTES:
         raise _fail(
@@ -88,14 +95,6 @@ def read_adapter_config(adapter_id: str, path: str | os.PathLike) -> dict:
     if not isinstance(cfg, dict):
         raise _fail(adapter_id, f"{CONFIG_NAME} must hold a JSON object, got {type(cfg).__name__}")
     return cfg
-
-
-def _alpha_for(module_name: str, cfg: dict, default_alpha: float) -> float:
-    # PEFT matches pattern keys against the end of the module's name.
-    for key, alpha in (cfg.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module_name):
-            return float(alpha)
-    return default_alpha
 
 
 def _base_key(name: str) -> str:
@@ -134,19 +133,108 @@ def check_base_model(
     return f"adapter '{adapter_id}': {problem}; served anyway (store.base_model_mismatch: warn)"
 
 
-def load_lora_weights(
+# ---- the config half: pure Python, no torch, safe on any thread ------------------------------
+
+# PEFT writes rank_pattern / alpha_pattern keys as module names or dotted suffixes of them
+# ("q_proj", "layers.3.self_attn.q_proj", "model.layers.3.mlp.down_proj") and matches them with
+# ``re.match(rf"(.*\.)?({key})$", name)``. Running a tenant's regex is a denial of service (a
+# nested quantifier backtracks for minutes on the thread that serves everyone), so we accept
+# only keys made of name characters and match them literally at a dot boundary: for such keys
+# that is exactly PEFT's result.
+_PATTERN_KEY_RE = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
+MAX_PATTERN_KEYS = 4096
+_ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
+
+
+def peft_module_name(layer: int, kind: str) -> str:
+    """The name PEFT matches patterns against: the module's path inside LlamaForCausalLM."""
+    block = "mlp" if kind in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+    return f"model.layers.{layer}.{block}.{kind}"
+
+
+def _dotted_suffixes(name: str) -> list[str]:
+    """'model.layers.3.mlp.up_proj' -> itself, 'layers.3.mlp.up_proj', ..., 'up_proj'."""
+    parts = name.split(".")
+    return [".".join(parts[i:]) for i in range(len(parts))]
+
+
+@dataclass(frozen=True)
+class PatternTable:
+    """A validated ``rank_pattern`` / ``alpha_pattern``: literal keys in the config's order."""
+
+    order: dict[str, int]  # key -> position in the config (PEFT: the first match wins)
+    values: tuple
+
+    def lookup(self, module_name: str, default):
+        best = None
+        for suffix in _dotted_suffixes(module_name):
+            pos = self.order.get(suffix)
+            if pos is not None and (best is None or pos < best):
+                best = pos
+        return default if best is None else self.values[best]
+
+
+def _pattern_table(adapter_id: str, cfg: dict, field_name: str, check_value) -> PatternTable:
+    raw = cfg.get(field_name)
+    if raw in (None, {}):
+        return PatternTable({}, ())
+    if not isinstance(raw, dict):
+        raise _fail(adapter_id, f"{field_name} must be a JSON object of module name -> value, got {type(raw).__name__}")
+    if len(raw) > MAX_PATTERN_KEYS:
+        raise _fail(adapter_id, f"{field_name} has {len(raw)} keys, more than the limit {MAX_PATTERN_KEYS}")
+    order, values = {}, []
+    for key, value in raw.items():
+        if not _PATTERN_KEY_RE.fullmatch(key):
+            shown = key if len(key) <= 80 else key[:77] + "..."
+            raise _fail(
+                adapter_id,
+                f"{field_name} key {shown!r} is not a module name or dotted suffix of one (like 'q_proj' or "
+                "'layers.3.self_attn.q_proj'); regular expressions are not accepted in patterns, list the "
+                "modules instead",
+            )
+        order.setdefault(key, len(values))
+        values.append(check_value(key, value))
+    return PatternTable(order, tuple(values))
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """An adapter's validated ``adapter_config.json``: what the tensors must look like and how
+    they are scaled. Built by ``parse_adapter_config`` without torch, off the engine thread."""
+
+    adapter_id: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    rank_pattern: PatternTable
+    alpha_pattern: PatternTable
+    config: dict = field(repr=False, hash=False, compare=False)
+    warnings: tuple[str, ...] = ()
+
+    def rank_for(self, layer: int, kind: str) -> int:
+        return self.rank_pattern.lookup(peft_module_name(layer, kind), self.r)
+
+    def scale_for(self, layer: int, kind: str, rank: int) -> float:
+        alpha = self.alpha_pattern.lookup(peft_module_name(layer, kind), self.lora_alpha)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+
+def _finite_number(adapter_id: str, what: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise _fail(adapter_id, f"{what}={value!r} must be a finite number")
+    return float(value)
+
+
+def parse_adapter_config(
     adapter_id: str,
     path: str | os.PathLike,
     base: BaseShape,
     *,
     max_rank: int,
-    dtype: torch.dtype,
-    max_bytes: int = 1 << 30,
     base_mismatch: Literal["ignore", "warn", "refuse"] = "warn",
     base_aliases: Sequence[str] = (),
-) -> LoRAWeights:
-    """Parse and validate one adapter folder; raises InvalidAdapterError naming the problem."""
-    path = Path(path)
+) -> AdapterSpec:
+    """Read and validate ``adapter_config.json``; raises InvalidAdapterError naming the problem."""
     cfg = read_adapter_config(adapter_id, path)
     warnings = []
     mismatch = check_base_model(adapter_id, cfg, base, base_mismatch, base_aliases)
@@ -156,13 +244,13 @@ def load_lora_weights(
 
     peft_type = str(cfg.get("peft_type", "LORA")).upper()
     if peft_type != "LORA":
-        raise _fail(adapter_id, f"peft_type {peft_type} is not supported; only LORA adapters can be served")
+        raise _fail(adapter_id, f"peft_type {peft_type[:40]} is not supported; only LORA adapters can be served")
     if cfg.get("use_dora"):
         raise _fail(adapter_id, "DoRA adapters (use_dora=true) are not supported; retrain with use_dora=false")
     if cfg.get("modules_to_save"):
         raise _fail(
             adapter_id,
-            f"modules_to_save {cfg['modules_to_save']} would replace base weights per tenant; "
+            f"modules_to_save {str(cfg['modules_to_save'])[:200]} would replace base weights per tenant; "
             "only LoRA deltas can be served from a shared base",
         )
     r = cfg.get("r")
@@ -170,21 +258,72 @@ def load_lora_weights(
         raise _fail(adapter_id, f"rank r={r!r} in {CONFIG_NAME} must be a positive integer")
     if r > max_rank:
         raise _fail(adapter_id, f"LoRA rank {r} is greater than max_lora_rank {max_rank}; raise max_lora_rank")
-    alpha = cfg.get("lora_alpha", 8)
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
-        raise _fail(adapter_id, f"lora_alpha={alpha!r} must be a finite number")
-    use_rslora = bool(cfg.get("use_rslora", False))
+    alpha = _finite_number(adapter_id, "lora_alpha", cfg.get("lora_alpha", 8))
+    use_rslora = cfg.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise _fail(adapter_id, f"use_rslora={use_rslora!r} must be true or false")
+
+    def check_rank(key, value):
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= max_rank:
+            raise _fail(
+                adapter_id,
+                f"rank_pattern[{key!r}]={value!r} must be an integer in [1, max_lora_rank {max_rank}]",
+            )
+        return value
+
+    rank_pattern = _pattern_table(adapter_id, cfg, "rank_pattern", check_rank)
+    alpha_pattern = _pattern_table(
+        adapter_id, cfg, "alpha_pattern", lambda key, value: _finite_number(adapter_id, f"alpha_pattern[{key!r}]", value)
+    )
 
     targets = cfg.get("target_modules")
     if isinstance(targets, (list, tuple)):
+        if not all(isinstance(t, str) for t in targets):
+            raise _fail(adapter_id, "target_modules must be a list of module names")
         unknown = sorted({t.rsplit(".", 1)[-1] for t in targets} - set(base.kinds))
         if unknown:
             raise _fail(
                 adapter_id,
-                f"target modules {unknown} are not LoRA-capable projections of the base model "
+                f"target modules {unknown[:8]} are not LoRA-capable projections of the base model "
                 f"(this server wraps {sorted(base.kinds)}); retrain with target_modules among those",
             )
+    return AdapterSpec(
+        adapter_id=adapter_id, r=r, lora_alpha=alpha, use_rslora=use_rslora, rank_pattern=rank_pattern,
+        alpha_pattern=alpha_pattern, config=cfg, warnings=tuple(warnings),
+    )
 
+
+# ---- the tensor half: torch work, run on the engine thread --------------------------------------
+
+
+def lora_gain_bound(dtype: torch.dtype) -> float:
+    """The largest LoRA gain an adapter may have when computed in ``dtype``.
+
+    With activations of norm up to sqrt(max) -- per element up to sqrt(max / in_features), far
+    above what a decoder produces -- the intermediate ``h = x @ A.T`` stays finite when each A
+    row's norm is at most sqrt(max), and the delta ``h @ B`` stays finite when
+    ||A||_F * max_k ||B[:, k]|| <= sqrt(max) (Cauchy-Schwarz twice). For float32 / bfloat16
+    that is 1.8e19, for float16 256.
+    """
+    return math.sqrt(torch.finfo(dtype).max)
+
+
+def load_adapter_tensors(
+    spec: AdapterSpec,
+    path: str | os.PathLike,
+    base: BaseShape,
+    *,
+    max_rank: int,
+    dtype: torch.dtype,
+    max_bytes: int = 1 << 30,
+) -> LoRAWeights:
+    """Read, check and scale an adapter's tensors into the pool layout (``LoRAWeights``).
+
+    Validates what the pool will hold, not only the file: after the alpha/r scaling and the cast
+    to ``dtype`` every value is finite and the adapter's gain is within ``lora_gain_bound``.
+    """
+    adapter_id = spec.adapter_id
+    path = Path(path)
     weights_path = path / WEIGHTS_NAME
     if not weights_path.is_file():
         if (path / "adapter_model.bin").exists():
@@ -193,7 +332,7 @@ def load_lora_weights(
                 "adapter_model.bin is a pickle file and is refused (it can run code when loaded); "
                 "re-save the adapter with safe_serialization=True to get adapter_model.safetensors",
             )
-        raise _fail(adapter_id, f"{WEIGHTS_NAME} is missing in {path}")
+        raise _fail(adapter_id, f"{WEIGHTS_NAME} is missing")
     size = weights_path.stat().st_size
     if size > max_bytes:
         raise _fail(
@@ -211,27 +350,35 @@ def load_lora_weights(
                 m = _KEY_RE.search(key)
                 if m is None:
                     if "lora_embedding" in key or "magnitude" in key:
-                        raise _fail(adapter_id, f"tensor {key} is not supported (embedding LoRA / DoRA)")
-                    raise _fail(adapter_id, f"tensor {key} is not a LoRA weight of a decoder projection")
+                        raise _fail(adapter_id, f"tensor {key[:200]} is not supported (embedding LoRA / DoRA)")
+                    raise _fail(adapter_id, f"tensor {key[:200]} is not a LoRA weight of a decoder projection")
                 layer, kind, ab = int(m.group(1)), m.group(2), m.group(3)
                 if kind not in base.kinds:
                     raise _fail(
                         adapter_id,
-                        f"target module {kind} (tensor {key}) is not a LoRA-capable projection of the base "
+                        f"target module {kind} (tensor {key[:200]}) is not a LoRA-capable projection of the base "
                         f"model (this server wraps {sorted(base.kinds)})",
                     )
                 if layer >= base.num_layers:
-                    raise _fail(adapter_id, f"tensor {key} is for layer {layer}; the base has {base.num_layers} layers")
+                    raise _fail(adapter_id, f"tensor {key[:200]} is for layer {layer}; the base has {base.num_layers} layers")
                 t = f.get_tensor(key)
+                if t.dtype not in _ALLOWED_DTYPES:
+                    raise _fail(
+                        adapter_id,
+                        f"tensor {key[:200]} has dtype {str(t.dtype).removeprefix('torch.')}; LoRA weights must be "
+                        "float32, float16, bfloat16 or float64 (re-save the adapter unquantized)",
+                    )
                 raw_bytes += t.numel() * t.element_size()
                 found.setdefault(kind, {}).setdefault(layer, {})[ab] = t
     except InvalidAdapterError:
         raise
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise _fail(adapter_id, f"{WEIGHTS_NAME} could not be read ({type(e).__name__}: {e})") from None
+        raise _fail(adapter_id, f"{WEIGHTS_NAME} could not be read ({type(e).__name__}: {str(e)[:200]})") from None
     if not found:
         raise _fail(adapter_id, f"{WEIGHTS_NAME} holds no LoRA weights")
 
+    bound = lora_gain_bound(dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
     a_out: dict[str, torch.Tensor] = {}
     b_out: dict[str, torch.Tensor] = {}
     for kind, layers in sorted(found.items()):
@@ -256,6 +403,13 @@ def load_lora_weights(
                 raise _fail(
                     adapter_id, f"LoRA rank {a.shape[0]} is greater than max_lora_rank {max_rank}; raise max_lora_rank"
                 )
+            expected = spec.rank_for(layer, kind)
+            if a.shape[0] != expected:
+                raise _fail(
+                    adapter_id,
+                    f"layer {layer} {kind} has rank {a.shape[0]} but {CONFIG_NAME} says {expected} "
+                    "(r / rank_pattern); re-export the adapter with PEFT's save_pretrained",
+                )
             for name, t in (("lora_A", a), ("lora_B", b)):
                 if not torch.isfinite(t).all():
                     raise _fail(
@@ -271,19 +425,58 @@ def load_lora_weights(
         for layer, ab in layers.items():
             a, b = ab["A"], ab["B"]
             rl = a.shape[0]
-            lora_alpha = _alpha_for(f"layers.{layer}.{kind}", cfg, float(alpha))
-            scale = lora_alpha / math.sqrt(rl) if use_rslora else lora_alpha / rl
-            a_kind[layer, :rl] = a.to(dtype)
-            b_kind[layer, :rl] = (b.float().t() * scale).to(dtype)
+            scale = spec.scale_for(layer, kind, rl)
+            a_cast = a.to(dtype)  # [r, in]
+            b_cast = (b.double().t() * scale).to(dtype)  # [r, out], alpha/r folded in
+            # What the pool will hold: finite after the scaling and the cast, and a gain that
+            # cannot overflow ``dtype`` (float64 norms: the squares of float32 values fit).
+            if not (torch.isfinite(a_cast).all() and torch.isfinite(b_cast).all()):
+                raise _fail(
+                    adapter_id,
+                    f"layer {layer} {kind}: after scaling by lora_alpha/r = {scale:.3g} and the cast to {dtype_name} "
+                    f"the weights are not finite (beyond {dtype_name}'s max {torch.finfo(dtype).max:.3g}); "
+                    "check lora_alpha / alpha_pattern, or serve with dtype float32",
+                )
+            a64, b64 = a_cast.double(), b_cast.double()
+            a_row = float(a64.norm(dim=1).max())
+            gain = float(a64.norm()) * float(b64.norm(dim=0).max())
+            if a_row > bound or not math.isfinite(gain) or gain > bound:
+                raise _fail(
+                    adapter_id,
+                    f"layer {layer} {kind}: LoRA gain ||A||_F * max column norm of B = {gain:.3g} after scaling by "
+                    f"lora_alpha/r = {scale:.3g} (largest A row norm {a_row:.3g}) exceeds {bound:.3g} = "
+                    f"sqrt({dtype_name} max), the bound that keeps x @ A and h @ B finite in {dtype_name} for "
+                    f"activations up to sqrt(max / in_features {in_f}) per element; check lora_alpha / alpha_pattern",
+                )
+            a_kind[layer, :rl] = a_cast
+            b_kind[layer, :rl] = b_cast
         a_out[kind], b_out[kind] = a_kind, b_kind
 
     return LoRAWeights(
         adapter_id=adapter_id,
         a=a_out,
         b=b_out,
-        rank=r,
+        rank=spec.r,
         raw_bytes=raw_bytes,
-        base_model_name_or_path=cfg.get("base_model_name_or_path"),
-        config=cfg,
-        warnings=warnings,
+        base_model_name_or_path=spec.config.get("base_model_name_or_path"),
+        config=spec.config,
+        warnings=list(spec.warnings),
     )
+
+
+def load_lora_weights(
+    adapter_id: str,
+    path: str | os.PathLike,
+    base: BaseShape,
+    *,
+    max_rank: int,
+    dtype: torch.dtype,
+    max_bytes: int = 1 << 30,
+    base_mismatch: Literal["ignore", "warn", "refuse"] = "warn",
+    base_aliases: Sequence[str] = (),
+) -> LoRAWeights:
+    """Parse and validate one adapter folder (config, then tensors); raises InvalidAdapterError."""
+    spec = parse_adapter_config(
+        adapter_id, path, base, max_rank=max_rank, base_mismatch=base_mismatch, base_aliases=base_aliases
+    )
+    return load_adapter_tensors(spec, path, base, max_rank=max_rank, dtype=dtype, max_bytes=max_bytes)

@@ -14,7 +14,7 @@ from serve_app.engine.sampling import SamplingParams
 
 def req(tenant: str | None, i: int):
     adapter = None if tenant is None else SimpleNamespace(adapter_id=tenant)
-    return SimpleNamespace(adapter=adapter, name=f"{tenant}-{i}")
+    return SimpleNamespace(adapter=adapter, tenant=None, name=f"{tenant}-{i}")
 
 
 def test_fair_queue_round_robin_and_fifo_within_a_tenant():

@@ -184,6 +184,11 @@ class AppConfig(BaseModel):
         if self.quantization != "none" and self.dtype == "float16":
             raise ValueError("quantized bases compute in bfloat16 or float32; set dtype to one of those")
         lim = self.limits
+        if lim.max_prompts_per_request is not None and lim.max_prompts_per_request > self.max_num_seqs:
+            raise ValueError(
+                f"limits.max_prompts_per_request {lim.max_prompts_per_request} is more than max_num_seqs "
+                f"{self.max_num_seqs}: one request could take more than a whole engine step; lower it"
+            )
         if lim.max_tokens is not None and self.default_max_tokens > lim.max_tokens:
             raise ValueError(
                 f"default_max_tokens {self.default_max_tokens} is above limits.max_tokens {lim.max_tokens}: "

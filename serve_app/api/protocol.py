@@ -14,6 +14,7 @@ validator would escape FastAPI's request parsing as a 500.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -35,14 +36,35 @@ from serve_app.engine.sampling import SamplingParams
 from serve_app.errors import InvalidRequestError, ServeAppError
 
 # OpenAI caps stop sequences at 4; matching every one after each token is per-row
-# string work on the hot path, so keep the same cap.
+# string work on the hot path, so keep the same cap, and cap each one's length too.
 MAX_STOP_SEQUENCES = 4
+MAX_STOP_CHARS = 1024
+# stop_token_ids are checked against every generated token of the row.
+MAX_STOP_TOKEN_IDS = 64
+# Hard cap on prompts per /v1/completions request, checked before the batch is validated
+# item by item. The router's real cap is the LoRA replicas' max_num_seqs (router/limits.py);
+# this one is EngineConfig's upper bound of max_num_seqs.
+MAX_PROMPTS_PER_REQUEST = 4096
 
+# Every integer the engine turns into a tensor must fit its dtype: a top_k or a token ID
+# beyond int64 raised inside the batched sampler (or the embedding) and failed the whole
+# step, every tenant's rows with it. int32 is far above any vocabulary or context length.
+MAX_INT32 = 2**31 - 1
 # Seeds go to ``torch.Generator.manual_seed``, which raises (-> 500) outside int64.
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
 
 FinishReason = Literal["stop", "length"]
+
+
+def _check_token_ids(ids: list[int]) -> None:
+    for t in ids:
+        if not 0 <= t <= MAX_INT32:
+            raise PydanticCustomError(
+                "token_out_of_range",
+                "token IDs must be integers in [0, {max}] (got {got})",
+                {"max": MAX_INT32, "got": shown(t, 40)},
+            )
 
 
 def random_id(prefix: str) -> str:
@@ -51,6 +73,55 @@ def random_id(prefix: str) -> str:
 
 def _unsupported(message: str) -> PydanticCustomError:
     return PydanticCustomError("unsupported", message)
+
+
+def shown(value: Any, limit: int = 64) -> str:
+    """``value`` as safe to echo in an error message: ``repr`` (so control characters and
+    lone surrogates are escapes, never raw), cut to ``limit`` characters."""
+    text = repr(value)
+    if not text.isascii():
+        text = text.encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+# Errors a bounded numeric field can fail with; all of them get the one "must be ... in
+# [lo, hi]" message, so a client learns the whole range at once.
+_RANGE_ERRORS = frozenset({
+    "greater_than", "greater_than_equal", "less_than", "less_than_equal", "finite_number",
+    "int_type", "int_parsing", "int_parsing_size", "int_from_float", "float_type", "float_parsing",
+})
+
+
+def _range_of(field: Any) -> str:
+    lo = hi = None
+    lo_br, hi_br = "[", "]"
+    for m in field.metadata:
+        if getattr(m, "ge", None) is not None:
+            lo = m.ge
+        elif getattr(m, "gt", None) is not None:
+            lo, lo_br = m.gt, "("
+        if getattr(m, "le", None) is not None:
+            hi = m.le
+        elif getattr(m, "lt", None) is not None:
+            hi, hi_br = m.lt, ")"
+    return f"{lo_br}{lo:g}, {hi:g}{hi_br}" if isinstance(lo, float) or isinstance(hi, float) else f"{lo_br}{lo}, {hi}{hi_br}"
+
+
+def _check_range(cls: type[BaseModel], v: Any, handler, info: ValidationInfo) -> Any:
+    try:
+        return handler(v)
+    except ValidationError as e:
+        errors = e.errors(include_url=False)
+        if not errors or errors[0]["type"] not in _RANGE_ERRORS:
+            raise
+        field = cls.model_fields[info.field_name]
+        ann = field.annotation
+        kind = "a number" if ann is float or ann == (float | None) else "an integer"
+        raise PydanticCustomError(
+            "out_of_range",
+            "must be {kind} in {range} (got {got})",
+            {"kind": kind, "range": _range_of(field), "got": shown(errors[0].get("input"), 40)},
+        ) from None
 
 
 # --------------------------------------------------------------------------- requests
@@ -123,12 +194,14 @@ class _SamplingRequest(BaseModel):
     )
     stop: str | list[str] | None = Field(
         default=None,
-        description=f"Up to {MAX_STOP_SEQUENCES} non-empty sequences; generation stops before "
-        "the first one produced, which is not included in the output.",
+        description=f"Up to {MAX_STOP_SEQUENCES} non-empty sequences of at most {MAX_STOP_CHARS} "
+        "characters each; generation stops before the first one produced, which is not included "
+        "in the output.",
     )
     stop_token_ids: list[int] | None = Field(
         default=None,
-        description="vLLM extension: token IDs that end generation, in addition to EOS.",
+        description=f"vLLM extension: up to {MAX_STOP_TOKEN_IDS} token IDs, each in [0, {MAX_INT32}], "
+        "that end generation, in addition to EOS.",
     )
     seed: int | None = Field(
         default=None,
@@ -163,9 +236,28 @@ class _SamplingRequest(BaseModel):
     top_k: int = Field(
         default=-1,
         ge=-1,
-        description="vLLM extension: sample only from the k most likely tokens; -1 or 0 "
-        "disables it.",
+        le=MAX_INT32,
+        description="vLLM extension: sample only from the k most likely tokens, in "
+        f"[-1, {MAX_INT32}]; -1 or 0 disables it, and a k above the vocabulary keeps every token.",
     )
+
+    # Every bounded number gets one message naming the field and its whole range. Fields
+    # of the subclasses (max_tokens, max_completion_tokens) included, hence check_fields.
+    @field_validator(
+        "temperature",
+        "top_p",
+        "top_k",
+        "seed",
+        "presence_penalty",
+        "frequency_penalty",
+        "max_tokens",
+        "max_completion_tokens",
+        mode="wrap",
+        check_fields=False,
+    )
+    @classmethod
+    def _in_range(cls, v: Any, handler, info: ValidationInfo) -> Any:
+        return _check_range(cls, v, handler, info)
 
     # JSON null means "not given" in OpenAI's API (some clients send every key), so
     # map it to the field default instead of failing type validation.
@@ -229,13 +321,29 @@ class _SamplingRequest(BaseModel):
             )
         if any(s == "" for s in stops):
             raise PydanticCustomError("empty_stop", "stop sequences must be non-empty")
+        for i, s in enumerate(stops):
+            if len(s) > MAX_STOP_CHARS:
+                raise PydanticCustomError(
+                    "stop_too_long",
+                    "stop sequence {i} is {n} characters, more than the limit {max}; shorten it",
+                    {"i": i, "n": len(s), "max": MAX_STOP_CHARS},
+                )
         return v
 
     @field_validator("stop_token_ids")
     @classmethod
     def _check_stop_token_ids(cls, v: list[int] | None) -> list[int] | None:
-        if v and any(t < 0 for t in v):
+        if not v:
+            return v
+        if len(v) > MAX_STOP_TOKEN_IDS:
+            raise PydanticCustomError(
+                "too_many_stop_token_ids",
+                "at most {max} stop token IDs are allowed (got {n})",
+                {"max": MAX_STOP_TOKEN_IDS, "n": len(v)},
+            )
+        if any(t < 0 for t in v):
             raise PydanticCustomError("negative_token", "token IDs must be >= 0")
+        _check_token_ids(v)
         return v
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -286,13 +394,17 @@ class CompletionRequest(_SamplingRequest):
 
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description="Prompt text, a batch of texts, or (vLLM extension) token IDs or a batch "
-        "of token-ID lists. A batch yields one choice per prompt, in order."
+        "of token-ID lists. A batch yields one choice per prompt, in order; the server caps the "
+        "prompts per request (the LoRA replicas' max_num_seqs). Token IDs are in "
+        f"[0, {MAX_INT32}] (and below the vocabulary size)."
     )
     max_tokens: int | None = Field(
         default=16,
         ge=1,
-        description="Most tokens to generate per choice (OpenAI's default is 16); null means "
-        "the server's default.",
+        le=MAX_INT32,
+        description=f"Most tokens to generate per choice, in [1, {MAX_INT32}] (OpenAI's default is "
+        "16); null means the server's default. The model's context window (max_model_len) and "
+        "limits.max_tokens are the real limits.",
     )
     echo: bool = Field(
         default=False,
@@ -311,6 +423,16 @@ class CompletionRequest(_SamplingRequest):
     @field_validator("prompt", mode="wrap")
     @classmethod
     def _check_prompt(cls, v: Any, handler) -> Any:
+        # Before the items are validated one by one: a 4 MB body of [[1],[1],...] is ~1M
+        # prompts, each of which would become an engine request.
+        if isinstance(v, list) and len(v) > MAX_PROMPTS_PER_REQUEST and not all(
+            isinstance(t, int) for t in v[:MAX_PROMPTS_PER_REQUEST + 1]
+        ):
+            raise PydanticCustomError(
+                "too_many_prompts",
+                "a request may hold at most {max} prompts (got {n}); send fewer per request",
+                {"max": MAX_PROMPTS_PER_REQUEST, "n": len(v)},
+            )
         try:
             v = handler(v)
         except ValidationError:
@@ -331,6 +453,7 @@ class CompletionRequest(_SamplingRequest):
                 ids = p if isinstance(p, list) else [p] if isinstance(p, int) else []
                 if any(t < 0 for t in ids):
                     raise PydanticCustomError("negative_token", "token IDs must be >= 0")
+                _check_token_ids(ids)
         return v
 
     @field_validator("echo")
@@ -421,13 +544,15 @@ class ChatCompletionRequest(_SamplingRequest):
     max_tokens: int | None = Field(
         default=None,
         ge=1,
-        description="Most tokens to generate (deprecated by OpenAI in favour of "
-        "max_completion_tokens); null means the server's default.",
+        le=MAX_INT32,
+        description=f"Most tokens to generate, in [1, {MAX_INT32}] (deprecated by OpenAI in favour "
+        "of max_completion_tokens); null means the server's default.",
     )
     max_completion_tokens: int | None = Field(
         default=None,
         ge=1,
-        description="Most tokens to generate; null means the server's default.",
+        le=MAX_INT32,
+        description=f"Most tokens to generate, in [1, {MAX_INT32}]; null means the server's default.",
     )
     logprobs: bool | None = Field(
         default=None,
@@ -709,16 +834,40 @@ def validation_error_body(exc: ValidationError | RequestValidationError) -> dict
     return ErrorResponse(error=body).model_dump()
 
 
-def error_body(exc: BaseException) -> dict[str, Any]:
+# Where a message names a storage location: a URI (s3://bucket/..., file:///...), a Windows
+# or home path, or an absolute POSIX path -- but not this API's own routes ("POST
+# /admin/adapters", "GET /v1/models"), which messages name as the fix.
+_STOP = r"[^\s'\"<>()\[\]{},;]"
+_URI_RE = re.compile(rf"\b[A-Za-z][A-Za-z0-9+.\-]*://{_STOP}*")
+_PATH_RE = re.compile(
+    rf"\b[A-Za-z]:\\{_STOP}*"  # C:\data\x
+    rf"|(?<![\w.~/\-])~/{_STOP}*"  # ~/adapters
+    rf"|(?<![\w.~/:\-])/(?!(?:v1|admin|health|docs|redoc|openapi\.json)\b)[\w.\-]{_STOP}*"  # /var/x
+)
+
+
+def redact_locations(message: str) -> str:
+    """``message`` with store URIs and local paths replaced by ``<uri>`` / ``<path>``.
+
+    Tenant-facing errors go through this: a store's bucket, a cache folder or a node's
+    file layout is for the operator's log, not for a tenant.
+    """
+    return _PATH_RE.sub("<path>", _URI_RE.sub("<uri>", message))
+
+
+def error_body(exc: BaseException, *, redact: bool = False) -> dict[str, Any]:
     """OpenAI error body for any exception; pair it with ``error_status(exc)``.
 
     Unexpected exceptions get a generic message: their text may hold internals
-    (paths, tensor shapes) that are for the server log, not the client.
+    (paths, tensor shapes) that are for the server log, not the client. ``redact``:
+    also take store URIs and local paths out of a ServeAppError's message
+    (``redact_locations``), for errors sent to tenants rather than operators.
     """
     if isinstance(exc, (ValidationError, RequestValidationError)):
         return validation_error_body(exc)
     if isinstance(exc, ServeAppError):
-        info = ErrorInfo(message=exc.message, type=exc.error_type, code=exc.code)
+        message = redact_locations(exc.message) if redact else exc.message
+        info = ErrorInfo(message=message, type=exc.error_type, code=exc.code)
     else:
         info = ErrorInfo(message="Internal server error", type="internal_error")
     return ErrorResponse(error=info).model_dump()

@@ -35,11 +35,12 @@ def encode_event(obj: BaseModel | dict[str, Any]) -> str:
     return f"data: {payload}\n\n"
 
 
-def encode_error(exc: BaseException) -> str:
+def encode_error(exc: BaseException, *, redact: bool = True) -> str:
     """An error that happens after the 200 and the first chunk have been sent.
 
     The status line is gone by then, so, like vLLM, send ``data: {"error": {...}}``;
     the official client raises ``openai.APIError`` with that body. Follow it with
-    ``DONE`` so clients that wait for the terminator stop too.
+    ``DONE`` so clients that wait for the terminator stop too. Streams go to tenants, so
+    store URIs and local paths are taken out of the message (``redact_locations``).
     """
-    return encode_event(error_body(exc))
+    return encode_event(error_body(exc, redact=redact))

@@ -12,7 +12,13 @@
   with one message that does not depend on whether that adapter exists (the check happens
   before the store is asked). ``/admin/*`` routes need an admin key (403 otherwise).
 * ``auth.enabled: false`` (the local demo) lets every caller through as an anonymous admin and
-  logs a warning at start; the cluster configs turn it on.
+  logs a warning at start; the cluster configs turn it on. Only the middleware grants that, and
+  only when auth is explicitly off: a request that reaches a route with no principal on it
+  (the middleware did not run) is a 401 from ``principal_of``, or, with auth off, the anonymous
+  *non-admin* caller. Nothing defaults to admin.
+* ``keys_file`` is re-read without a restart when it changes (polled every ``keys_reload_s``:
+  mtime, size, inode, so a Kubernetes secret volume's symlink swap counts). A file that cannot
+  be read or parsed, or holds no keys, keeps the last good keys and logs an error.
 * Keys never reach a log line or an error message: messages name the tenant or the entry's
   index, never the key, the header or the file's content.
 
@@ -47,6 +53,7 @@ import logging
 import os
 import re
 import secrets
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -90,7 +97,17 @@ class AuthConfig(BaseModel):
         default=DEFAULT_KEYS_ENV,
         description="Name of an environment variable of the router processes holding a key list in the same "
         "format (e.g. a Kubernetes secret exposed as an env var). Unset or empty variables add no keys; "
-        "null disables this source.",
+        "null disables this source. Read at start only (a process's environment does not change): to "
+        "rotate keys without a restart, mount the secret as a file and use keys_file.",
+    )
+    keys_reload_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=3600,
+        description="How often, in seconds, a router checks keys_file for a change (mtime, size, inode) and "
+        "reloads it without a restart: added, rotated and revoked keys take effect within this time. A "
+        "file that cannot be read or parsed, or holds no keys, keeps the last good keys and logs an error. "
+        "0: read at start only.",
     )
 
     @field_validator("keys_env")
@@ -182,7 +199,19 @@ class TenantPrincipal:
         return f"TenantPrincipal({self.tenant!r}, admin={self.admin})"
 
 
+# The caller when auth is explicitly off (the local demo): every adapter and the admin routes.
+# Only AuthMiddleware hands it out, and only from an Authenticator with enabled=False.
 ANONYMOUS = TenantPrincipal(tenant=None, adapters=("*",), base_model=True, admin=True)
+# What a route sees with auth off when the middleware left no principal: tenants' routes
+# keep working, the admin routes do not.
+ANONYMOUS_TENANT = TenantPrincipal(tenant=None, adapters=("*",), base_model=True, admin=False)
+
+
+def _shown(value: object, limit: int = 64) -> str:
+    """``value`` safe to echo in a message: repr (control characters and lone surrogates
+    escaped, never raw), ASCII, cut to ``limit`` characters."""
+    text = repr(value).encode("ascii", "backslashreplace").decode("ascii")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass(frozen=True)
@@ -230,8 +259,20 @@ def parse_key_list(text: str, source: str) -> list[KeyEntry]:
 class Authenticator:
     """Checks keys and permissions. Build with ``from_config``; all methods are cheap and sync."""
 
-    def __init__(self, entries: Iterable[KeyEntry] = (), *, enabled: bool = True):
+    def __init__(
+        self, entries: Iterable[KeyEntry] = (), *, enabled: bool = True, clock: Callable[[], float] = time.monotonic
+    ):
         self.enabled = enabled
+        self._keys: tuple[_StoredKey, ...] = self._stored(entries, enabled)
+        self._clock = clock
+        # Set by from_config when there is a keys_file to watch.
+        self._cfg: AuthConfig | None = None
+        self._environ: dict[str, str] | None = None
+        self._file_sig: tuple | None = None
+        self._next_check = 0.0
+
+    @staticmethod
+    def _stored(entries: Iterable[KeyEntry], enabled: bool) -> tuple[_StoredKey, ...]:
         keys: list[_StoredKey] = []
         seen: set[str] = set()
         for i, e in enumerate(entries):
@@ -245,12 +286,14 @@ class Authenticator:
                     TenantPrincipal(tenant=e.tenant, adapters=tuple(e.adapters), base_model=e.base_model, admin=e.admin),
                 )
             )
-        self._keys: tuple[_StoredKey, ...] = tuple(keys)
-        if enabled and not self._keys:
+        if enabled and not keys:
             raise KeyListError("auth is enabled but the key list is empty: no caller could get in")
+        return tuple(keys)
 
     @classmethod
-    def from_config(cls, cfg: AuthConfig, *, environ: dict[str, str] | None = None) -> "Authenticator":
+    def from_config(
+        cls, cfg: AuthConfig, *, environ: dict[str, str] | None = None, clock: Callable[[], float] | None = None
+    ) -> "Authenticator":
         """Load the keys named by ``cfg`` (in the router process: files and env vars are the node's)."""
         if not cfg.enabled:
             logger.warning(
@@ -258,23 +301,42 @@ class Authenticator:
                 "routes. Fine for the local demo only; set auth.enabled: true with a key list elsewhere."
             )
             return cls(enabled=False)
-        env = os.environ if environ is None else environ
-        entries: list[KeyEntry] = []
-        if cfg.keys_file:
-            path = Path(cfg.keys_file)
-            try:
-                text = path.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise KeyListError(f"auth.keys_file {str(path)!r} cannot be read ({type(e).__name__})") from None
-            entries += parse_key_list(text, f"auth.keys_file {str(path)!r}")
-        if cfg.keys_env and env.get(cfg.keys_env):
-            entries += parse_key_list(env[cfg.keys_env], f"environment variable {cfg.keys_env}")
-        auth = cls(entries, enabled=True)
-        logger.info(
-            "API key auth is on: %d keys for %d tenants (%d admin keys)",
-            len(auth._keys), len({k.principal.tenant for k in auth._keys}), sum(k.principal.admin for k in auth._keys),
-        )
+        env = dict(os.environ if environ is None else environ)  # read once: see keys_env
+        sig = _file_signature(cfg.keys_file) if cfg.keys_file else None
+        auth = cls(_load_entries(cfg, env), enabled=True, **({} if clock is None else {"clock": clock}))
+        if cfg.keys_file and cfg.keys_reload_s > 0:
+            auth._cfg, auth._environ, auth._file_sig = cfg, env, sig
+            auth._next_check = auth._clock() + cfg.keys_reload_s
+        logger.info("API key auth is on: %s", auth._summary())
         return auth
+
+    def _summary(self) -> str:
+        keys = self._keys
+        return (f"{len(keys)} keys for {len({k.principal.tenant for k in keys})} tenants "
+                f"({sum(k.principal.admin for k in keys)} admin keys)")
+
+    def maybe_reload(self) -> bool:
+        """Re-read keys_file if it changed since it was last read (checked at most every
+        ``keys_reload_s``). True if new keys are in use; a broken file keeps the old ones."""
+        cfg = self._cfg
+        if cfg is None:
+            return False
+        now = self._clock()
+        if now < self._next_check:
+            return False
+        self._next_check = now + cfg.keys_reload_s
+        sig = _file_signature(cfg.keys_file)
+        if sig == self._file_sig:
+            return False
+        self._file_sig = sig  # a broken version is reported once, not every interval
+        try:
+            keys = self._stored(_load_entries(cfg, self._environ or {}), True)
+        except KeyListError as e:
+            logger.error("API keys NOT reloaded: %s; still using the last good keys (%s)", e, self._summary())
+            return False
+        self._keys = keys
+        logger.warning("API keys reloaded from auth.keys_file: %s", self._summary())
+        return True
 
     # ---- the checks ------------------------------------------------------------------------------
 
@@ -282,6 +344,7 @@ class Authenticator:
         """The caller of an ``Authorization`` header value; 401 if missing, malformed or unknown."""
         if not self.enabled:
             return ANONYMOUS
+        self.maybe_reload()
         if not authorization:
             raise AuthenticationError(
                 "missing API key: send it as 'Authorization: Bearer <key>'", code="missing_api_key"
@@ -311,7 +374,7 @@ class Authenticator:
         if admin:
             return
         if not principal.may_use(adapter_id):
-            what = "the base model" if adapter_id is None else f"model '{adapter_id}'"
+            what = "the base model" if adapter_id is None else f"model {_shown(adapter_id)}"
             raise PermissionDeniedError(
                 f"this API key is not permitted to use {what}; GET /v1/models lists the models it may use"
             )
@@ -329,10 +392,47 @@ class Authenticator:
 # --------------------------------------------------------------------------- ASGI middleware
 
 
-def principal_of(request_or_scope: Any) -> TenantPrincipal:
-    """The caller that ``AuthMiddleware`` put on this request (ANONYMOUS when there is none)."""
+def principal_of(request_or_scope: Any, auth: Authenticator | None = None) -> TenantPrincipal:
+    """The caller that ``AuthMiddleware`` put on this request.
+
+    Fails closed when there is none (the middleware did not run on this route): 401, or, when
+    ``auth`` is given and explicitly off, the anonymous caller WITHOUT admin rights. Never an
+    admin by default.
+    """
     scope = getattr(request_or_scope, "scope", request_or_scope)
-    return scope.get(_SCOPE_KEY, ANONYMOUS)
+    principal = scope.get(_SCOPE_KEY)
+    if principal is not None:
+        return principal
+    if auth is not None and not auth.enabled:
+        return ANONYMOUS_TENANT
+    raise AuthenticationError(
+        "this request carries no authenticated caller; send an API key as 'Authorization: Bearer <key>'",
+        code="missing_api_key",
+    )
+
+
+def _file_signature(path: str) -> tuple | None:
+    """What changes when a key file is rewritten or its symlink swapped; None if it cannot be stat'ed."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev)
+
+
+def _load_entries(cfg: AuthConfig, env: dict[str, str]) -> list[KeyEntry]:
+    """The key entries of every source ``cfg`` names; KeyListError naming the source otherwise."""
+    entries: list[KeyEntry] = []
+    if cfg.keys_file:
+        path = Path(cfg.keys_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise KeyListError(f"auth.keys_file {str(path)!r} cannot be read ({type(e).__name__})") from None
+        entries += parse_key_list(text, f"auth.keys_file {str(path)!r}")
+    if cfg.keys_env and env.get(cfg.keys_env):
+        entries += parse_key_list(env[cfg.keys_env], f"environment variable {cfg.keys_env}")
+    return entries
 
 
 def relative_path(scope: dict) -> str:

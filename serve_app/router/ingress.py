@@ -103,12 +103,17 @@ def _replica_died(exc: BaseException) -> bool:
     return isinstance(exc, (rex.ActorDiedError, rex.ActorUnavailableError))
 
 
-def error_response(exc: BaseException, path: str = "lora") -> JSONResponse:
+def error_response(exc: BaseException, path: str = "lora", *, redact: bool = True) -> JSONResponse:
+    """The OpenAI-shaped error answer. ``redact`` (every route but /admin): store URIs and local
+    paths are taken out of the message (they stay in the server log), as tenants get it."""
     exc = unwrap(exc)
     status = error_status(exc)
+    body = error_body(exc, redact=redact)
     if status >= 500:
         logger.error("request failed: %r", exc, exc_info=exc)
-    return JSONResponse(error_body(exc), status_code=status, headers={SERVED_BY: path, **retry_after_header(exc)})
+    elif redact and isinstance(exc, ServeAppError) and body["error"]["message"] != exc.message:
+        logger.info("request refused (%d): %s", status, exc.message)
+    return JSONResponse(body, status_code=status, headers={SERVED_BY: path, **retry_after_header(exc)})
 
 
 @app.exception_handler(RequestValidationError)
@@ -128,14 +133,14 @@ async def _respond(impl, body, header: str | None, stream: bool, lease: Lease):
     """Run a completion implementation and answer over HTTP, errors in OpenAI's shape.
 
     ``lease`` (the tenant's concurrency slot) is held until the response ends: the whole
-    call, or the whole stream.
+    call, or the whole stream. Its tenant is also the engine's fair-admission key.
     """
     try:
         if stream:
-            path, chunks = impl(body, header)
+            path, chunks = impl(body, header, lease.tenant)
             return await _sse_response(lease.guard(chunks), path)
         async with lease:
-            path, resp = await impl(body, header)
+            path, resp = await impl(body, header, lease.tenant)
     except Exception as e:
         lease.release()
         return error_response(e)
@@ -215,7 +220,8 @@ class Router:
         cfg = AppConfig.model_validate(app_config)
         base_path, adapters_dir = cfg.resolve_paths()
         self.auth = Authenticator.from_config(cfg.auth)  # logs a warning when auth is off
-        self.limiter = TenantLimiter.from_config(cfg.limits, tokenizer_path=base_path)
+        # Prompts per request are capped at max_num_seqs even without a limits config.
+        self.limiter = TenantLimiter.from_config(cfg.limits, tokenizer_path=base_path, max_num_seqs=cfg.max_num_seqs)
         _EDGE.update(auth=self.auth, max_body_bytes=cfg.limits.max_body_bytes)
         self.lora = lora
         self.merged = merged
@@ -242,13 +248,15 @@ class Router:
     async def _admit(self, raw: Request, body, header: str | None) -> Lease:
         name = header or body.model
         adapter_id = None if name == self.base_model_name else name
-        principal = principal_of(raw)
+        principal = principal_of(raw, self.auth)  # 401 if the middleware left no caller: never admin
+        check_unicode(body, name)  # a lone surrogate would fail in the tokenizer (or in an echo) as a 500
         # Before the adapter is looked up: the answer must not depend on whether it exists.
         self.auth.authorize(principal, adapter_id)
-        check_unicode(body)  # a lone surrogate would fail in the tokenizer as a 500
-        counts = await self.limiter.count_prompts(body)
+        counts = await self.limiter.count_prompts(body)  # 400 first if it holds more than max_num_seqs prompts
         max_tokens = body.to_sampling_params(self.default_max_tokens).max_tokens
-        # With auth off, each model is its own "tenant" for the limits.
+        # The lease's tenant keys the limits and the engine's fair admission (GenerateRequest.tenant):
+        # the API key's tenant, so its adapters and its base-model requests share one share; with
+        # auth off, each model is its own "tenant".
         return self.limiter.admit(principal.tenant or name, counts, max_tokens)
 
     # ---- resolution and forwarding -------------------------------------------------------------
@@ -377,37 +385,41 @@ class Router:
         try:
             return JSONResponse(await self.list_adapters())
         except Exception as e:
-            return error_response(e)
+            return error_response(e, redact=False)  # operators: full messages
 
     @app.post("/admin/adapters")
     async def http_register_adapter(self, body: RegisterAdapterRequest):
         try:
             return JSONResponse(await self.register_adapter(body.adapter_id, body.uri, body.warm))
         except Exception as e:
-            return error_response(e)
+            return error_response(e, redact=False)  # operators: full messages
 
     @app.delete("/admin/adapters/{adapter_id}")
     async def http_delete_adapter(self, adapter_id: str):
         try:
             return JSONResponse(await self.delete_adapter(adapter_id))
         except Exception as e:
-            return error_response(e)
+            return error_response(e, redact=False)  # operators: full messages
 
     @app.post("/admin/adapters/{adapter_id}/warm")
     async def http_warm_adapter(self, adapter_id: str):
         try:
             return JSONResponse(await self.warm_adapter(adapter_id))
         except Exception as e:
-            return error_response(e)
+            return error_response(e, redact=False)  # operators: full messages
 
     # ---- implementations: each returns the serving path with the result ---------------------------
 
-    async def _completions(self, request: CompletionRequest, header: str | None) -> tuple[str, CompletionResponse]:
+    async def _completions(
+        self, request: CompletionRequest, header: str | None, tenant: str | None = None
+    ) -> tuple[str, CompletionResponse]:
         adapter_id, path = self._resolve(request.model, header)
         params = request.to_sampling_params(self.default_max_tokens)
+        tenant = tenant or header or request.model
         t0 = time.perf_counter()
         outs = await asyncio.gather(
-            *(self._generate(adapter_id, path, GenerateRequest(params=params, prompt=p)) for p in request.prompts())
+            *(self._generate(adapter_id, path, GenerateRequest(params=params, prompt=p, tenant=tenant))
+              for p in request.prompts())
         )
         metrics.LATENCY.observe(time.perf_counter() - t0, tags={"path": path})
         return path, CompletionResponse(
@@ -419,16 +431,17 @@ class Router:
             usage=UsageInfo.of(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs)),
         )
 
-    def _completions_stream(self, request: CompletionRequest, header: str | None):
+    def _completions_stream(self, request: CompletionRequest, header: str | None, tenant: str | None = None):
         adapter_id, path = self._resolve(request.model, header)
         params = request.to_sampling_params(self.default_max_tokens)
         model = header or request.model
+        tenant = tenant or model
         cid = random_id("cmpl")
 
         async def chunks() -> AsyncIterator[CompletionStreamResponse]:
             usage = [0, 0]
             streams = [
-                self._generate_stream(adapter_id, path, GenerateRequest(params=params, prompt=p))
+                self._generate_stream(adapter_id, path, GenerateRequest(params=params, prompt=p, tenant=tenant))
                 for p in request.prompts()
             ]
             async for i, out in _merge(streams):
@@ -445,16 +458,19 @@ class Router:
 
         return path, chunks()
 
-    def _chat_request(self, request: ChatCompletionRequest) -> GenerateRequest:
+    def _chat_request(self, request: ChatCompletionRequest, tenant: str) -> GenerateRequest:
         return GenerateRequest(
             params=request.to_sampling_params(self.default_max_tokens),
             messages=[m.model_dump() for m in request.messages],
+            tenant=tenant,
         )
 
-    async def _chat(self, request: ChatCompletionRequest, header: str | None) -> tuple[str, ChatCompletionResponse]:
+    async def _chat(
+        self, request: ChatCompletionRequest, header: str | None, tenant: str | None = None
+    ) -> tuple[str, ChatCompletionResponse]:
         adapter_id, path = self._resolve(request.model, header)
         t0 = time.perf_counter()
-        out = await self._generate(adapter_id, path, self._chat_request(request))
+        out = await self._generate(adapter_id, path, self._chat_request(request, tenant or header or request.model))
         metrics.LATENCY.observe(time.perf_counter() - t0, tags={"path": path})
         return path, ChatCompletionResponse(
             model=header or request.model,
@@ -466,10 +482,10 @@ class Router:
             usage=UsageInfo.of(out.prompt_tokens, out.completion_tokens),
         )
 
-    def _chat_stream(self, request: ChatCompletionRequest, header: str | None):
+    def _chat_stream(self, request: ChatCompletionRequest, header: str | None, tenant: str | None = None):
         adapter_id, path = self._resolve(request.model, header)
-        gen_request = self._chat_request(request)
         model = header or request.model
+        gen_request = self._chat_request(request, tenant or model)
         cid = random_id("chatcmpl")
 
         def chunk(delta: DeltaMessage, finish_reason=None) -> ChatCompletionStreamResponse:
@@ -507,7 +523,7 @@ class Router:
     async def http_models(self, raw: Request):
         # A tenant sees the models its key may use, never other tenants' adapter IDs.
         models = await self.models()
-        principal = principal_of(raw)
+        principal = principal_of(raw, self.auth)
         models.data = [m for m in models.data if principal.may_use(None if m.id == self.base_model_name else m.id)]
         return JSONResponse(models.model_dump())
 

@@ -5,6 +5,7 @@ What a request can be refused for, and how:
 | limit | answer |
 |---|---|
 | body larger than ``max_body_bytes`` | 413, before the body is parsed (``BodySizeLimitMiddleware``) |
+| more prompts in one request than ``max_prompts_per_request`` (default: ``max_num_seqs``) | 400, before any is counted |
 | a prompt longer than ``max_prompt_tokens`` | 400 |
 | ``max_tokens`` above the ``max_tokens`` cap | 400 |
 | a request that could never fit a limit (more prompts or tokens than the burst or the concurrency cap) | 400: retrying cannot help |
@@ -21,6 +22,9 @@ can get up to N times the configured rates. Python handle callers are not limite
 
 The tenant key is the API key's tenant (``auth.py``); with auth off, the adapter ID (or the
 base model's name), so each adapter still gets its own buckets.
+
+The body size and the prompts per request are capped even with no ``limits`` config at all:
+without them one 4 MB body of token-ID lists fanned out to ~1M engine requests.
 """
 
 from __future__ import annotations
@@ -37,7 +41,11 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from serve_app.errors import InvalidRequestError, RateLimitError, ServeAppError
 
+# 4 MiB: a full batch of max_num_seqs (64) prompts of 4096 tokens as token IDs (~1.8 MB of
+# JSON) fits, and JSON-parsing the largest body costs the router milliseconds.
 DEFAULT_MAX_BODY_BYTES = 4 << 20
+# AppConfig.max_num_seqs' default: the prompts-per-request cap of a limiter built without one.
+DEFAULT_MAX_PROMPTS_PER_REQUEST = 64
 CONCURRENCY_RETRY_AFTER_S = 1.0
 # Prompts longer than this (characters) are tokenized off the event loop.
 _OFFLOAD_CHARS = 32_768
@@ -54,7 +62,8 @@ class RequestTooLargeError(InvalidRequestError):
 
 
 class LimitsConfig(BaseModel):
-    """``limits`` in build_app's args. Every limit but the body size is off unless set."""
+    """``limits`` in build_app's args. Every limit but the body size and the prompts per
+    request is off unless set."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -63,6 +72,13 @@ class LimitsConfig(BaseModel):
         ge=1024,
         le=1 << 30,
         description="Largest HTTP request body accepted, in bytes; larger bodies get 413 before they are parsed.",
+    )
+    max_prompts_per_request: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most prompts one /v1/completions request may hold (a batch fans out to one engine "
+        "request per prompt); more get 400. Null: the LoRA replicas' max_num_seqs, so one request can at "
+        "most fill one engine step. At most max_num_seqs.",
     )
     max_prompt_tokens: int | None = Field(
         default=None,
@@ -252,8 +268,11 @@ class TenantLimiter:
         clock: Callable[[], float] = time.monotonic,
         tokenizer: Any = None,
         tokenizer_path: str | None = None,
+        max_num_seqs: int | None = None,
     ):
         self.cfg = cfg
+        # Prompts per request: the configured cap, else the engine's batch size.
+        self.max_prompts = cfg.max_prompts_per_request or max_num_seqs or DEFAULT_MAX_PROMPTS_PER_REQUEST
         self.clock = clock
         self._tokenizer = tokenizer
         self._tokenizer_path = tokenizer_path
@@ -267,10 +286,13 @@ class TenantLimiter:
         self._tok_burst = cfg.effective_token_burst
 
     @classmethod
-    def from_config(cls, cfg: LimitsConfig, *, tokenizer_path: str | None = None) -> "TenantLimiter":
+    def from_config(
+        cls, cfg: LimitsConfig, *, tokenizer_path: str | None = None, max_num_seqs: int | None = None
+    ) -> "TenantLimiter":
         """``tokenizer_path``: the base model folder; its tokenizer is loaded (once, lazily) only
-        if a limit needs prompt token counts."""
-        return cls(cfg, tokenizer_path=tokenizer_path)
+        if a limit needs prompt token counts. ``max_num_seqs``: the LoRA replicas' batch size,
+        the default cap on prompts per request."""
+        return cls(cfg, tokenizer_path=tokenizer_path, max_num_seqs=max_num_seqs)
 
     @property
     def needs_prompt_tokens(self) -> bool:
@@ -300,23 +322,37 @@ class TenantLimiter:
             text = render_chat(tok, request.messages)
             return [len(tok(text, add_special_tokens=not getattr(tok, "chat_template", None))["input_ids"])]
         prompts = request.prompts()
+        self.check_prompt_count(len(prompts))
         if not self.needs_prompt_tokens:
             return [0] * len(prompts)
         return [len(p) if isinstance(p, list) else len(self.tokenizer(p)["input_ids"]) for p in prompts]
 
     async def count_prompts(self, request: Any) -> list[int]:
         """``count_prompts_sync``, off the event loop when the prompts are long."""
+        if not hasattr(request, "messages"):
+            self.check_prompt_count(len(request.prompts()))
         if self.needs_prompt_tokens and _text_size(request) > _OFFLOAD_CHARS:
             return await asyncio.to_thread(self.count_prompts_sync, request)
         return self.count_prompts_sync(request)
 
     # ---- admission ------------------------------------------------------------------------------
 
+    def check_prompt_count(self, n: int) -> None:
+        """400 for a request holding more prompts than ``max_prompts`` (before any is tokenized)."""
+        if n > self.max_prompts:
+            self._count("prompts_per_request")
+            raise InvalidRequestError(
+                f"this request holds {n} prompts, more than this server's limit of {self.max_prompts} per "
+                "request; send fewer prompts per request",
+                code="too_many_prompts",
+            )
+
     def check_request(self, prompt_tokens: Sequence[int], max_tokens: int) -> None:
         """400 for what no retry can fix: a prompt or max_tokens over its cap, or a request
         larger than a bucket's burst or the concurrency cap."""
         cfg = self.cfg
         n = len(prompt_tokens)
+        self.check_prompt_count(n)
         if cfg.max_tokens is not None and max_tokens > cfg.max_tokens:
             self._count("max_tokens")
             raise InvalidRequestError(
@@ -448,10 +484,11 @@ class TenantLimiter:
             }
 
 
-def check_unicode(request: Any) -> None:
+def check_unicode(request: Any, *extra: str | None) -> None:
     """400 for text that is not valid Unicode: a JSON ``\\udc80`` escape decodes to a lone
-    surrogate, which no tokenizer can encode (it would fail in the replica as a 500)."""
-    texts: list[str] = []
+    surrogate, which no tokenizer can encode (it would fail in the replica as a 500), and no
+    response that echoes it (``model``, ``extra``: e.g. the model header) can be encoded."""
+    texts: list[str] = [t for t in (getattr(request, "model", None), *extra) if isinstance(t, str)]
     if hasattr(request, "messages"):
         for m in request.messages:
             c = m.content

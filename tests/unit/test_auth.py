@@ -268,3 +268,112 @@ def test_middleware_with_auth_off_is_anonymous_admin():
     c = make_app(Authenticator(enabled=False))
     assert c.post("/v1/completions", json={}).json() == {"tenant": None, "admin": True}
     assert c.get("/admin/state").status_code == 200
+
+
+# ---- fail closed, and reload without a restart -----------------------------------------------------
+
+
+def test_principal_of_fails_closed_when_no_principal_was_set(auth):
+    from serve_app.router.auth import ANONYMOUS_TENANT
+
+    # The middleware did not run (a route outside it, a test app, a mis-ordered stack): never admin.
+    with pytest.raises(AuthenticationError) as ei:
+        principal_of({"type": "http"})
+    assert ei.value.status_code == 401
+    with pytest.raises(AuthenticationError):
+        principal_of({"type": "http"}, auth)
+    p = principal_of({"type": "http"}, Authenticator(enabled=False))
+    assert p is ANONYMOUS_TENANT and not p.admin and p.may_use("any-adapter") and p.may_use(None)
+    # What the middleware set is what the route sees.
+    assert principal_of({"serve_app.principal": ANONYMOUS}) is ANONYMOUS
+
+
+def test_a_route_without_the_middleware_is_401_not_admin():
+    app = FastAPI()
+
+    @app.get("/admin/state")
+    async def admin(request: Request):
+        try:
+            return {"admin": principal_of(request).admin}
+        except AuthenticationError as e:
+            return {"status": e.status_code}
+
+    assert TestClient(app).get("/admin/state").json() == {"status": 401}
+
+
+class _Clock:
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self):
+        return self.t
+
+
+def _write_keys(path, entries):
+    import os
+
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"keys": entries}))
+    os.replace(tmp, path)  # how a secret volume / an editor swaps the file: a new inode
+
+
+def test_keys_file_reloads_without_a_restart(tmp_path, caplog):
+    f = tmp_path / "keys.json"
+    _write_keys(f, KEYS[:1])
+    clock = _Clock()
+    a = Authenticator.from_config(AuthConfig(enabled=True, keys_file=str(f), keys_env=None, keys_reload_s=5),
+                                  clock=clock)
+    assert a.authenticate(bearer(ACME_KEY)).tenant == "acme"
+    with pytest.raises(AuthenticationError):
+        a.authenticate(bearer(OPS_KEY))
+    # Rotate: ops added, acme revoked. Not seen before the interval, seen after it.
+    _write_keys(f, KEYS[2:])
+    clock.t += 4
+    assert a.authenticate(bearer(ACME_KEY)).tenant == "acme"
+    clock.t += 2
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        assert a.authenticate(bearer(OPS_KEY)).tenant == "ops"
+    with pytest.raises(AuthenticationError):
+        a.authenticate(bearer(ACME_KEY))
+    assert any("reloaded" in r.getMessage() for r in caplog.records)
+    assert OPS_KEY not in caplog.text and hash_key(OPS_KEY) not in caplog.text
+
+
+@pytest.mark.parametrize("broken", ["{not json or yaml: [", json.dumps({"keys": []}),
+                                    json.dumps({"keys": [{"tenant": "x", "key": "tiny-secret-9"}]}), None])
+def test_a_broken_keys_file_keeps_the_last_good_keys_and_logs(tmp_path, caplog, broken):
+    f = tmp_path / "keys.json"
+    _write_keys(f, KEYS)
+    clock = _Clock()
+    a = Authenticator.from_config(AuthConfig(enabled=True, keys_file=str(f), keys_env=None, keys_reload_s=1),
+                                  clock=clock)
+    if broken is None:
+        f.unlink()
+    else:
+        f.write_text(broken)
+    clock.t += 2
+    with caplog.at_level(logging.ERROR, logger="ray.serve"):
+        assert a.authenticate(bearer(OPS_KEY)).tenant == "ops"
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "NOT reloaded" in errors[0] and "last good keys" in errors[0]
+    assert "tiny-secret-9" not in caplog.text
+    # Reported once, not on every interval; a fixed file is picked up again.
+    clock.t += 2
+    a.authenticate(bearer(OPS_KEY))
+    assert len([r for r in caplog.records if r.levelno >= logging.ERROR]) == 1
+    _write_keys(f, KEYS[:1])
+    clock.t += 2
+    with pytest.raises(AuthenticationError):
+        a.authenticate(bearer(OPS_KEY))
+
+
+def test_reload_interval_zero_reads_the_file_once(tmp_path):
+    f = tmp_path / "keys.json"
+    _write_keys(f, KEYS[:1])
+    clock = _Clock()
+    a = Authenticator.from_config(AuthConfig(enabled=True, keys_file=str(f), keys_env=None, keys_reload_s=0),
+                                  clock=clock)
+    _write_keys(f, KEYS[2:])
+    clock.t += 10_000
+    assert a.authenticate(bearer(ACME_KEY)).tenant == "acme"
+    assert "keys_reload_s" in AuthConfig.model_fields and AuthConfig.model_fields["keys_reload_s"].description

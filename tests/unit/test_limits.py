@@ -313,3 +313,36 @@ def test_unpaired_surrogates_are_400():
         with pytest.raises(InvalidRequestError) as e:
             check_unicode(req)
         assert e.value.status_code == 400 and e.value.code == "invalid_unicode"
+    # The model header is echoed in responses, so it is checked too.
+    with pytest.raises(InvalidRequestError, match="unpaired surrogate"):
+        check_unicode(CompletionRequest(model="m", prompt="x"), "tenant-\udc80")
+
+
+# ---- prompts per request: capped with no limits config at all -----------------------------------------
+
+
+def test_prompts_per_request_default_to_max_num_seqs_without_config():
+    lim = TenantLimiter.from_config(LimitsConfig(), max_num_seqs=8)
+    assert lim.max_prompts == 8
+    lim.admit("t", [1] * 8, 1).release()
+    with pytest.raises(InvalidRequestError) as e:
+        lim.admit("t", [1] * 9, 1)
+    assert e.value.status_code == 400 and e.value.code == "too_many_prompts"
+    assert "9 prompts" in e.value.message and "limit of 8" in e.value.message
+    # A limiter built with nothing at all still caps (AppConfig.max_num_seqs' default).
+    assert TenantLimiter(LimitsConfig()).max_prompts == 64
+    # Configured lower than max_num_seqs: that one.
+    assert TenantLimiter.from_config(LimitsConfig(max_prompts_per_request=2), max_num_seqs=8).max_prompts == 2
+
+
+def test_prompt_count_is_checked_before_any_prompt_is_tokenized():
+    class Exploding:
+        def __call__(self, text):
+            raise AssertionError("tokenized a prompt of a refused request")
+
+    lim = TenantLimiter(LimitsConfig(max_prompt_tokens=100), tokenizer=Exploding(), max_num_seqs=4)
+    req = CompletionRequest(model="m", prompt=["x"] * 5)
+    with pytest.raises(InvalidRequestError, match="5 prompts"):
+        asyncio.run(lim.count_prompts(req))
+    with pytest.raises(InvalidRequestError, match="5 prompts"):
+        lim.count_prompts_sync(req)

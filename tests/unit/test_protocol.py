@@ -7,10 +7,6 @@ import json
 import httpx2
 import openai
 import pytest
-from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from fastapi.testclient import TestClient
 from openai.types import Completion, Model
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from pydantic import BaseModel, ValidationError
@@ -41,6 +37,7 @@ from serve_app.api.protocol import (
 from serve_app.api.sse import DONE, encode_error, encode_event
 from serve_app.engine.sampling import SamplingParams
 from serve_app.errors import AdapterNotFoundError, InvalidRequestError
+from tests.unit.test_edge_caps import edge  # noqa: F401  (fixture: the real ingress app, no Ray)
 
 MSGS = [{"role": "user", "content": "hi"}]
 
@@ -68,28 +65,28 @@ def _error_of(make, **kw) -> dict:
 @pytest.mark.parametrize(
     "make, kw, message, param",
     [
-        (_completion, {"max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1", "max_tokens"),
-        (_completion, {"max_tokens": -5}, "max_tokens: Input should be greater than or equal to 1", "max_tokens"),
+        (_completion, {"max_tokens": 0}, "max_tokens: must be an integer in [1, 2147483647] (got 0)", "max_tokens"),
+        (_completion, {"max_tokens": -5}, "max_tokens: must be an integer in [1, 2147483647] (got -5)", "max_tokens"),
         (_completion, {"n": 2}, "n: only n=1 is supported (got 2)", "n"),
         (_completion, {"n": 0}, "n: Input should be greater than or equal to 1", "n"),
-        (_completion, {"temperature": 2.5}, "temperature: Input should be less than or equal to 2", "temperature"),
-        (_completion, {"temperature": -0.1}, "temperature: Input should be greater than or equal to 0", "temperature"),
-        (_completion, {"temperature": float("nan")}, "temperature: Input should be a finite number", "temperature"),
-        (_completion, {"top_p": 0}, "top_p: Input should be greater than 0", "top_p"),
-        (_completion, {"top_p": 1.5}, "top_p: Input should be less than or equal to 1", "top_p"),
-        (_completion, {"top_k": -2}, "top_k: Input should be greater than or equal to -1", "top_k"),
+        (_completion, {"temperature": 2.5}, "temperature: must be a number in [0, 2] (got 2.5)", "temperature"),
+        (_completion, {"temperature": -0.1}, "temperature: must be a number in [0, 2] (got -0.1)", "temperature"),
+        (_completion, {"temperature": float("nan")}, "temperature: must be a number in [0, 2] (got nan)", "temperature"),
+        (_completion, {"top_p": 0}, "top_p: must be a number in (0, 1] (got 0)", "top_p"),
+        (_completion, {"top_p": 1.5}, "top_p: must be a number in (0, 1] (got 1.5)", "top_p"),
+        (_completion, {"top_k": -2}, "top_k: must be an integer in [-1, 2147483647] (got -2)", "top_k"),
         (_completion, {"stop": ["a", "b", "c", "d", "e"]}, "stop: at most 4 stop sequences are allowed (got 5)", "stop"),
         (_completion, {"stop": ""}, "stop: stop sequences must be non-empty", "stop"),
         (_completion, {"stop": ["ok", ""]}, "stop: stop sequences must be non-empty", "stop"),
         (_completion, {"stop": 3}, "stop: must be a string, a list of strings, or null", "stop"),
         (_completion, {"stop_token_ids": [-1]}, "stop_token_ids: token IDs must be >= 0", "stop_token_ids"),
-        (_completion, {"seed": 2**64}, "seed: Input should be less than or equal to", "seed"),
+        (_completion, {"seed": 2**64}, "seed: must be an integer in [-9223372036854775808, 9223372036854775807]", "seed"),
         (_completion, {"echo": True}, "echo: not supported", "echo"),
         (_completion, {"logprobs": 1}, "logprobs: not supported", "logprobs"),
         (_completion, {"logprobs": 0}, "logprobs: not supported", "logprobs"),
         (_completion, {"presence_penalty": 0.5}, "presence_penalty: not supported", "presence_penalty"),
         (_completion, {"frequency_penalty": -1}, "frequency_penalty: not supported", "frequency_penalty"),
-        (_completion, {"frequency_penalty": 3}, "frequency_penalty: Input should be less than or equal to 2", "frequency_penalty"),
+        (_completion, {"frequency_penalty": 3}, "frequency_penalty: must be a number in [-2, 2] (got 3)", "frequency_penalty"),
         (_completion, {"stream_options": {"include_usage": True}}, "stream_options is only allowed when stream is true", None),
         (_completion, {"best_of": 3}, "best_of: not supported", None),
         (_completion, {"logit_bias": {"5": 10}}, "logit_bias: not supported", None),
@@ -112,8 +109,8 @@ def _error_of(make, **kw) -> dict:
             "messages[0].content",
         ),
         (_chat, {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "need a string 'text' field", "messages[0].content"),
-        (_chat, {"max_tokens": 0}, "max_tokens: Input should be greater than or equal to 1", "max_tokens"),
-        (_chat, {"max_completion_tokens": 0}, "max_completion_tokens: Input should be greater than or equal to 1", "max_completion_tokens"),
+        (_chat, {"max_tokens": 0}, "max_tokens: must be an integer in [1, 2147483647] (got 0)", "max_tokens"),
+        (_chat, {"max_completion_tokens": 0}, "max_completion_tokens: must be an integer in [1, 2147483647] (got 0)", "max_completion_tokens"),
         (_chat, {"max_tokens": 5, "max_completion_tokens": 6}, "disagree (5 vs 6); set only one", None),
         (_chat, {"n": 4}, "n: only n=1 is supported", "n"),
         (_chat, {"logprobs": True}, "logprobs: not supported", "logprobs"),
@@ -121,6 +118,20 @@ def _error_of(make, **kw) -> dict:
         (_chat, {"response_format": {"type": "json_object"}}, "response_format: only", None),
         (_chat, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools: not supported", None),
         (_chat, {"stream_options": {"include_usage": True}}, "stream_options is only allowed when stream is true", None),
+        # Every integer that becomes a tensor fits int32 (beyond int64 it failed the engine's whole step).
+        (_completion, {"top_k": 2**63}, "top_k: must be an integer in [-1, 2147483647] (got 9223372036854775808)", "top_k"),
+        (_completion, {"top_k": 1.5}, "top_k: must be an integer in [-1, 2147483647] (got 1.5)", "top_k"),
+        (_completion, {"max_tokens": 2**31}, "max_tokens: must be an integer in [1, 2147483647]", "max_tokens"),
+        (_chat, {"max_completion_tokens": 2**31}, "max_completion_tokens: must be an integer in [1, 2147483647]",
+         "max_completion_tokens"),
+        (_completion, {"stop_token_ids": [2**31]}, "stop_token_ids: token IDs must be integers in [0, 2147483647]",
+         "stop_token_ids"),
+        (_completion, {"stop_token_ids": [1] * 65}, "stop_token_ids: at most 64 stop token IDs are allowed (got 65)",
+         "stop_token_ids"),
+        (_completion, {"stop": ["ok", "x" * 1025]}, "stop: stop sequence 1 is 1025 characters, more than the limit 1024",
+         "stop"),
+        (_completion, {"prompt": [[1], [2**31]]}, "prompt: token IDs must be integers in [0, 2147483647]", "prompt"),
+        (_completion, {"prompt": ["a"] * 4097}, "prompt: a request may hold at most 4096 prompts (got 4097)", "prompt"),
     ],
 )
 def test_bad_requests_give_readable_400_bodies(make, kw, message, param):
@@ -152,10 +163,20 @@ def test_prompt_forms(prompt, expected):
 
 
 def test_huge_max_tokens_is_accepted_at_schema_level():
-    # The context-window check needs the prompt length, so it belongs to the router.
+    # The context-window check needs the prompt length, so it belongs to the router; the
+    # schema only keeps it an int32.
     req = _completion(max_tokens=10**9)
     assert req.to_sampling_params(default_max_tokens=16).max_tokens == 10**9
     assert _chat(max_completion_tokens=10**9).to_sampling_params(16).max_tokens == 10**9
+
+
+def test_largest_legal_values_pass():
+    req = _completion(top_k=2**31 - 1, top_p=1e-300, temperature=2.0, seed=-(2**63), max_tokens=2**31 - 1,
+                      stop=["s" * 1024] * 4, stop_token_ids=list(range(2**31 - 64, 2**31)), prompt=[[2**31 - 1]] * 4096)
+    params = req.to_sampling_params(16)
+    assert params.top_k == 2**31 - 1 and params.top_p == 1e-300  # the sampler clamps a tiny top_p
+    assert len(req.prompts()) == 4096
+    assert _completion(prompt=list(range(5000))).prompts() == [list(range(5000))]  # one long token-ID prompt
 
 
 def test_null_means_default_and_unknown_fields_are_ignored():
@@ -344,10 +365,12 @@ def test_model_list_parses_with_openai_types():
         assert Model.model_validate(card).object == "model"
 
 
-# --------------------------------------------------------- the official client, end to end
+# ------------------------------ the official client parsing canned SSE bodies (no server)
 
 
-def _client(sse_body: str) -> openai.OpenAI:
+def _client_over_canned_sse(sse_body: str) -> openai.OpenAI:
+    """The official client over an httpx MockTransport that answers every call with ``sse_body``:
+    checks our bytes parse with the client's SSE reader, not a round trip through the router."""
     def handler(request):
         return httpx2.Response(200, headers={"content-type": "text/event-stream"}, content=sse_body.encode())
 
@@ -359,7 +382,7 @@ def _client(sse_body: str) -> openai.OpenAI:
     )
 
 
-def test_openai_client_reads_a_completion_stream():
+def test_openai_client_parses_our_completion_stream_bytes():
     chunks = [
         CompletionStreamResponse(id="cmpl-1", model="m", choices=[CompletionResponseStreamChoice(index=0, text="Hel")]),
         CompletionStreamResponse(
@@ -368,13 +391,13 @@ def test_openai_client_reads_a_completion_stream():
         CompletionStreamResponse(id="cmpl-1", model="m", choices=[], usage=UsageInfo.of(2, 2)),
     ]
     body = "".join(encode_event(c) for c in chunks) + DONE
-    got = list(_client(body).completions.create(model="m", prompt="p", stream=True))
+    got = list(_client_over_canned_sse(body).completions.create(model="m", prompt="p", stream=True))
     assert "".join(c.choices[0].text for c in got if c.choices) == "Hello\n"
     assert [c.choices[0].finish_reason for c in got[:2]] == [None, "length"]
     assert got[-1].usage.completion_tokens == 2
 
 
-def test_openai_client_reads_a_chat_stream():
+def test_openai_client_parses_our_chat_stream_bytes():
     def chunk(**kw):
         return ChatCompletionStreamResponse(id="chatcmpl-1", model="m", **kw)
 
@@ -384,18 +407,18 @@ def test_openai_client_reads_a_chat_stream():
         chunk(choices=[ChatCompletionResponseStreamChoice(index=0, delta=DeltaMessage(), finish_reason="stop")]),
     ]
     body = "".join(encode_event(e) for e in events) + DONE
-    got = list(_client(body).chat.completions.create(model="m", messages=MSGS, stream=True))
+    got = list(_client_over_canned_sse(body).chat.completions.create(model="m", messages=MSGS, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in got) == 'héllo "x"\n'
     assert got[0].choices[0].delta.role == "assistant"
     assert got[-1].choices[0].finish_reason == "stop"
 
 
-def test_openai_client_raises_on_mid_stream_error_event():
+def test_openai_client_raises_on_our_mid_stream_error_event_bytes():
     first = ChatCompletionStreamResponse(
         id="chatcmpl-1", model="m", choices=[ChatCompletionResponseStreamChoice(index=0, delta=DeltaMessage(content="a"))]
     )
     body = encode_event(first) + encode_error(AdapterNotFoundError("adapter 'x' was unloaded")) + DONE
-    stream = _client(body).chat.completions.create(model="m", messages=MSGS, stream=True)
+    stream = _client_over_canned_sse(body).chat.completions.create(model="m", messages=MSGS, stream=True)
     with pytest.raises(openai.APIError) as ei:
         list(stream)
     assert "adapter 'x' was unloaded" in ei.value.message
@@ -448,21 +471,13 @@ def test_error_body_and_status():
     assert error_body(ei.value) == validation_error_body(ei.value)
 
 
-def test_fastapi_request_validation_errors():
-    app = FastAPI()
-
-    @app.exception_handler(RequestValidationError)
-    async def _on_invalid(request, exc):
-        return JSONResponse(validation_error_body(exc), status_code=400)
-
-    @app.post("/v1/completions")
-    async def completions(req: CompletionRequest):
-        return req.to_sampling_params(16).max_tokens
-
-    client = TestClient(app)
+def test_router_request_validation_errors(edge):
+    """The router's own validation handler (serve_app/router/ingress.py), through the real
+    ingress app with auth off (see test_edge_caps for the harness), not a stand-in app."""
+    client, seen = edge()
     r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 0})
     assert r.status_code == 400
-    assert r.json()["error"]["message"] == "max_tokens: Input should be greater than or equal to 1"
+    assert r.json()["error"]["message"] == "max_tokens: must be an integer in [1, 2147483647] (got 0)"
     assert r.json()["error"]["param"] == "max_tokens"
     r = client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
@@ -470,8 +485,15 @@ def test_fastapi_request_validation_errors():
     assert r.json()["error"]["param"] is None
     r = client.post("/v1/completions", json=["not", "an", "object"])
     assert r.status_code == 400 and r.json()["error"]["message"].startswith("body: Input should be")
-    r = client.post("/v1/completions", json={"model": "m", "prompt": [1, 2], "max_tokens": 3, "extra": 1})
-    assert r.status_code == 200 and r.json() == 3
+    # FastAPI's default handler echoes the input and cannot encode a lone surrogate (a 500);
+    # the router's never echoes it.
+    r = client.post("/v1/chat/completions", content=b'{"model": "a\\udc80", "messages": []}',
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "\udc80" not in r.json()["error"]["message"]
+    assert seen == []
+    r = client.post("/v1/completions", json={"model": "base", "prompt": [1, 2], "max_tokens": 3, "extra": 1})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == "ok"
+    assert [(model_id, req.prompt, req.params.max_tokens) for model_id, req in seen] == [(None, [1, 2], 3)]
 
 
 # ------------------------------------------------------------------------- chat prompt

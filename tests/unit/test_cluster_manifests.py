@@ -17,6 +17,7 @@ import pytest
 import yaml
 from ray.serve.schema import ServeDeploySchema
 
+from serve_app import metrics
 from serve_app.config import AppConfig
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,20 +27,25 @@ LAUNCHER = CLUSTER / "ray-cluster.yaml"
 DASHBOARD = CLUSTER / "grafana_dashboard.json"
 IMPORT_PATH = "serve_app.app:build_app"
 
-# Metric names the app defines with ray.serve.metrics (Ray prefixes "ray_"), and Ray Serve
-# built-ins. Ray exports a Counter as <name>_total (Ray 2.60: ray_serve_num_router_requests_total),
-# so the built-ins may appear with or without the suffix.
-APP_METRICS = {
-    "ray_serve_app_requests_total",
-    "ray_serve_app_generated_tokens_total",
-    "ray_serve_app_ttft_seconds_bucket",
-    "ray_serve_app_latency_seconds_bucket",
-    "ray_serve_app_adapter_cache_events_total",
-    "ray_serve_app_adapter_load_seconds_bucket",
-    "ray_serve_app_router_path_total",
-    "ray_serve_app_promotions_total",
-    "ray_serve_app_demotions_total",
-}
+# Metric names the app defines (serve_app/metrics.py, derived from its metric objects: Ray
+# prefixes "ray_", exports a Counter as <name>_total and a Histogram as _bucket/_count/_sum), and
+# Ray Serve built-ins. The built-ins may appear with or without the _total suffix (Ray 2.60:
+# ray_serve_num_router_requests_total).
+def _app_metric_objects():
+    return [v for v in vars(metrics).values() if isinstance(v, metrics._Lazy)]
+
+
+def _exported(m) -> set[str]:
+    kind, name = m._args[0], "ray_" + m._args[1]
+    if kind == "counter":
+        return {f"{name}_total"}
+    if kind == "histogram":
+        return {f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+    return {name}
+
+
+APP_METRIC_OBJECTS = _app_metric_objects()
+APP_METRICS = set().union(*(_exported(m) for m in APP_METRIC_OBJECTS))
 RAY_METRICS = {"ray_serve_multiplexed_models_unload_counter", "ray_serve_num_router_requests"}
 KNOWN_METRICS = APP_METRICS | RAY_METRICS | {f"{m}_total" for m in RAY_METRICS}
 
@@ -298,8 +304,13 @@ def test_dashboard_parses_and_charts_known_metrics():
         assert names, f"panel {title!r}: no metric in {expr!r}"
         assert names <= KNOWN_METRICS, f"panel {title!r}: unknown metrics {names - KNOWN_METRICS}"
         used |= names
-    # Every app metric and both Ray built-ins are charted somewhere.
-    assert APP_METRICS <= used, APP_METRICS - used
+    # Every app metric object (promotions and demotions included) and both Ray built-ins are
+    # charted somewhere, under one of its exported names.
+    assert len(APP_METRIC_OBJECTS) >= 9
+    uncharted = [m._args[1] for m in APP_METRIC_OBJECTS if not _exported(m) & used]
+    assert not uncharted, uncharted
+    for m in (metrics.PROMOTIONS, metrics.DEMOTIONS):
+        assert _exported(m) <= used, m._args[1]
     for m in RAY_METRICS:
         assert m in used or f"{m}_total" in used, m
     histos = [e for _, e in exprs if "_bucket" in e]
@@ -312,3 +323,19 @@ def test_metric_name_extraction_rejects_unknown_metrics():
     assert names == {"ray_serve_app_typo_total"} and not names <= KNOWN_METRICS
     assert metric_names("histogram_quantile(0.9, sum by (le) (rate(ray_serve_app_ttft_seconds_bucket[5m])))") == {
         "ray_serve_app_ttft_seconds_bucket"}
+
+
+# ------------------------------------------------------------ admin copy sources (issue 10)
+
+
+@pytest.mark.parametrize("name,cfg", SERVE_CONFIGS, ids=SERVE_IDS)
+def test_serve_configs_restrict_admin_copy_sources(name, cfg):
+    """POST /admin/adapters reads any URI or router-local path unless store.allowed_source_prefixes
+    is set: every shipped config sets it, and each prefix ends with '/' so that
+    's3://b/uploads' cannot also admit 's3://b/uploads-of-someone-else'."""
+    args = AppConfig.model_validate(cfg["applications"][0]["args"])
+    prefixes = args.store.allowed_source_prefixes
+    assert prefixes, f"{name}: store.allowed_source_prefixes is not set"
+    for p in prefixes:
+        assert p.endswith("/") and ".." not in p, f"{name}: prefix {p!r} must be a folder ending in '/'"
+        assert not p.startswith(("/etc", "/root", "/home", "/var", "~")), f"{name}: {p!r} exposes the node"

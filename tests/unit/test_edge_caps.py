@@ -309,3 +309,20 @@ def test_redaction_keeps_api_routes_and_ordinary_text():
     assert redact_locations("store s3://b/p/q, gs://c and file:///etc/x") == "store <uri>, <uri> and <uri>"
     assert redact_locations(r"at C:\data\x.bin now") == "at <path> now"
     assert redact_locations("in ~/adapters/a") == "in <path>"
+
+
+def test_the_demo_config_ships_sane_limits():
+    from pathlib import Path
+
+    import yaml
+
+    from serve_app.config import AppConfig
+
+    cfg = yaml.safe_load((Path(__file__).resolve().parents[2] / "serve_config.yaml").read_text())
+    args = AppConfig.model_validate(cfg["applications"][0]["args"])
+    lim = args.limits
+    assert lim.max_body_bytes <= 4 << 20
+    assert lim.max_tokens is not None and lim.max_prompt_tokens is not None
+    assert lim.requests_per_minute and lim.tokens_per_minute and lim.max_concurrent_requests
+    assert lim.max_concurrent_requests * args.router_replicas < args.lora_max_ongoing_requests * args.lora_replicas
+    assert lim.max_prompt_tokens + lim.max_tokens <= 2048  # the demo model's context

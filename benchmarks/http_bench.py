@@ -12,6 +12,8 @@ One process, one machine state, the same prompts, in two phases:
 
 Every row is warmed up once and timed ``reps`` times, interleaved per repetition, median
 reported. Target: HTTP round-robin (8 adapters) tokens/s >= 0.85 x the engine's offline tokens/s.
+Every reply's text must equal the engine's decoded output for the same request (same prompt,
+same adapter); a row with any other text (a wrong adapter, none, a broken stream) is INVALID.
 
     python -m benchmarks.http_bench            # full: 64 requests x 64 tokens, 3 reps
     python -m benchmarks.http_bench --quick    # smoke run: 16 requests x 16 tokens, 1 rep
@@ -49,6 +51,7 @@ from benchmarks.engine_bench import (
     ratio,
     zipf_assignment,
 )
+from benchmarks.verify import INVALID, TextAgreement, gate
 
 TARGET_RR_VS_ENGINE = 0.85  # HTTP 8-adapter (round-robin) tokens/s >= 0.85 x engine offline tokens/s
 APP_NAME = "http-bench"
@@ -166,6 +169,7 @@ class Reply:
     served_by: str | None
     ttft: float | None = None  # streaming: seconds to the first chunk with choices
     error: str | None = None
+    text: str | None = None  # the completion's text (streaming: the deltas joined)
 
 
 def client(max_connections: int = 256):
@@ -191,10 +195,13 @@ async def post_completion(c, url: str, model: str, prompt, max_tokens: int, *, s
             served = r.headers.get("x-served-by")
             if r.status_code != 200:
                 return Reply(model, r.status_code, lat, 0, served, error=r.text[:300])
-            usage = r.json().get("usage") or {}
-            return Reply(model, 200, lat, int(usage.get("completion_tokens", 0)), served)
+            obj = r.json()
+            usage = obj.get("usage") or {}
+            choices = obj.get("choices") or [{}]
+            return Reply(model, 200, lat, int(usage.get("completion_tokens", 0)), served,
+                         text=choices[0].get("text"))
         body.update(stream=True, stream_options={"include_usage": True})
-        ttft, tokens, err = None, 0, None
+        ttft, tokens, err, parts = None, 0, None, []
         async with c.stream("POST", url + "/v1/completions", json=body) as r:
             served = r.headers.get("x-served-by")
             if r.status_code != 200:
@@ -209,11 +216,14 @@ async def post_completion(c, url: str, model: str, prompt, max_tokens: int, *, s
                 obj = json.loads(data)
                 if "error" in obj:
                     err = json.dumps(obj["error"])[:300]
-                if obj.get("choices") and ttft is None:
-                    ttft = time.perf_counter() - t0
+                if obj.get("choices"):
+                    if ttft is None:
+                        ttft = time.perf_counter() - t0
+                    parts.append(obj["choices"][0].get("text") or "")
                 if obj.get("usage"):
                     tokens = int(obj["usage"].get("completion_tokens", 0))
-        return Reply(model, 200 if err is None else 599, time.perf_counter() - t0, tokens, served, ttft, err)
+        return Reply(model, 200 if err is None else 599, time.perf_counter() - t0, tokens, served, ttft, err,
+                     text="".join(parts))
     except (httpx.HTTPError, json.JSONDecodeError) as e:
         return Reply(model, 0, time.perf_counter() - t0, 0, None, error=f"{type(e).__name__}: {e}"[:300])
 
@@ -235,6 +245,14 @@ async def run_requests(
     t0 = time.perf_counter()
     replies = await asyncio.gather(*(one(m, p) for m, p in requests))
     return time.perf_counter() - t0, list(replies)
+
+
+def check_texts(check: TextAgreement, label: str, replies: list[Reply], want: list[str | None]) -> None:
+    """Add each 200 reply's text vs the engine's text for the same request (non-200s are counted
+    as bad replies by ``bad_replies``)."""
+    for i, (r, w) in enumerate(zip(replies, want)):
+        if r.status == 200:
+            check.add(f"{label} #{i} {r.model}", r.text, w)
 
 
 def bad_replies(replies: list[Reply], new_tokens: int) -> list[str]:
@@ -259,6 +277,7 @@ class HttpRow:
     latencies: list[float] = field(default_factory=list)  # every request of every timed rep
     ttfts: list[float] = field(default_factory=list)
     bad: list[str] = field(default_factory=list)
+    texts: TextAgreement = field(default_factory=TextAgreement)
 
     @property
     def tps(self) -> float | None:
@@ -279,7 +298,7 @@ def engine_offline(assets, ids, prompts, mixes, shape: Shape, meter: CpuMeter, t
         for a in ids:
             engine.load_adapter(a, str(assets.adapter_path(a)))
         sp = SamplingParams(max_tokens=shape.new_tokens, temperature=0.0, ignore_eos=True)
-        res = {m: {"times": [], "tokens": 0, "others": []} for m in MIXES}
+        res = {m: {"times": [], "tokens": 0, "others": [], "texts": None} for m in MIXES}
         for rep in range(shape.reps + 1):
             for mix in MIXES:
                 adapters = [None if m == BASE_NAME else m for m in mixes[mix]]
@@ -292,6 +311,11 @@ def engine_offline(assets, ids, prompts, mixes, shape: Shape, meter: CpuMeter, t
                 bad = [len(c.token_ids) for c in comps if len(c.token_ids) != shape.new_tokens]
                 if bad:
                     raise RuntimeError(f"engine returned {bad[0]} tokens for a request, expected {shape.new_tokens}")
+                texts = [c.text for c in comps]
+                if res[mix]["texts"] is None:
+                    res[mix]["texts"] = texts  # the reference for the HTTP replies
+                elif texts != res[mix]["texts"]:
+                    raise RuntimeError(f"the engine's own outputs for mix {mix!r} changed between runs: no reference")
                 if rep > 0:
                     res[mix]["times"].append(dt)
                     res[mix]["tokens"] = sum(len(c.token_ids) for c in comps)
@@ -378,6 +402,8 @@ def run(shape: Shape, json_out: str | None) -> dict:
                         wall, replies = await run_requests(c, url, reqs, new, stream=key == "rr_stream")
                         row = rows[key]
                         bad = bad_replies(replies, new)
+                        check_texts(row.texts, f"{'warm-up' if rep == 0 else f'rep {rep}'} {key}", replies,
+                                    eng[mix]["texts"])
                         if rep == 0:
                             if bad:  # warm-up failures are reported, not timed
                                 row.bad.extend(f"warm-up {b}" for b in bad)
@@ -411,13 +437,15 @@ def run(shape: Shape, json_out: str | None) -> dict:
             note = f"TTFT p50 {fmt_ms(percentile(row.ttfts, 50))} ms, p99 {fmt_ms(percentile(row.ttfts, 99))} ms; vs engine rr"
         if row.bad:
             note += f"  {len(row.bad)} BAD replies"
+        if not row.texts.ok:
+            note += f"  INVALID: {row.texts.checked - row.texts.equal} texts differ from the engine's"
         print(f"  {LABELS[key]:<28} {fmt_tps(e_tps):>12} {fmt_tps(row.tps):>11} {fmt_ratio(r, 3):>12} "
               f"{fmt_ms(p50):>8} {fmt_ms(p99):>8}  {note}")
         results[key] = {
             "label": LABELS[key], "engine_tokens_per_s": e_tps, "http_tokens_per_s": row.tps, "ratio": r,
             "p50_s": p50, "p99_s": p99, "ttft_p50_s": percentile(row.ttfts, 50), "ttft_p99_s": percentile(row.ttfts, 99),
             "walls_s": row.walls, "tokens": row.tokens, "bad": row.bad[:20], "n_bad": len(row.bad),
-            "engine_times_s": eng[eng_key]["times"],
+            "engine_times_s": eng[eng_key]["times"], "texts": row.texts.to_json(),
         }
     worst = max((x for m in MIXES for x in eng[m]["others"]), default=None)
     if worst is not None and worst > 0.10:
@@ -427,11 +455,14 @@ def run(shape: Shape, json_out: str | None) -> dict:
     print(f"  replies checked: every one 200 with {new} completion tokens: "
           + ("yes" if n_bad == 0 else f"NO, {n_bad} bad, e.g. {next(b for r in rows.values() for b in r.bad)}"))
 
+    for key, row in rows.items():
+        print(f"  text check, {LABELS[key]}: {row.texts.summary()}")
     value = results["rr"]["ratio"]
     verdict = "n/a" if value is None else ("PASS" if value >= TARGET_RR_VS_ENGINE and n_bad == 0 else "MISS")
+    verdict = gate(verdict, rows["rr"].texts.ok)
     print()
     print(f"Target: HTTP 8-adapter (round-robin) tok/s >= {TARGET_RR_VS_ENGINE:.2f}x engine offline tok/s: "
-          f"{fmt_ratio(value, 3)} {verdict}")
+          f"{fmt_ratio(value, 3)} {verdict}" + ("  (reply texts differ from the engine's)" if verdict == INVALID else ""))
     if shape != FULL:
         print("(--quick: shrunk workload, one repetition; figures are a smoke test, not W1 results)")
     elapsed = time.perf_counter() - t_start
@@ -448,7 +479,8 @@ def run(shape: Shape, json_out: str | None) -> dict:
         "assets": str(assets.root),
         "engine": {m: {k: eng[m][k] for k in ("tps", "times", "tokens", "others")} for m in MIXES},
         "rows": results,
-        "target": {"value": value, "threshold": TARGET_RR_VS_ENGINE, "verdict": verdict},
+        "target": {"value": value, "threshold": TARGET_RR_VS_ENGINE, "verdict": verdict,
+                   "texts_checked": rows["rr"].texts.ok},
         "elapsed_s": elapsed,
     }
     if json_out:

@@ -3,12 +3,18 @@
 The server runs in the test process; Ray replicas reach it over 127.0.0.1 with the storage
 options from ``S3Server.storage_options``. ``stop()`` + ``start()`` on the same port keeps the
 buckets (moto's state lives in this process), which is how tests take the store down and back.
+
+Two additions over moto's ThreadedMotoServer: a conditional PUT (``If-Match`` / ``If-None-Match``)
+is checked and applied under one lock, as S3 does atomically (moto's threads would otherwise
+let two racing writers both pass the check); and ``manifest_put_delay_s`` slows every PUT of a
+``manifest.json`` key, so tests can make two routers' registry writes overlap for certain.
 """
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,10 +28,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start_moto(server: "S3Server"):
+    """A ThreadedMotoServer whose WSGI app applies S3's atomicity and the test delay."""
+    from moto.moto_server.threaded_moto_server import ThreadedMotoServer
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, MotoRequestHandler, create_backend_app
+    from werkzeug.serving import make_server
+
+    conditional = threading.Lock()
+
+    class _Server(ThreadedMotoServer):
+        def start(self) -> None:  # binds here, so a busy port raises OSError to the caller
+            app = DomainDispatcherApplication(create_backend_app)
+
+            def wrapped(environ, start_response):
+                is_put = environ.get("REQUEST_METHOD") == "PUT"
+                if is_put and server.manifest_put_delay_s and environ.get("PATH_INFO", "").endswith("/manifest.json"):
+                    time.sleep(server.manifest_put_delay_s)
+                if is_put and ("HTTP_IF_MATCH" in environ or "HTTP_IF_NONE_MATCH" in environ):
+                    with conditional:
+                        return list(app(environ, start_response))
+                return app(environ, start_response)
+
+            self._server = make_server(self._ip_address, self._port, wrapped, True, request_handler=MotoRequestHandler)
+            self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+            self._thread.start()
+
+    s = _Server(ip_address="127.0.0.1", port=server.port, verbose=False)
+    s.start()
+    return s
+
+
 @dataclass
 class S3Server:
     port: int = field(default_factory=free_port)
     _server: object = None
+    manifest_put_delay_s: float = 0.0  # see the module docstring
 
     @property
     def endpoint(self) -> str:
@@ -42,13 +79,10 @@ class S3Server:
         }
 
     def start(self) -> "S3Server":
-        from moto.server import ThreadedMotoServer
-
         logging.getLogger("werkzeug").setLevel(logging.ERROR)
         for _ in range(50):  # the port may linger for a moment after a stop
             try:
-                self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-                self._server.start()
+                self._server = _start_moto(self)
                 break
             except OSError:
                 time.sleep(0.1)

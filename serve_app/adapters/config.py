@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StoreConfig(BaseModel):
@@ -31,7 +31,8 @@ class StoreConfig(BaseModel):
         default=".registry",
         min_length=1,
         description="Folder, relative to the store root, holding the version manifest (manifest.json) and "
-        "the immutable version folders <id>/v<n>/ created by POST /admin/adapters.",
+        "the immutable version folders <id>/v<n>/ created by POST /admin/adapters. Its first path component "
+        "must start with '.', so that no adapter ID can name it.",
     )
     registry_refresh_s: float = Field(
         default=1.0,
@@ -90,6 +91,17 @@ class StoreConfig(BaseModel):
         description="Other names of the served base model (e.g. its hub repo ID when it is served from a "
         "renamed local folder) that adapters' base_model_name_or_path may use.",
     )
+    @field_validator("registry_dir")
+    @classmethod
+    def _hidden_registry_dir(cls, value: str) -> str:
+        parts = [p for p in value.strip("/").split("/") if p]
+        if not parts or not parts[0].startswith(".") or any(p in (".", "..") for p in parts):
+            raise ValueError(
+                f"registry_dir {value!r} must be a folder whose first path component starts with '.' (like the "
+                "default '.registry'): adapter IDs cannot start with '.', so no adapter folder can collide with it"
+            )
+        return value
+
     progress_min_bytes: int = Field(
         default=16 << 20,
         ge=0,

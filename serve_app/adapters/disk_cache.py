@@ -1,8 +1,11 @@
 """A size-capped LRU of downloaded adapter folders on local disk, shared by a node's replicas.
 
 Layout: ``<root>/<sha256(key)[:32]>/`` holds the adapter files and ``.entry.json`` (key, bytes,
-fingerprint). Recency is the mtime of ``.entry.json``, touched on every hit, so all processes
-on the node share one LRU order without a daemon.
+fingerprint of the store listing it came from, and ``content``: store.content_fingerprint of
+the files as written). A caller that knows which content a key must hold (the registry records
+it per version) compares ``content`` on every hit and discards a copy of other content.
+Recency is the mtime of ``.entry.json``, touched on every hit, so all processes on the node
+share one LRU order without a daemon.
 
 Safety across processes: an entry is filled in a private ``.tmp-*`` folder and renamed into
 place (readers see a complete folder or none); inserts and evictions run under an flock on
@@ -25,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from serve_app.adapters.store import content_fingerprint
+
 logger = logging.getLogger(__name__)
 
 META = ".entry.json"
@@ -37,6 +42,7 @@ class CacheEntry:
     path: str
     nbytes: int
     fingerprint: str
+    content: str = ""  # store.content_fingerprint of the cached files ("" in entries from before it)
 
 
 def _folder_bytes(path: Path) -> int:
@@ -79,17 +85,25 @@ class DiskCache:
             return None
         with contextlib.suppress(OSError):
             os.utime(folder / META)
-        return CacheEntry(key, str(folder), int(meta.get("bytes", 0)), str(meta.get("fingerprint", "")))
+        return CacheEntry(key, str(folder), int(meta.get("bytes", 0)), str(meta.get("fingerprint", "")),
+                          str(meta.get("content", "")))
 
-    def put(self, key: str, fill: Callable[[Path], None], *, fingerprint: str = "") -> CacheEntry:
-        """Fill a new entry with ``fill(tmp_folder)`` and publish it, replacing any old one."""
+    def put(self, key: str, fill: Callable[[Path], None], *, fingerprint: str = "",
+            check: Callable[[str], None] | None = None) -> CacheEntry:
+        """Fill a new entry with ``fill(tmp_folder)`` and publish it, replacing any old one.
+
+        ``check(content_fingerprint)`` runs before publishing; what it raises leaves nothing behind.
+        """
         tmp = self.root / f".tmp-{uuid.uuid4().hex}"
         tmp.mkdir()
         try:
             fill(tmp)
             nbytes = _folder_bytes(tmp)
+            content = content_fingerprint(tmp)
+            if check is not None:
+                check(content)
             (tmp / META).write_text(json.dumps({"key": key, "bytes": nbytes, "fingerprint": fingerprint,
-                                                "created": time.time()}))
+                                                "content": content, "created": time.time()}))
             folder = self._dir(key)
             with self._locked():
                 self._evict_for(nbytes, keep=folder)
@@ -98,7 +112,7 @@ class DiskCache:
                 os.rename(tmp, folder)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # no-op once renamed
-        return CacheEntry(key, str(folder), nbytes, fingerprint)
+        return CacheEntry(key, str(folder), nbytes, fingerprint, content)
 
     def remove(self, key: str) -> bool:
         folder = self._dir(key)

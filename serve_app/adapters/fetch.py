@@ -4,13 +4,17 @@ Tiers, from the bottom: the store (a folder: tier "disk"; s3://: tier "s3") -> t
 cache (remote stores only) -> (the replica's RAM tier and device slots live in
 deployments/lora.py, which owns the engine).
 
-* A committed version (``v >= 1``) is immutable: a disk-cache hit is used without asking the
-  store, so cached versions keep serving while the store is down.
+* A registered version (``v >= 1``) is immutable, and the registry records its content
+  fingerprint: a disk-cache hit is checked against it (the manifest as read at most
+  ``registry_refresh_s`` ago) and a copy of other content is discarded and fetched again; a
+  download that does not match it is refused (422) before it is published. When the store does
+  not answer, cached versions keep serving unchecked.
 * Version 0 (a folder put in the store by hand) may be replaced in place: a disk-cache hit is
   checked against the store's ETag/size when the store answers, and used as is when it does not.
 
 Before any byte is downloaded, the listing is checked: both files present, no pickle, weights
 under ``max_adapter_bytes`` (store.check_adapter_files). Large downloads log their progress.
+Errors name the adapter and version, never the store URI or a local path (those are logged).
 """
 
 from __future__ import annotations
@@ -26,8 +30,14 @@ from typing import Callable
 from serve_app.adapters.config import StoreConfig
 from serve_app.adapters.disk_cache import DiskCache
 from serve_app.adapters.registry import AdapterRegistry
-from serve_app.adapters.store import ADAPTER_FILES, AdapterStore, check_adapter_files, fingerprint
-from serve_app.errors import AdapterStoreUnavailableError
+from serve_app.adapters.store import (
+    ADAPTER_FILES,
+    AdapterStore,
+    check_adapter_files,
+    content_fingerprint,
+)
+from serve_app.adapters.store import fingerprint as fingerprint_listing
+from serve_app.errors import AdapterStoreUnavailableError, InvalidAdapterError
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +80,7 @@ class Fetched:
     tier: str  # where the bytes came from: "disk" (local store or disk cache) or the store's tier ("s3")
     seconds: float
     nbytes: int = 0
+    fingerprint: str = ""  # store.content_fingerprint of the files at ``path``
 
 
 class AdapterFetcher:
@@ -95,21 +106,52 @@ class AdapterFetcher:
     def _key(self, rel: str) -> str:
         return f"{self.store.uri}|{rel}"
 
-    def fetch(self, adapter_id: str, version: int) -> Fetched:
+    def expected_fingerprint(self, adapter_id: str, version: int) -> str | None:
+        """The content fingerprint the registry records for this version (None: unknown)."""
+        return self.registry.fingerprint_of(adapter_id, version)
+
+    @staticmethod
+    def _label(adapter_id: str, version: int) -> str:
+        return f"adapter '{adapter_id}'" + (f" version {version}" if version else "")
+
+    def _mismatch(self, adapter_id: str, version: int, got: str, expected: str, where: str) -> InvalidAdapterError:
+        logger.error("%s: the files at %s have content %s, the registry recorded %s", self._label(adapter_id, version),
+                     where, got, expected)
+        return InvalidAdapterError(
+            f"{self._label(adapter_id, version)}: the stored files do not match what was registered (their "
+            "content fingerprint differs from the registry's); register it again"
+        )
+
+    def fetch(self, adapter_id: str, version: int, fingerprint: str | None = None) -> Fetched:
+        """A local folder holding this version's two files.
+
+        ``fingerprint``: the content the caller expects (the router passes it while validating a
+        staged version); default: what the registry recorded, looked up for ``version >= 1``.
+        """
         t0 = time.perf_counter()
         rel = self.registry.version_rel(adapter_id, version)
-        where = self.registry.version_uri(adapter_id, version)
+        where = self.registry.version_uri(adapter_id, version)  # for the log only
+        label = "the adapter store" if version == 0 else f"version {version} in the adapter store"
         max_bytes = self.config.max_adapter_bytes
+        expected = fingerprint if fingerprint or version == 0 else self.expected_fingerprint(adapter_id, version)
         if self.store.is_local:
             files = self.store.list_files(rel)
-            check_adapter_files(adapter_id, files, where, max_bytes=max_bytes)
-            return Fetched(self.store.local_dir(rel), "disk", time.perf_counter() - t0,
-                           sum(files[n].size for n in ADAPTER_FILES))
+            check_adapter_files(adapter_id, files, label, max_bytes=max_bytes)
+            path = self.store.local_dir(rel)
+            content = content_fingerprint(path)
+            if expected and content != expected:
+                raise self._mismatch(adapter_id, version, content, expected, where)
+            return Fetched(path, "disk", time.perf_counter() - t0, sum(files[n].size for n in ADAPTER_FILES), content)
 
         key = self._key(rel)
         hit = self.disk.get(key)
         if hit is not None and version > 0:
-            return self._hit(hit, t0)
+            if not expected or hit.content == expected:
+                return self._hit(hit, t0)
+            logger.warning("disk cache: %s holds content %s, the registry recorded %s; discarding it",
+                           where, hit.content or "(unknown)", expected)
+            self.disk.remove(key)
+            hit = None
         try:
             files = self.store.list_files(rel)
         except AdapterStoreUnavailableError:
@@ -117,8 +159,8 @@ class AdapterFetcher:
                 logger.warning("adapter store unreachable; serving %s from the disk cache (may be stale)", where)
                 return self._hit(hit, t0)
             raise
-        check_adapter_files(adapter_id, files, where, max_bytes=max_bytes)
-        fp = fingerprint(files)
+        check_adapter_files(adapter_id, files, label, max_bytes=max_bytes)
+        fp = fingerprint_of_listing = fingerprint_listing(files)
         if hit is not None and hit.fingerprint == fp:
             return self._hit(hit, t0)
         self.on_event("miss", "disk")
@@ -129,17 +171,31 @@ class AdapterFetcher:
                 self.store.get_file(f"{rel}/{name}", str(tmp / name), callback=cb)
                 got = (tmp / name).stat().st_size
                 if got != files[name].size:
+                    logger.warning("download of %s/%s was cut short (%d of %d bytes)", where, name, got,
+                                   files[name].size)
                     raise AdapterStoreUnavailableError(
-                        f"download of {where}/{name} was cut short ({got} of {files[name].size} bytes); retry"
+                        f"the download of {self._label(adapter_id, version)} ({name}) was cut short "
+                        f"({got} of {files[name].size} bytes); retry"
                     )
 
-        entry = self.disk.put(key, fill, fingerprint=fp)
+        def check(content: str) -> None:
+            if expected and content != expected:
+                raise self._mismatch(adapter_id, version, content, expected, where)
+
+        try:
+            entry = self.disk.put(key, fill, fingerprint=fingerprint_of_listing, check=check)
+        except OSError as e:  # the node's disk (full, read-only ...), not the tenant's fault
+            logger.error("disk cache %s: cannot store %s (%s)", self.disk.root, where, e)
+            raise AdapterStoreUnavailableError(
+                f"{self._label(adapter_id, version)} cannot be cached on this node's disk right now "
+                f"({type(e).__name__}); retry later"
+            ) from None
         self.downloads += 1
         dt = time.perf_counter() - t0
         logger.info("downloaded %s (%d bytes) in %.2fs", where, entry.nbytes, dt)
-        return Fetched(entry.path, self.store.tier, dt, entry.nbytes)
+        return Fetched(entry.path, self.store.tier, dt, entry.nbytes, entry.content)
 
     def _hit(self, hit, t0: float) -> Fetched:
         self.disk_hits += 1
         self.on_event("hit", "disk")
-        return Fetched(hit.path, "disk", time.perf_counter() - t0, hit.nbytes)
+        return Fetched(hit.path, "disk", time.perf_counter() - t0, hit.nbytes, hit.content)

@@ -1,22 +1,48 @@
 """A local folder store: ``<root>/<adapter_id>/adapter_config.json`` (+ weights).
 
 Folders are read in place (no disk cache). The root folder missing is "store unavailable"
-(a mount that went away), a sub-folder missing is "adapter not found".
+(a mount that went away), a sub-folder missing is "adapter not found". Error messages reach
+tenants, so they never hold a path: the path and the OS error are logged here instead.
+
+Conditional writes (the registry's manifest) compare the file's sha256 under an flock on a
+hidden sidecar ``.<name>.lock``: every process on the machine that shares the folder is
+serialized, and a writer whose read is out of date gets WriteConflictError.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import logging
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from pathlib import Path
 
 from serve_app.adapters.ids import validate_adapter_id
-from serve_app.adapters.store import FileInfo, is_valid_id
+from serve_app.adapters.store import FileInfo, WriteConflictError, is_valid_id
 from serve_app.errors import AdapterNotFoundError, AdapterStoreUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+def _tag(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+_last_warning: dict[str, float] = {}
+
+
+def _warn_limited(key: str, msg: str, *args) -> None:
+    """Log what a tenant's error leaves out, at most every 30 s per kind (a missing mount is
+    hit by every request)."""
+    now = time.monotonic()
+    if now - _last_warning.get(key, -1e9) >= 30:
+        _last_warning[key] = now
+        logger.warning(msg, *args)
 
 
 class LocalAdapterStore:
@@ -34,10 +60,17 @@ class LocalAdapterStore:
 
     def _check_root(self) -> None:
         if not self.root.is_dir():
+            _warn_limited(f"root:{self.root}", "adapter store folder %s does not exist (or is not mounted)", self.root)
             raise AdapterStoreUnavailableError(
-                f"adapter store folder {self.root} does not exist (or is not mounted); adapters already "
-                "loaded keep serving"
+                "the adapter store is unavailable (its folder is missing or not mounted); adapters already "
+                "loaded keep serving; retry later"
             )
+
+    def _unavailable(self, what: str, path: Path, e: OSError) -> AdapterStoreUnavailableError:
+        _warn_limited(f"{what}:{path}", "adapter store: cannot %s %s (%s)", what, path, e)
+        return AdapterStoreUnavailableError(
+            f"the adapter store cannot {what} a file right now ({type(e).__name__}, errno {e.errno}); retry later"
+        )
 
     def list_ids(self) -> list[str]:
         self._check_root()
@@ -74,7 +107,7 @@ class LocalAdapterStore:
             self._check_root()
             return {}
         except OSError as e:
-            raise AdapterStoreUnavailableError(f"adapter store folder {path} cannot be read ({e})") from None
+            raise self._unavailable("list", path, e) from None
         out = {}
         for e in entries:
             if e.is_file():
@@ -92,7 +125,7 @@ class LocalAdapterStore:
             self._check_root()
             return None
         except OSError as e:
-            raise AdapterStoreUnavailableError(f"cannot read {self._path(rel)} ({e})") from None
+            raise self._unavailable("read", self._path(rel), e) from None
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         path = self._path(rel)
@@ -111,14 +144,42 @@ class LocalAdapterStore:
                     os.unlink(tmp)
                 raise
         except OSError as e:
-            raise AdapterStoreUnavailableError(f"cannot write {path} ({e})") from None
+            raise self._unavailable("write", path, e) from None
+
+    def read_versioned(self, rel: str) -> tuple[bytes | None, str | None]:
+        data = self.read_bytes(rel)
+        return data, None if data is None else _tag(data)
+
+    def write_if(self, rel: str, data: bytes, expected: str | None) -> str | None:
+        path = self._path(rel)
+        self._check_root()
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            lock = open(path.parent / f".{path.name}.lock", "a+")
+        except OSError as e:
+            raise self._unavailable("write", path, e) from None
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                current = self.read_bytes(rel)
+                if (None if current is None else _tag(current)) != expected:
+                    raise WriteConflictError(
+                        f"{path.name} was changed by another writer since it was read; retry the request"
+                    )
+                self.write_bytes(rel, data)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return _tag(data)
 
     def get_file(self, rel: str, local_path: str, callback=None) -> None:
         try:
             shutil.copyfile(self._path(rel), local_path)
         except FileNotFoundError:
             self._check_root()
-            raise AdapterNotFoundError(f"{self._path(rel)} does not exist") from None
+            logger.info("adapter store: %s does not exist", self._path(rel))
+            raise AdapterNotFoundError(f"{rel.rsplit('/', 1)[-1]} of an adapter is not in the adapter store") from None
+        except OSError as e:
+            raise self._unavailable("read", self._path(rel), e) from None
 
     def put_file(self, local_path: str, rel: str) -> None:
         path = self._path(rel)
@@ -129,7 +190,7 @@ class LocalAdapterStore:
             shutil.copyfile(local_path, tmp)
             os.replace(tmp, path)
         except OSError as e:
-            raise AdapterStoreUnavailableError(f"cannot write {path} ({e})") from None
+            raise self._unavailable("write", path, e) from None
 
     def delete_tree(self, rel: str) -> None:
         path = self._path(rel)

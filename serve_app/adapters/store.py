@@ -10,18 +10,26 @@ adapter IDs and fixed names (``<id>``, ``.registry/<id>/v3``), never from client
 Errors: a missing folder is ``AdapterNotFoundError`` (404) or an empty listing; a store that
 cannot be reached (connection refused, timeout, access denied, root folder gone) is
 ``AdapterStoreUnavailableError`` (503); a folder that exists but holds a broken adapter is
-``InvalidAdapterError`` (422).
+``InvalidAdapterError`` (422). These messages reach tenants: they name the adapter and the
+problem, never the store's URI, a bucket, an endpoint or a local path (backends log those).
+
+Conditional writes (``read_versioned`` + ``write_if``) are how the registry updates its manifest
+without losing a concurrent writer's change: local stores compare under an flock, S3 uses a
+conditional PUT (``If-Match`` on the ETag read, ``If-None-Match: *`` to create). A lost race is
+``WriteConflictError`` (409), never a silent overwrite.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from serve_app.adapters.ids import MAX_ADAPTER_ID_LEN
-from serve_app.errors import AdapterNotFoundError, InvalidAdapterError
+from serve_app.adapters.ids import MAX_ADAPTER_ID_LEN, is_reserved_id
+from serve_app.errors import AdapterNotFoundError, InvalidAdapterError, ServeAppError
 
 if TYPE_CHECKING:
     from serve_app.adapters.config import StoreConfig
@@ -37,7 +45,16 @@ _ID_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-@:]*")
 
 def is_valid_id(name: str) -> bool:
     """validate_adapter_id without raising (for filtering store listings)."""
-    return bool(name) and len(name) <= MAX_ADAPTER_ID_LEN and ".." not in name and bool(_ID_OK.fullmatch(name))
+    return (bool(name) and len(name) <= MAX_ADAPTER_ID_LEN and ".." not in name and bool(_ID_OK.fullmatch(name))
+            and not is_reserved_id(name))
+
+
+class WriteConflictError(ServeAppError):
+    """A conditional write lost: the file changed (or was created) since it was read."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+    code = "adapter_update_conflict"
 
 
 @dataclass(frozen=True)
@@ -68,6 +85,13 @@ class AdapterStore(Protocol):
 
     def write_bytes(self, rel: str, data: bytes) -> None:
         """Replace a file atomically: readers see the old or the new content, never a mix."""
+
+    def read_versioned(self, rel: str) -> tuple[bytes | None, str | None]:
+        """A small file's content and its version tag (None, None when it does not exist)."""
+
+    def write_if(self, rel: str, data: bytes, expected: str | None) -> str | None:
+        """Replace the file only if its tag is still ``expected`` (None: only if it does not exist);
+        return the new tag. Raises WriteConflictError when another writer came first."""
 
     def get_file(self, rel: str, local_path: str, callback=None) -> None:
         """Download one file; ``callback`` is an fsspec Callback (progress)."""
@@ -110,7 +134,7 @@ def check_adapter_files(adapter_id: str, files: dict[str, FileInfo], where: str,
     this check exists so that a remote store never sends us a pickle or a 50 GB file.
     """
     if not files:
-        raise AdapterNotFoundError(f"adapter '{adapter_id}' not found: no files at {where}")
+        raise AdapterNotFoundError(f"adapter '{adapter_id}' not found: no files in {where}")
     if CONFIG_NAME not in files:
         raise InvalidAdapterError(
             f"adapter '{adapter_id}': {CONFIG_NAME} is missing in {where}; save the adapter with PEFT's "
@@ -134,5 +158,29 @@ def check_adapter_files(adapter_id: str, files: dict[str, FileInfo], where: str,
 
 
 def fingerprint(files: dict[str, FileInfo]) -> str:
-    """Identity of an adapter folder's content, from the two files that matter."""
+    """Identity of a store folder's listing (sizes + ETags / mtimes): cheap, but backend-specific.
+    Used to notice a hand-placed (version 0) folder replaced in place."""
     return ";".join(f"{n}:{files[n].size}:{files[n].tag}" for n in ADAPTER_FILES if n in files)
+
+
+CONTENT_PREFIX = "sha256:"
+
+
+def content_fingerprint(folder: str | Path) -> str:
+    """Identity of an adapter's content: sha256 over both files' names and sha256 digests.
+
+    The registry records it for every version it stages; every cache below (disk, the
+    replicas' RAM tier) compares its copy with it, so a copy of other content is never served
+    under a version's name. Missing files hash as empty (the parse refuses them anyway).
+    """
+    h = hashlib.sha256()
+    for name in ADAPTER_FILES:
+        d = hashlib.sha256()
+        try:
+            with open(Path(folder) / name, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    d.update(block)
+        except FileNotFoundError:
+            pass
+        h.update(name.encode() + b"\0" + d.digest())
+    return CONTENT_PREFIX + h.hexdigest()

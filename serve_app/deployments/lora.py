@@ -225,17 +225,35 @@ class LoRADeployment:
         models = getattr(wrapper, "models", None)
         return models if models is not None else OrderedDict()
 
-    async def _weights(self, mux: str) -> tuple[LoRAWeights, str, float]:
+    async def _weights(self, mux: str, fingerprint: str | None = None) -> tuple[LoRAWeights, str, float]:
         """(parsed weights, the tier they came from, when the load started): handoff, RAM, or a
-        fetch + parse shared by every concurrent caller of the same ``mux``."""
+        fetch + parse shared by every concurrent caller of the same ``mux``.
+
+        Handoff and RAM copies carry the content fingerprint they were parsed from; for a
+        registered version, a copy whose fingerprint is not the registry's (``fingerprint``, or
+        the manifest's) is discarded and fetched again: ``id@v<n>`` names one content."""
         t0 = time.perf_counter()
+        adapter_id, version = parse_mux_id(mux)
+        expected = fingerprint
+        if expected is None and version > 0:
+            expected = await asyncio.to_thread(self.fetcher.expected_fingerprint, adapter_id, version)
+
+        def current(fp: str) -> bool:
+            if not expected or fp == expected:
+                return True
+            logger.warning("adapter %s: a cached copy holds content %s, the registry recorded %s; fetching it "
+                           "again", mux, fp or "(unknown)", expected)
+            return False
+
         handed = self._handoff.pop(mux, None)
-        if handed is not None and t0 - handed[2] < 60:
-            return handed
-        weights = self.ram.get(mux)
-        if weights is not None:
-            self._event("hit", "ram")
-            return weights, "ram", t0
+        if handed is not None and t0 - handed[2] < 60 and current(handed[3]):
+            return handed[:3]
+        cached = self.ram.get(mux)
+        if cached is not None:
+            if current(cached[1]):
+                self._event("hit", "ram")
+                return cached[0], "ram", t0
+            self.ram.pop(mux)
         self._event("miss", "ram")
         refused = self._invalid.get(mux)
         if refused is not None:
@@ -245,19 +263,22 @@ class LoRADeployment:
             del self._invalid[mux]
         task = self._fetching.get(mux)
         if task is None:
-            task = asyncio.ensure_future(self._fetch_parse(mux))
+            task = asyncio.ensure_future(self._fetch_parse(mux, expected))
             self._fetching[mux] = task
             task.add_done_callback(lambda _t, m=mux: self._fetching.pop(m, None))
-        weights, tier = await asyncio.shield(task)
+        weights, tier, fp = await asyncio.shield(task)
+        if expected and fp != expected:  # joined a fetch of other content: fetch what the registry names
+            weights, tier, fp = await self._fetch_parse(mux, expected)
         return weights, tier, t0
 
-    async def _fetch_parse(self, mux: str) -> tuple[LoRAWeights, str]:
+    async def _fetch_parse(self, mux: str, fingerprint: str | None = None) -> tuple[LoRAWeights, str, str]:
+        """(weights, tier, content fingerprint); the fetcher refuses files that are not ``fingerprint``."""
         t0 = time.perf_counter()
         adapter_id, version = parse_mux_id(mux)
         validate_adapter_id(adapter_id)
         try:
             for attempt in range(2):
-                fetched = await asyncio.to_thread(self.fetcher.fetch, adapter_id, version)
+                fetched = await asyncio.to_thread(self.fetcher.fetch, adapter_id, version, fingerprint)
                 t1 = time.perf_counter()
                 try:
                     spec = await asyncio.to_thread(self._parse_config, mux, fetched.path)
@@ -276,13 +297,13 @@ class LoRADeployment:
             raise
         logger.info("fetched %s from %s in %.3fs, parsed in %.3fs (%d bytes)", mux, fetched.tier,
                     fetched.seconds, time.perf_counter() - t1, weights.nbytes)
-        self.ram.put(mux, weights, weights.nbytes)
+        self.ram.put(mux, (weights, fetched.fingerprint), weights.nbytes)
         # For the load that follows (even if the RAM tier could not keep it), with its true
         # source tier and start time for the load-latency metric.
-        self._handoff[mux] = (weights, fetched.tier, t0)
+        self._handoff[mux] = (weights, fetched.tier, t0, fetched.fingerprint)
         while len(self._handoff) > _HANDOFF_MAX:
             self._handoff.popitem(last=False)
-        return weights, fetched.tier
+        return weights, fetched.tier, fetched.fingerprint
 
     async def _prefetch(self, mux: str) -> None:
         """Download + parse outside Serve's load lock; the load then only copies into the pool."""
@@ -393,12 +414,13 @@ class LoRADeployment:
 
     # ---- lifecycle (called by the router's admin API) ----------------------------------------------
 
-    async def validate_adapter(self, adapter_id: str, version: int) -> dict:
+    async def validate_adapter(self, adapter_id: str, version: int, fingerprint: str | None = None) -> dict:
         """Fetch and fully validate one version (it stays in the RAM tier): the router's check
-        before it makes a new version current. Raises InvalidAdapterError with the reason."""
+        before it makes a new version current. Raises InvalidAdapterError with the reason.
+        ``fingerprint``: the content the router staged (a copy of other content is not used)."""
         self._start_background()
         mux = mux_id(adapter_id, version)
-        weights, tier, t0 = await self._weights(mux)
+        weights, tier, t0 = await self._weights(mux, fingerprint)
         self._handoff.pop(mux, None)  # not a load: a later load is a RAM hit
         return {"rank": weights.rank, "nbytes": weights.nbytes, "raw_bytes": weights.raw_bytes,
                 "warnings": list(weights.warnings), "tier": tier, "seconds": time.perf_counter() - t0}

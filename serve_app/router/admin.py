@@ -14,6 +14,15 @@ store for it. Propagation: another router replica's update is used here within
 ``registry_refresh_s`` plus one manifest read; LoRA replicas retire old or deleted versions on
 the same period. An update is atomic per request: a request resolves to exactly one version,
 and the replica pins that version's memory until the request ends.
+
+Registration (adapters/registry.py has the why): burn the next version number in the manifest,
+copy the files into that version's folder, validate it on a LoRA replica (told the content
+fingerprint it must find), commit. A registration interrupted anywhere (the client disconnects,
+the request is cancelled, validation fails) is cleaned up by a task that outlives the
+cancellation: the number stays burnt (``abandoned`` / ``refused``) and its files are deleted,
+so ``id@v<n>`` never names two contents. Manifest writes are conditional, so this router needs
+no lock across the (slow) copy and validation; registrations of one adapter ID on this router
+run one at a time, other IDs in parallel. A lost race with another router is a 409.
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from serve_app.errors import (
     InvalidAdapterError,
     ServeAppError,
 )
+
+_STORE_SILENT = "the adapter store has not answered since this router started; retry later"
 
 logger = logging.getLogger("ray.serve")
 
@@ -72,7 +83,8 @@ class AdapterAdmin:
         self._listing: set[str] | None = None  # URI stores: folder names at the root
         self._listing_at = 0.0
         self._writes = 0  # bumped by every write here; a refresh started before one is dropped
-        self._write_lock: asyncio.Lock | None = None
+        self._id_locks: dict[str, asyncio.Lock] = {}  # one registration / delete per adapter ID at a time
+        self._cleanups: set[asyncio.Future] = set()  # cleanups of interrupted registrations (strong refs)
         self._last_error_log = 0.0
         self._stop = threading.Event()
         self._refresh()
@@ -110,9 +122,7 @@ class AdapterAdmin:
 
     def _snapshot(self) -> Manifest:
         if self._manifest is None:
-            raise AdapterStoreUnavailableError(
-                f"the adapter store {self.store.uri} has not answered since this router started; retry later"
-            )
+            raise AdapterStoreUnavailableError(_STORE_SILENT)
         return self._manifest
 
     def _in_store(self, adapter_id: str) -> bool:
@@ -120,9 +130,7 @@ class AdapterAdmin:
         if self.store.is_local:
             return self.store.exists(adapter_id)  # a stat: fresh on every request
         if self._listing is None:
-            raise AdapterStoreUnavailableError(
-                f"the adapter store {self.store.uri} has not answered since this router started; retry later"
-            )
+            raise AdapterStoreUnavailableError(_STORE_SILENT)
         return adapter_id in self._listing
 
     def resolve(self, name: str) -> str:
@@ -179,20 +187,30 @@ class AdapterAdmin:
                 "propagation_s": self.config.registry_refresh_s}
 
     @contextlib.asynccontextmanager
-    async def _writing(self):
-        if self._write_lock is None:
-            self._write_lock = asyncio.Lock()
-        async with self._write_lock:
-            stack = contextlib.ExitStack()
-            await asyncio.to_thread(stack.enter_context, self.registry.lock())
-            try:
-                yield
-            finally:
-                await asyncio.to_thread(stack.close)
+    async def _writing(self, adapter_id: str):
+        """One write per adapter ID at a time on this router (across routers: conditional writes)."""
+        lock = self._id_locks.setdefault(adapter_id, asyncio.Lock())  # a few bytes per ID ever written here
+        async with lock:
+            yield
 
-    def _publish(self, manifest: Manifest) -> None:
+    def _publish(self, manifest: Manifest | None) -> None:
+        if manifest is None:
+            return
         self._writes += 1
         self._manifest = manifest
+
+    async def _end_registration(self, adapter_id: str, version: int, inflight: list[asyncio.Future],
+                                reason: str, refused: bool) -> None:
+        """Burn ``version`` for good (abandoned / refused) and delete its files, after whatever
+        thread of the registration is still running (a copy, a commit) has finished."""
+        for fut in inflight:
+            with contextlib.suppress(BaseException):
+                await fut
+        try:
+            self._publish(await asyncio.to_thread(self.registry.abandon, adapter_id, version, reason, refused=refused))
+        except Exception as e:  # the number stays burnt (staging); the next commit of this ID prunes it
+            logger.warning("adapter %s: could not mark version %d as ended (%s)", adapter_id, version,
+                           getattr(e, "message", e))
 
     async def register_adapter(self, adapter_id: str, uri: str, warm: bool = True) -> dict[str, Any]:
         """Copy ``uri`` into a new immutable version, validate it on a LoRA replica, make it current."""
@@ -200,29 +218,47 @@ class AdapterAdmin:
         if self.lora is None:
             raise ServeAppError("no LoRA deployment to validate the adapter with")
         t0 = time.perf_counter()
-        async with self._writing():
-            manifest = await asyncio.to_thread(self.registry.read)
+        self.registry.precheck(adapter_id, uri)  # bad input is refused before a number is burnt
+        async with self._writing(adapter_id):
+            version, manifest = await asyncio.to_thread(self.registry.reserve, adapter_id, uri)
+            self._publish(manifest)
             previous = manifest.current(adapter_id)
-            version = manifest.next_version(adapter_id)
 
             def progress(name, size):
                 return progress_callback(f"{uri.rstrip('/')}/{name}", size, self.config.progress_min_bytes)
 
-            info = await asyncio.to_thread(self.registry.stage, adapter_id, version, uri, progress=progress)
+            inflight: list[asyncio.Future] = []
+
+            def start(fn, *args, **kwargs) -> asyncio.Future:
+                fut = asyncio.ensure_future(asyncio.to_thread(fn, *args, **kwargs))
+                inflight.append(fut)
+                return fut
+
             try:
-                report = await self.lora.validate_adapter.remote(adapter_id, version)
-            except Exception as e:
-                err = _unwrap(e)
-                with contextlib.suppress(Exception):
-                    await asyncio.to_thread(self.registry.discard, adapter_id, version)
-                if isinstance(err, InvalidAdapterError):
-                    # The number is burnt: replicas remember that this version was refused.
-                    with contextlib.suppress(Exception):
-                        self._publish(await asyncio.to_thread(
-                            self.registry.record_failure, adapter_id, version, info, err.message))
-                raise err from None
-            info = {**info, "rank": report["rank"], "nbytes": report["nbytes"], "warnings": report["warnings"]}
-            self._publish(await asyncio.to_thread(self.registry.commit, adapter_id, version, info))
+                info = await asyncio.shield(start(self.registry.stage, adapter_id, version, uri, progress=progress))
+                report = await self.lora.validate_adapter.remote(adapter_id, version, info["fingerprint"])
+                info = {**info, "rank": report["rank"], "nbytes": report["nbytes"], "warnings": report["warnings"]}
+                manifest = await asyncio.shield(start(self.registry.commit, adapter_id, version, info))
+            except BaseException as e:
+                err = _unwrap(e) if isinstance(e, Exception) else e
+                refused = isinstance(err, InvalidAdapterError)
+                if refused:
+                    reason = err.message  # replicas remember that this version was refused
+                elif isinstance(e, asyncio.CancelledError):
+                    reason = "registration interrupted (the request was cancelled or the client disconnected)"
+                else:
+                    reason = f"registration interrupted ({type(err).__name__}: {getattr(err, 'message', err)})"
+                cleanup = asyncio.ensure_future(self._end_registration(adapter_id, version, inflight, reason, refused))
+                self._cleanups.add(cleanup)
+                cleanup.add_done_callback(self._cleanups.discard)
+                try:
+                    await asyncio.shield(cleanup)
+                except asyncio.CancelledError:
+                    pass  # cancelled again: the cleanup runs on by itself
+                if isinstance(e, Exception):
+                    raise err from None
+                raise
+            self._publish(manifest)
         mux = mux_id(adapter_id, version)
         logger.info("adapter %s: version %d registered from %s (was %s)", adapter_id, version, uri, previous)
         warmed = None
@@ -244,7 +280,7 @@ class AdapterAdmin:
 
     async def delete_adapter(self, adapter_id: str) -> dict[str, Any]:
         validate_adapter_id(adapter_id)
-        async with self._writing():
+        async with self._writing(adapter_id):
             in_store = await asyncio.to_thread(self.store.exists, adapter_id)
             manifest, previous = await asyncio.to_thread(self.registry.delete, adapter_id, in_store=in_store)
             self._publish(manifest)

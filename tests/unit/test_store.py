@@ -121,8 +121,9 @@ def test_local_backend(tmp_path, tiny_assets):
     assert store.local_path("tenant-1") == str(root / "tenant-1")
     # The root going away (an unmounted volume) is "unavailable", not "not found".
     gone = open_store(str(tmp_path / "missing"))
-    with pytest.raises(AdapterStoreUnavailableError, match="does not exist"):
+    with pytest.raises(AdapterStoreUnavailableError, match="folder is missing or not mounted") as e:
         gone.exists("tenant-0")
+    assert str(tmp_path) not in e.value.message  # tenants see no paths
     with pytest.raises(AdapterStoreUnavailableError):
         gone.list_ids()
 
@@ -146,8 +147,9 @@ def test_s3_unreachable_is_503_fast():
     store = open_store(f"s3://{BUCKET}/x", cfg)
     t0 = time.monotonic()
     for call in (store.list_ids, lambda: store.list_files("t"), lambda: store.read_bytes("m.json")):
-        with pytest.raises(AdapterStoreUnavailableError, match=r"adapter store s3://adapters/x is unreachable"):
+        with pytest.raises(AdapterStoreUnavailableError, match=r"the adapter store is unreachable") as e:
             call()
+        assert "s3://" not in e.value.message and "127.0.0.1" not in e.value.message  # tenants see no URIs
     assert time.monotonic() - t0 < 30
 
 
@@ -391,7 +393,7 @@ def test_fetch_refuses_before_download(s3, tmp_path, tiny_assets):
         with pytest.raises(InvalidAdapterError, match=pattern) as e:
             fetcher.fetch(name, 0)
         assert e.value.status_code == status
-    with pytest.raises(AdapterNotFoundError, match="'ghost' not found: no files at s3://adapters/refuse/ghost"):
+    with pytest.raises(AdapterNotFoundError, match="'ghost' not found: no files in the adapter store$"):
         fetcher.fetch("ghost", 0)
     assert fetcher.downloads == 0 and fetcher.disk.keys() == []
 

@@ -38,14 +38,24 @@ def test_merged_equals_lora_path_equals_peft(tiny_assets, idx):
 
 
 def test_generate_engine_matches_iteration_engine(tiny_assets):
-    """The static-batch engine (used behind DeepSpeed kernel injection) picks the same tokens."""
+    """The static-batch engine (used behind DeepSpeed kernel injection) picks the same tokens as
+    the iteration engine, greedy rows equal plain transformers, and a stop token really stops."""
     cfg = EngineConfig(model=str(tiny_assets.base), lora_target_modules=())
     static, loop = GenerateEngine(cfg), LoRAEngine(cfg)
     try:
+        refs = [reference_greedy(peft_model(tiny_assets.base, None), p, GREEDY.max_tokens) for p in PROMPTS]
+        # A stop ID the row really generates: its 4th greedy token (first seen there, so it stops there).
+        stop_id = refs[1][3]
+        cut = refs[1].index(stop_id)
+        assert cut >= 1, refs[1]
         sampled = SamplingParams(max_tokens=10, temperature=0.8, top_p=0.9, seed=7, ignore_eos=True)
-        stopped = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, stop_token_ids=[PROMPTS[0][0]])
+        stopped = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, stop_token_ids=[stop_id])
         work = [(p, GREEDY, None) for p in PROMPTS] + [(PROMPTS[0], sampled, None), (PROMPTS[1], stopped, None)]
         a, b = static.generate_batch(work), loop.generate_batch(work)
+        for name, outs in (("GenerateEngine", a), ("LoRAEngine", b)):
+            assert [o.token_ids for o in outs[:3]] == refs, f"{name} greedy rows differ from transformers"
+            assert outs[4].finish_reason == "stop" and outs[4].token_ids == refs[1][: cut + 1], (name, outs[4])
+            assert [o.finish_reason for o in outs[:4]] == ["length"] * 4, name
         assert [o.token_ids for o in a] == [o.token_ids for o in b]
         assert [o.text for o in a] == [o.text for o in b]
         assert [o.finish_reason for o in a] == [o.finish_reason for o in b]

@@ -3,11 +3,17 @@
 Part A (in this process, no Ray): one W1 adapter (tenant-0, rank 8 on q/k/v/o) made ready to
 serve from each tier -- S3 (moto's server on 127.0.0.1, a separate process) -> disk cache ->
 RAM -> device -- against PEFT's ``PeftModel.load_adapter`` of the same folder from local disk.
+The device hit is the product's own lookup (``engine.lora.acquire`` + ``release`` on a resident
+adapter, what every request does). The disk-cache row reads a file the S3 row wrote just before,
+so it is an OS page-cache hit and says so; a second disk row first drops that file from the page
+cache (fsync + POSIX_FADV_DONTNEED, best effort: a VM's host cache may still serve it).
 
 Part B (Ray Serve, 2 CPUs, over HTTP): W2 of design/WORKLOAD.md -- 1000 tenant adapters (rank 8,
 W1's base) in S3, Zipf(1.1) traffic, an adapter LRU of 32 per LoRA replica -- against an
 "all-hit" app whose LRU holds every tenant (warmed up first). Reports tokens/s relative to
-all-hit (target >= 0.80), hit rates per tier, and the replica's load latency per tier.
+all-hit (target >= 0.80), hit rates per tier, and the replica's load latency per tier. Every
+reply's text must equal an in-process ``LoRAEngine``'s output for the same tenant and prompt;
+otherwise the verdict is INVALID (a wrong adapter, or none, would otherwise count).
 
     python -m benchmarks.store_bench              # full: part A 20 reps; W2 1000 tenants, 3 reps
     python -m benchmarks.store_bench --quick      # smoke run (~2-3 min on 2 cores)
@@ -32,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,6 +54,7 @@ from benchmarks.engine_bench import (
     zipf_assignment,
 )
 from benchmarks.http_bench import free_port, start_ray, start_serve, stop_ray, wait_http
+from benchmarks.verify import INVALID, TextAgreement, gate
 
 TARGET_W2_VS_ALL_HIT = 0.80
 BUCKET = "store-bench"
@@ -170,17 +176,33 @@ def part_a(shape: Shape, s3: MotoProcess, work: Path) -> dict:
     peft_model = PeftModel.from_pretrained(
         AutoModelForCausalLM.from_pretrained(str(assets.base), dtype=torch.float32).eval(), str(folder),
         adapter_name="resident")
-    device_lru: OrderedDict[str, object] = OrderedDict((f"t{i}", object()) for i in range(32))
-    device_lru[aid] = object()
+    # A resident copy under its own ID (loading tenant-0 again below retires only tenant-0's own
+    # version), plus 31 more, as in a full LRU of 32.
+    resident = f"resident-{aid}"
+    engine.load_adapter(resident, str(folder))
+    for i in range(31):
+        engine.load_adapter(f"resident-{i}", str(folder))
+    cached_folder: list[str] = []
+
+    def drop_page_cache(folder_path: str) -> None:
+        for name in os.listdir(folder_path):
+            fd = os.open(os.path.join(folder_path, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
 
     def ready_from(tier: str, weights=None) -> float:
-        t0 = time.perf_counter()
         if tier == "s3":
             fetcher.disk.remove(key)
-            t0 = time.perf_counter()
-        if tier in ("s3", "disk"):
+        if tier == "disk_cold" and cached_folder:
+            drop_page_cache(cached_folder[0])
+        t0 = time.perf_counter()
+        if tier in ("s3", "disk", "disk_cold"):
             fetched = fetcher.fetch(aid, 1)
             assert fetched.tier == ("s3" if tier == "s3" else "disk"), fetched
+            cached_folder[:] = [fetched.path]
             weights = engine.run_in_engine(parse, aid, fetched.path)
         res = engine.run_in_engine(engine.lora.add, weights)
         dt = time.perf_counter() - t0
@@ -188,10 +210,13 @@ def part_a(shape: Shape, s3: MotoProcess, work: Path) -> dict:
         return dt
 
     def device_hit() -> float:
+        """The product's lookup on a resident adapter: what add_request does for a device hit."""
         t0 = time.perf_counter()
-        device_lru.move_to_end(aid)
-        _ = device_lru[aid]
-        return time.perf_counter() - t0
+        res = engine.lora.acquire(resident)
+        engine.lora.release(res)
+        dt = time.perf_counter() - t0
+        assert res.adapter_id == resident and not res.retired, res
+        return dt
 
     def peft_load(i: int) -> float:
         t0 = time.perf_counter()
@@ -201,11 +226,12 @@ def part_a(shape: Shape, s3: MotoProcess, work: Path) -> dict:
         return dt
 
     weights = engine.run_in_engine(parse, aid, str(folder))
-    times: dict[str, list[float]] = {k: [] for k in ("s3", "disk", "ram", "device", "peft")}
+    tiers = ("s3", "disk", "disk_cold", "ram", "device", "peft")
+    times: dict[str, list[float]] = {k: [] for k in tiers}
     bytes_before = engine.lora.stats()["bytes_used"]
     for rep in range(shape.reps_a + 1):  # rep 0: warm-up, dropped
-        sample = {"s3": ready_from("s3"), "disk": ready_from("disk"), "ram": ready_from("ram", weights),
-                  "device": device_hit(), "peft": peft_load(rep)}
+        sample = {"s3": ready_from("s3"), "disk": ready_from("disk"), "disk_cold": ready_from("disk_cold"),
+                  "ram": ready_from("ram", weights), "device": device_hit(), "peft": peft_load(rep)}
         if rep:
             for k, v in sample.items():
                 times[k].append(v)
@@ -213,16 +239,21 @@ def part_a(shape: Shape, s3: MotoProcess, work: Path) -> dict:
     engine.shutdown()
     meds = {k: statistics.median(v) for k, v in times.items()}
     rows = []
-    labels = {"s3": "S3 -> device (download, parse, copy)", "disk": "disk cache -> device (parse, copy)",
-              "ram": "RAM -> device (copy into the pool)", "device": "device hit (LRU lookup)",
+    labels = {"s3": "S3 -> device (download, parse, copy)",
+              "disk": "disk cache -> device (page-cache hit: just written)",
+              "disk_cold": "disk cache -> device (page cache dropped)",
+              "ram": "RAM -> device (copy into the pool)",
+              "device": "device hit (lora.acquire + release)",
               "peft": "PEFT load_adapter (local folder)"}
     print(f"\nPart A: one W1 adapter ({aid}@v1, {(folder / 'adapter_model.safetensors').stat().st_size:,} bytes) "
           f"made ready to serve; median of {shape.reps_a} after a warm-up")
-    print(f"{'tier':<40} {'median ms':>10} {'p90 ms':>8} {'vs PEFT':>8}")
-    for k in ("s3", "disk", "ram", "device", "peft"):
+    print(f"{'tier':<52} {'median ms':>10} {'p90 ms':>8} {'vs PEFT':>8}")
+    for k in tiers:
         r = ratio(meds[k], meds["peft"])
         rows.append({"tier": k, "median_s": meds[k], "p90_s": pct(times[k], 0.9), "vs_peft": r})
-        print(f"{labels[k]:<40} {meds[k] * 1e3:>10.3f} {pct(times[k], 0.9) * 1e3:>8.3f} {fmt_ratio(r):>8}")
+        print(f"{labels[k]:<52} {meds[k] * 1e3:>10.3f} {pct(times[k], 0.9) * 1e3:>8.3f} {fmt_ratio(r):>8}")
+    print("(the page-cache-hit row reads a file written moments before; the dropped row is best effort: "
+          "fsync + POSIX_FADV_DONTNEED on that file, a VM's host cache may still serve it)")
     return {"adapter": aid, "rows": rows, "times": times}
 
 
@@ -230,13 +261,15 @@ def part_a(shape: Shape, s3: MotoProcess, work: Path) -> dict:
 
 
 async def run_pass(url: str, prefix: str, jobs: list[tuple[str, list[int]]], max_tokens: int,
-                   concurrency: int) -> dict:
+                   concurrency: int, want: list[str] | None = None) -> dict:
+    """One closed-loop pass; each 200 reply's text is checked against ``want[i]`` (the engine's)."""
     import httpx
 
     sem = asyncio.Semaphore(concurrency)
     tokens, errors, lat = 0, [], []
+    texts = TextAgreement()
 
-    async def one(client, model, prompt):
+    async def one(client, i, model, prompt):
         nonlocal tokens
         async with sem:
             t0 = time.perf_counter()
@@ -251,17 +284,19 @@ async def run_pass(url: str, prefix: str, jobs: list[tuple[str, list[int]]], max
             if r.status_code != 200:
                 errors.append(f"{model}: {r.status_code} {r.text[:200]}")
                 return
-            n = r.json()["usage"]["completion_tokens"]
+            obj = r.json()
+            n = obj["usage"]["completion_tokens"]
             if n != max_tokens:
                 errors.append(f"{model}: {n} tokens")
             tokens += n
+            texts.add(f"#{i} {model}", (obj.get("choices") or [{}])[0].get("text"), None if want is None else want[i])
 
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits, trust_env=False) as c:
         t0 = time.perf_counter()
-        await asyncio.gather(*(one(c, m, p) for m, p in jobs))
+        await asyncio.gather(*(one(c, i, m, p) for i, (m, p) in enumerate(jobs)))
         wall = time.perf_counter() - t0
-    return {"tokens": tokens, "wall": wall, "tps": tokens / wall, "errors": errors,
+    return {"tokens": tokens, "wall": wall, "tps": tokens / wall, "errors": errors, "texts": texts,
             "p50": statistics.median(lat) if lat else None, "p99": pct(lat, 0.99) if lat else None}
 
 
@@ -293,6 +328,26 @@ def fmt_rate(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def reference_texts(assets, jobs: list[tuple[str, list[int]]], max_tokens: int) -> list[str]:
+    """Each job's text from a LoRAEngine in this process with the same adapter files (before Ray
+    starts): the reference every reply must equal."""
+    from serve_app.config import EngineConfig
+    from serve_app.engine.engine import LoRAEngine
+    from serve_app.engine.sampling import SamplingParams
+
+    t0 = time.perf_counter()
+    engine = LoRAEngine(EngineConfig(model=str(assets.base), torch_threads=2, max_num_seqs=64))
+    try:
+        for m in sorted({m for m, _ in jobs}):
+            engine.load_adapter(m, str(assets.adapter_path(m)))
+        sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        texts = [c.text for c in engine.generate_batch([(p, sp, m) for m, p in jobs])]
+    finally:
+        engine.shutdown()
+    print(f"reference texts: {len(texts)} requests through an in-process LoRAEngine in {time.perf_counter() - t0:.1f}s")
+    return texts
+
+
 def part_b(shape: Shape, s3: MotoProcess, work: Path) -> dict:
     from ray import serve
 
@@ -314,6 +369,7 @@ def part_b(shape: Shape, s3: MotoProcess, work: Path) -> dict:
           f"{shape.prompt_len}-token prompts, {shape.max_tokens} new tokens, {shape.concurrency} in flight; "
           f"LoRA replica LRU {shape.lru}")
 
+    want = reference_texts(assets, jobs, shape.max_tokens)
     start_ray(2)
     port, url = start_serve()
     common = {"base_model": str(assets.base), "adapters": f"s3://{BUCKET}/w2", "lora_num_cpus": 0.8,
@@ -329,9 +385,12 @@ def part_b(shape: Shape, s3: MotoProcess, work: Path) -> dict:
             serve.run(build_app(args), name=name, route_prefix=f"/{name}")
             wait_http(f"{url}/{name}/health")
 
+        texts_all: dict[str, list[TextAgreement]] = {"allhit": [], "w2": []}
+
         def timed(app: str) -> dict:
             before = lora_stats(app)
-            res = asyncio.run(run_pass(url, f"/{app}", jobs, shape.max_tokens, shape.concurrency))
+            res = asyncio.run(run_pass(url, f"/{app}", jobs, shape.max_tokens, shape.concurrency, want))
+            texts_all[app].append(res["texts"])
             res["loadavg"] = loadavg()
             res["tiers"] = tier_delta(before, lora_stats(app), shape.requests)
             if res["errors"]:
@@ -367,11 +426,22 @@ def part_b(shape: Shape, s3: MotoProcess, work: Path) -> dict:
     print("replica load latency per source tier (mean, ms, request -> resident; from the cold and steady runs): "
           + ", ".join(f"{t} {v:.1f}" for t, v in sorted(lat.items())))
     bad = sum(len(r["errors"]) for rs in runs.values() for r in rs) + len(cold["errors"])
+    texts_ok = {}
+    for app, checks in texts_all.items():
+        total = TextAgreement(checked=sum(t.checked for t in checks), equal=sum(t.equal for t in checks),
+                              mismatches=[m for t in checks for m in t.mismatches])
+        texts_ok[app] = total.to_json()
+        print(f"text check, {app} (every pass, warm-up and cold included): {total.summary()}")
     verdict = "PASS" if r_steady is not None and r_steady >= TARGET_W2_VS_ALL_HIT and not bad else "MISS"
+    verdict = gate(verdict, *(t["ok"] for t in texts_ok.values()))
     print(f"Target: W2 steady tok/s >= {TARGET_W2_VS_ALL_HIT:.2f}x all-hit: {fmt_ratio(r_steady)} {verdict}"
-          + (f" ({bad} bad replies)" if bad else ""))
+          + (f" ({bad} bad replies)" if bad else "")
+          + ("  (reply texts differ from the engine's)" if verdict == INVALID else ""))
+    for r in (*runs["allhit"], *runs["w2"], cold, warm):
+        if isinstance(r["texts"], TextAgreement):
+            r["texts"] = r["texts"].to_json()
     return {"shape": asdict(shape), "distinct_tenants": distinct, "allhit": allhit, "w2_steady": w2, "w2_cold": cold,
-            "runs": runs, "ratio_steady": r_steady, "ratio_cold": r_cold, "verdict": verdict}
+            "runs": runs, "ratio_steady": r_steady, "ratio_cold": r_cold, "texts": texts_ok, "verdict": verdict}
 
 
 def main(argv: list[str] | None = None) -> None:

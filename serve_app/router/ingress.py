@@ -70,6 +70,8 @@ logger = logging.getLogger("ray.serve")
 MODEL_HEADER = "serve_multiplexed_model_id"
 SERVED_BY = "x-served-by"
 
+ROUTER_REPLICA = "x-router-replica"
+
 app = FastAPI(title="serve-app: multi-tenant LoRA inference", version="0.1.0")
 
 # The edge checks run before any route parses a body. Router.__init__ fills _EDGE (one Router
@@ -78,6 +80,40 @@ app = FastAPI(title="serve-app: multi-tenant LoRA inference", version="0.1.0")
 _EDGE: dict = {"auth": None, "max_body_bytes": None}
 app.add_middleware(BodySizeLimitMiddleware, max_bytes=lambda: _EDGE["max_body_bytes"])
 app.add_middleware(AuthMiddleware, authenticator=lambda: _EDGE["auth"])
+
+
+class RouterReplicaHeader:
+    """Pure ASGI: every response names the router replica that answered it (``x-router-replica``,
+    Serve's replica ID), so operators and tests can tell replicas apart. Computed once per process."""
+
+    _value: bytes | None = None
+
+    def __init__(self, app):
+        self.app = app
+
+    @classmethod
+    def value(cls) -> bytes:
+        if cls._value is None:
+            try:
+                rid = serve.get_replica_context().replica_id
+                cls._value = str(getattr(rid, "unique_id", rid)).encode("latin-1", "replace")
+            except Exception:  # outside a replica (unit tests): no ID to give
+                cls._value = b"unknown"
+        return cls._value
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_with_header(msg):
+            if msg["type"] == "http.response.start":
+                msg = {**msg, "headers": [*msg.get("headers", ()), (ROUTER_REPLICA.encode(), self.value())]}
+            await send(msg)
+
+        return await self.app(scope, receive, send_with_header)
+
+
+app.add_middleware(RouterReplicaHeader)  # outermost: also on 401 / 413 answers
 
 
 def unwrap(exc: BaseException) -> BaseException:
@@ -264,7 +300,8 @@ class Router:
     def _resolve(self, model: str, header: str | None = None) -> tuple[str | None, str]:
         """(multiplexed model ID or None for the base model, serving path 'lora' | 'merged').
 
-        On the LoRA path the ID is the tenant's current version, ``<id>@v<n>`` (router/admin.py).
+        On both paths the ID is the tenant's current version, ``<id>@v<n>`` (router/admin.py): the
+        merged path serves it only if its ready copy holds exactly that version (router/promoter.py).
         """
         name = header or model
         versioned = None
@@ -274,10 +311,10 @@ class Router:
             validate_adapter_id(name)
             versioned = self.admin.resolve(name)  # 404 unknown or deleted, 503 store unreachable
             adapter_id = name
-        path = self.promoter.path_for(adapter_id) if self.promoter is not None and adapter_id else "lora"
+        path = self.promoter.path_for(adapter_id, versioned) if self.promoter is not None and adapter_id else "lora"
         metrics.ROUTER_PATH.inc(tags={"path": path})
         metrics.REQUESTS.inc(tags={"adapter": adapter_id or self.base_model_name, "path": path})
-        return (versioned if path == "lora" else adapter_id), path
+        return versioned, path
 
     def _handle(self, adapter_id: str | None, path: str, stream: bool) -> DeploymentHandle:
         h = self.merged if path == "merged" else self.lora

@@ -356,3 +356,61 @@ def test_store_down_uncached_503_cached_keep_serving_then_recovery(lc, s3, refs)
     assert r.json()["choices"][0]["text"] == refs.text("tenant-4", PROMPT, n)
     s = stats()
     assert s["running"] == 0 and s["lora"]["retired_pinned"] == 0
+
+
+# ---- 6. registry integrity (issue 10): non-float weights, a version never names two contents ----------
+
+
+def test_fp8_weights_through_admin_are_a_422(lc, s3, serve_env, tmp_path, refs):
+    """fp8 (or any non-float) tensors: registration answers 422 naming the tensor, never a 500."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    src = tmp_path / "fp8"
+    shutil.copytree(serve_env.assets.adapter_path("tenant-1"), src)
+    tensors = load_file(src / "adapter_model.safetensors")
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].to(torch.float8_e4m3fn)
+    save_file(tensors, src / "adapter_model.safetensors")
+    s3.upload_dir(src, BUCKET, "uploads/bad-fp8")
+    r = lc.post(ADMIN, json={"adapter_id": "tenant-1", "uri": f"s3://{BUCKET}/uploads/bad-fp8"})
+    err = error_of(r, 422)
+    assert err["code"] == "invalid_adapter" and "float8_e4m3fn" in err["message"] and key[:40] in err["message"], err
+    assert "s3://" not in err["message"].replace(f"s3://{BUCKET}/uploads/bad-fp8", ""), err  # only the admin's own URI
+    r = lc.post(CMPL, json=greedy("tenant-1", 6))  # the tenant keeps its version
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == refs.text("tenant-1", PROMPT, 6), r.text
+
+
+def test_a_stale_cached_copy_never_answers_a_new_registration(lc, s3, serve_env, refs):
+    """The state an interrupted registration left before the fix: ``reg-race@v1``'s folder staged
+    with tenant-4's files and validated, so the replica's RAM tier holds them, while the manifest
+    never recorded v1. A registration of other files (tenant-5's) that gets number 1 must be
+    served with those files: caches are checked against the content fingerprint the registry
+    recorded, not trusted by name."""
+    from serve_app.adapters.config import StoreConfig
+    from serve_app.adapters.registry import AdapterRegistry
+    from serve_app.adapters.store import open_store
+
+    n, aid = 8, "reg-race"
+    assert refs.text("tenant-4", PROMPT, n) != refs.text("tenant-5", PROMPT, n)
+    cfg = StoreConfig(storage_options=s3.storage_options)
+    reg = AdapterRegistry(open_store(f"s3://{BUCKET}/adapters", cfg), cfg)
+    version = reg.read().next_version(aid)
+    reg.stage(aid, version, f"s3://{BUCKET}/uploads/tenant-4")
+    lora = serve.get_deployment_handle("LoRADeployment", app_name=APP)
+    lora.validate_adapter.remote(aid, version).result(timeout_s=120)
+    assert f"{aid}@v{version}" in stats()["ram"]["keys"]
+
+    r = lc.post(ADMIN, json={"adapter_id": aid, "uri": f"s3://{BUCKET}/uploads/tenant-5"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    for _ in range(3):
+        out = lc.post(CMPL, json=greedy(aid, n))
+        assert out.status_code == 200, out.text
+        assert out.json()["choices"][0]["text"] == refs.text("tenant-5", PROMPT, n), (
+            f"{aid}@v{body['version']} was answered with the stale cached copy (tenant-4's weights)")
+    listed = {a["id"]: a for a in lc.get(ADMIN).json()["data"]}[aid]
+    numbers = [v["version"] for v in listed["versions"]]
+    assert len(numbers) == len(set(numbers)) and listed["version"] == body["version"], listed

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -482,3 +483,75 @@ def test_manifest_keeps_reading_old_formats():
                                                                             "fingerprint": "adapter_config.json:1:x"}}}}})
                            .encode())
     assert m.current("a") == 2 and m.fingerprint("a", 2) is None and not m.is_stale("a@v2") and m.is_stale("a@v1")
+
+
+# ---- 6. non-float tensors through the admin API ------------------------------------------------------
+
+
+def _retyped_adapter(good: Path, out: Path, dtype) -> Path:
+    """``good`` with its first tensor stored as ``dtype`` (fp8, int8 ...)."""
+    import torch  # noqa: F401 (dtype objects)
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(good, out)
+    tensors = load_file(out / "adapter_model.safetensors")
+    key = sorted(tensors)[0]
+    tensors[key] = tensors[key].to(dtype)
+    save_file(tensors, out / "adapter_model.safetensors")
+    return out
+
+
+@pytest.fixture(scope="module")
+def base_shape(tiny_assets):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from serve_app.config import LORA_TARGET_KINDS
+    from serve_app.engine.model import base_shape
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_assets.base), dtype=torch.float32)
+    return base_shape(model, LORA_TARGET_KINDS)
+
+
+class ParsingLora(FakeLora):
+    """Validates as a LoRA replica does: fetch the staged version, parse it (engine/lora_weights.py)."""
+
+    def __init__(self, store, cfg, base_shape):
+        super().__init__()
+        self.fetcher = AdapterFetcher(store, cfg)
+        self.base_shape = base_shape
+
+    async def _validate(self, adapter_id, version, fingerprint=None):
+        import torch
+
+        from serve_app.engine.lora_weights import load_lora_weights
+
+        fetched = self.fetcher.fetch(adapter_id, version, fingerprint)
+        w = load_lora_weights(f"{adapter_id}@v{version}", fetched.path, self.base_shape, max_rank=32,
+                              dtype=torch.float32)
+        return {"rank": w.rank, "nbytes": w.nbytes, "raw_bytes": w.raw_bytes, "warnings": list(w.warnings),
+                "tier": fetched.tier, "seconds": 0.0}
+
+
+@pytest.mark.parametrize("dtype_name", ["float8_e4m3fn", "float8_e5m2", "int8"])
+def test_non_float_weights_registered_through_admin_are_a_422(dtype_name, tmp_path, tiny_assets, base_shape):
+    import torch
+
+    root = _local_store(tmp_path, tiny_assets)
+    store = open_store(str(root))
+    admin = _admin(str(root), StoreConfig(), ParsingLora(store, StoreConfig(), base_shape))
+    src = _retyped_adapter(tiny_assets.adapter_path("tenant-2"), tmp_path / "bad", getattr(torch, dtype_name))
+    try:
+        with pytest.raises(InvalidAdapterError) as e:
+            asyncio.run(admin.register_adapter("tenant-0", str(src), warm=False))
+        assert e.value.status_code == 422 and e.value.code == "invalid_adapter"
+        assert re.search(rf"'tenant-0@v1': tensor \S+ has dtype {dtype_name}; LoRA weights must be float", e.value.message), \
+            e.value.message
+        m = admin.registry.read()
+        assert m.current("tenant-0") == 0 and m.version_info("tenant-0", 1)["state"] == "refused"
+        assert store.list_files(admin.registry.version_rel("tenant-0", 1)) == {}
+        # A good registration afterwards gets the next number.
+        out = asyncio.run(admin.register_adapter("tenant-0", str(tiny_assets.adapter_path("tenant-2")), warm=False))
+        assert out["version"] == 2 and admin.registry.read().current("tenant-0") == 2
+    finally:
+        admin.close()

@@ -58,3 +58,33 @@ def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[
 @torch.inference_mode()
 def reference_logits(model, prompt_ids: list[int]) -> torch.Tensor:
     return model(input_ids=torch.tensor([prompt_ids])).logits[0, -1].float()
+
+
+# ---- HTTP answers (serve tests) ---------------------------------------------------------------------
+
+
+def assert_error_shape(status: int, body) -> None:
+    """OpenAI's error body: ``{"error": {"message": str, "type": str, "code": str}}``, all non-empty."""
+    assert isinstance(body, dict) and isinstance(body.get("error"), dict), f"{status}: {body!r}"[:500]
+    err = body["error"]
+    for k in ("message", "type", "code"):
+        assert isinstance(err.get(k), str) and err[k], f"{status}: error.{k} missing in {body!r}"[:500]
+
+
+def check_response(status: int, content_type, text: str) -> None:
+    """No 5xx; every error in OpenAI's shape (JSON); a 200 stream's in-band errors too, never internal ones."""
+    import json
+
+    if isinstance(content_type, list):  # schemathesis' response headers are lists
+        content_type = content_type[0] if content_type else ""
+    assert status < 500, f"server error {status}: {text[:500]}"
+    if status >= 400:
+        assert content_type.startswith("application/json"), (status, content_type, text[:300])
+        assert_error_shape(status, json.loads(text))
+    elif content_type.startswith("text/event-stream"):
+        for line in text.splitlines():
+            if line.startswith("data: {"):
+                payload = json.loads(line[6:])
+                if "error" in payload:
+                    assert_error_shape(200, payload)
+                    assert payload["error"]["type"] != "internal_error", payload

@@ -434,8 +434,10 @@ BAD_REQUESTS = [
     ("empty-messages", CHAT, {"model": "base", "messages": []}, (400,)),
     ("empty-prompt-list", CMPL, {"model": "base", "prompt": []}, (400,)),
     ("temperature-too-high", CMPL, {"model": "base", "prompt": "x", "temperature": 5}, (400,)),
-    *[(f"bad-id-{i}", CMPL, {"model": bad, "prompt": "x"}, (400, 404)) for i, bad in enumerate(BAD_IDS)],
-    *[(f"bad-id-chat-stream-{i}", CHAT, {"model": bad, "messages": MSGS, "stream": True}, (400, 404))
+    # Path-traversal and malformed IDs are refused before any lookup: 400 invalid_model, never a 404
+    # (a 404 would mean the ID reached the store).
+    *[(f"bad-id-{i}", CMPL, {"model": bad, "prompt": "x"}, (400,)) for i, bad in enumerate(BAD_IDS)],
+    *[(f"bad-id-chat-stream-{i}", CHAT, {"model": bad, "messages": MSGS, "stream": True}, (400,))
       for i, bad in enumerate(BAD_IDS[:4])],
 ]
 
@@ -446,14 +448,16 @@ def test_bad_request_gets_openai_4xx(http, path, body, statuses):
         r = http.post(path, content=body, headers={"content-type": "application/json"})
     else:
         r = http.post(path, json=body)
-    assert_openai_error(r, statuses)
+    err = assert_openai_error(r, statuses)
+    if isinstance(body, dict) and body.get("model") in BAD_IDS:
+        assert err["code"] == "invalid_model", err
 
 
 @pytest.mark.parametrize("bad", BAD_IDS[:5])
 def test_bad_adapter_id_in_header_is_4xx(http, bad):
     # httpx refuses control characters in headers, so only the printable bad IDs here.
     r = http.post(CMPL, json={"model": "base", "prompt": "x"}, headers={"serve_multiplexed_model_id": bad})
-    assert_openai_error(r, (400, 404))
+    assert assert_openai_error(r, (400,))["code"] == "invalid_model"
 
 
 def test_header_selects_the_adapter(http, refs):
@@ -520,16 +524,33 @@ def test_stop_seed_and_top_k_are_accepted(http, refs):
     assert r.status_code == 200 and done
     assert stream_text(payloads) == (full[:cut], ["stop"])
 
-    # Seeded sampling with top_k: accepted, and the same seed gives the same text.
+    # Seeded sampling with top_k: the same seed gives the same text, another seed another text.
     body = {"model": "tenant-2", "prompt": PROMPTS[1], "max_tokens": 12, "temperature": 1.0, "top_k": 5,
             "seed": 1234, "ignore_eos": True}
-    first = http.post(CMPL, json=body)
-    second = http.post(CMPL, json=body)
-    assert first.status_code == second.status_code == 200, first.text
-    assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
-    r = http.post(CHAT, json={"model": "tenant-2", "messages": MSGS, "max_tokens": 4, "top_k": 3, "seed": 7,
-                              "stop": ["\n"], "top_p": 0.9})
+    texts = []
+    for b in (body, body, {**body, "seed": 99}):
+        r = http.post(CMPL, json=b)
+        assert r.status_code == 200, r.text
+        texts.append(r.json()["choices"][0]["text"])
+    assert texts[0] == texts[1] and texts[2] != texts[0], texts
+    # top_k is applied: top_k=1 at temperature 1 is greedy, i.e. PEFT's greedy text (unfiltered
+    # sampling at temperature 1 would almost never reproduce 12 greedy tokens).
+    greedy_text = refs.text("tenant-2", PROMPTS[1], 12)
+    assert texts[0] != greedy_text, "the sampled text is greedy: this check could not see top_k"
+    r = http.post(CMPL, json={**body, "top_k": 1, "seed": 5})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == greedy_text, r.text
+    # Chat with top_k, seed, stop and top_p: top_k=1 makes it greedy, so it is PEFT's greedy chat
+    # text cut right before the stop string.
+    full_chat = refs.chat_text("tenant-2", MSGS, 16)
+    m = re.compile(r"[A-Za-z]{2}").search(full_chat, len(full_chat) // 3)
+    assert m, f"no ASCII pair to use as a stop string in {full_chat!r}"
+    chat_stop = m.group()
+    r = http.post(CHAT, json={"model": "tenant-2", "messages": MSGS, "max_tokens": 16, "top_k": 1, "seed": 7,
+                              "temperature": 1.0, "stop": [chat_stop], "top_p": 0.9, "ignore_eos": True})
     assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert choice["message"]["content"] == full_chat[: full_chat.find(chat_stop)], (choice, full_chat, chat_stop)
+    assert choice["finish_reason"] == "stop"
 
 
 def test_server_still_serves_after_errors(http, refs):

@@ -113,7 +113,9 @@ def replica_pids() -> list[int]:
 
 def test_corrupt_adapter_is_422_and_other_tenants_keep_being_served(fault_app, serve_env, refs):
     tenants = serve_env.assets.adapter_ids[:3]
-    n_long = 300
+    # Long enough to outlast all 3 rounds on the same replica (asserted after each round): 300
+    # tokens ended during round 2 on a 2-core machine.
+    n_long = 1200
     expected_long = refs.text(tenants[0], PROMPT, n_long)
     results: dict = {}
 
@@ -137,6 +139,10 @@ def test_corrupt_adapter_is_422_and_other_tenants_keep_being_served(fault_app, s
                 r = c.post("/v1/completions", json=greedy(m, 6))
                 assert r.status_code == 200, r.text
                 assert r.json()["choices"][0]["text"] == refs.text(m, PROMPT, 6)
+            # The long stream overlapped this round: it is still decoding on the same replica.
+            stats = lora_stats()
+            assert "lines" not in results and stats["running"] >= 1, (
+                f"the long stream was not running during round {round_}; raise n_long: {stats}")
     t.join(120)
     assert not t.is_alive(), "the running stream hung"
     assert results["status"] == 200
@@ -197,7 +203,15 @@ def test_replica_killed_mid_stream(fault_app, serve_env, refs):
     threads += [threading.Thread(target=inflight_request, args=(i,)) for i in range(len(inflight))]
     for t in threads[1:]:
         t.start()
-    time.sleep(1.0)  # let them reach the replica
+    # The SIGKILL must find the stream and the 4 requests on the replica (queued or decoding).
+    deadline = time.monotonic() + 60
+    while True:
+        stats = lora_stats()
+        if stats["running"] + stats["waiting"] >= 1 + len(inflight):
+            break
+        assert time.monotonic() < deadline, f"the in-flight requests never reached the replica: {stats}"
+        time.sleep(0.2)
+    assert "lines" not in stream_result, f"the stream ended before the kill: {stream_result}"
     killed_at = time.monotonic()
     os.kill(before[0], signal.SIGKILL)
 
@@ -261,4 +275,8 @@ def test_replica_killed_mid_stream(fault_app, serve_env, refs):
             assert r.json()["choices"][0]["text"] == refs.text(m, PROMPT, 8)
         with c.stream("POST", "/v1/completions", json=greedy(tenant, 8, stream=True)) as r:
             assert r.status_code == 200
-            assert [line for line in r.iter_lines() if line][-1] == "data: [DONE]"
+            lines = [line for line in r.iter_lines() if line]
+        assert lines[-1] == "data: [DONE]"
+        payloads = [json.loads(line[6:]) for line in lines[:-1]]
+        assert not any("error" in p for p in payloads), payloads
+        assert "".join(ch["text"] for p in payloads for ch in p["choices"]) == refs.text(tenant, PROMPT, 8)

@@ -490,7 +490,6 @@ def test_manifest_keeps_reading_old_formats():
 
 def _retyped_adapter(good: Path, out: Path, dtype) -> Path:
     """``good`` with its first tensor stored as ``dtype`` (fp8, int8 ...)."""
-    import torch  # noqa: F401 (dtype objects)
     from safetensors.torch import load_file, save_file
 
     shutil.copytree(good, out)

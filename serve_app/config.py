@@ -51,6 +51,14 @@ class EngineConfig(BaseModel):
         description="Longest prompt + completion in tokens. Default: the model's max_position_embeddings, "
         "capped at 4096.",
     )
+    max_num_batched_tokens: int = Field(
+        default=512,
+        ge=1,
+        description="Token budget of one engine step: one token per decoding sequence first, then new "
+        "prompts, whole while they fit and a longer one in chunks across steps (chunked prefill), so a "
+        "long prompt never pauses the running sequences for its whole prefill. Lower: smoother "
+        "inter-token latency beside long prompts; higher: fewer steps for bursts of prompts.",
+    )
     max_adapter_bytes: int = Field(
         default=1 << 30, ge=1, description="Refuse adapters whose weight file is larger than this."
     )
@@ -67,6 +75,12 @@ class EngineConfig(BaseModel):
             )
         if self.quantization != "none" and self.dtype == "float16":
             raise ValueError("quantized bases compute in bfloat16 or float32; set dtype to one of those")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(
+                f"max_num_batched_tokens {self.max_num_batched_tokens} is less than max_num_seqs "
+                f"{self.max_num_seqs}: a full batch of decoding sequences would leave no budget for prompts; "
+                "raise max_num_batched_tokens"
+            )
         return self
 
 
@@ -100,6 +114,11 @@ class AppConfig(BaseModel):
     )
     max_num_seqs: int = Field(default=64, ge=1, description="Sequences decoded together per replica.")
     max_model_len: int | None = Field(default=None, ge=8, description="Prompt + completion limit in tokens.")
+    max_num_batched_tokens: int = Field(
+        default=512, ge=1,
+        description="Token budget of one engine step (decode tokens first, then prompts; longer prompts are "
+        "prefilled in chunks across steps). Must be at least max_num_seqs.",
+    )
     default_max_tokens: int = Field(
         default=256, ge=1, description="max_tokens when a chat request (or a null max_tokens) leaves it out."
     )
@@ -174,6 +193,7 @@ class AppConfig(BaseModel):
             max_lora_rank=self.max_lora_rank,
             max_num_seqs=self.max_num_seqs,
             max_model_len=self.max_model_len,
+            max_num_batched_tokens=self.max_num_batched_tokens,
             torch_threads=self.torch_threads or max(1, math.ceil(cpus)),
         )
 

@@ -46,6 +46,7 @@ from serve_app.errors import InvalidRequestError, ServeAppError
 logger = logging.getLogger(__name__)
 
 _ids = itertools.count()
+_MIN_CHUNK = 16  # a chunked prefill starts with at least this many tokens (or the whole prompt)
 
 
 class EngineError(ServeAppError):
@@ -90,6 +91,7 @@ class Request:
     stop_ids: frozenset[int]
     generator: torch.Generator | None = None
     tenant: str | None = None  # fair-admission key; None: the adapter ID
+    prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
     output_ids: list[int] = field(default_factory=list)
     aborted: bool = False
     done: bool = False
@@ -122,6 +124,12 @@ class FairQueue:
             q = self._queues[k] = deque()
         q.append(req)
         self._len += 1
+
+    def peek(self) -> Request:
+        """The request ``popleft`` would return next."""
+        if not self._len:
+            raise IndexError("peek into an empty FairQueue")
+        return next(iter(self._queues.values()))[0]
 
     def popleft(self) -> Request:
         if not self._len:
@@ -163,7 +171,9 @@ class LoRAEngine:
         self.config = config
         self._cv = threading.Condition()
         self._waiting = FairQueue()  # round-robin across tenants (see FairQueue)
-        self._running: list[Request] = []  # index == KV-cache slot
+        self._running: list[Request] = []  # decoding; index == KV-cache slot
+        self._partial: Request | None = None  # a long prompt being prefilled in chunks (last slot)
+        self._chunk_take = 0  # prompt tokens of ``_partial`` this step's forward prefills
         self._tasks: deque[tuple[Callable, tuple, Future]] = deque()  # run on the engine thread
         self._outbox: list[tuple[Request, RequestOutput]] = []
         self._stopped = False
@@ -390,6 +400,7 @@ class LoRAEngine:
         with self._cv:
             return {
                 "running": len(self._running),
+                "prefilling": int(self._partial is not None),
                 "waiting": len(self._waiting),
                 "waiting_tenants": self._waiting.tenants(),
                 "steps": self.steps,
@@ -421,16 +432,14 @@ class LoRAEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while not self._stopped and not self._waiting and not self._running and not self._tasks:
+                while (not self._stopped and not self._waiting and not self._running and self._partial is None
+                       and not self._tasks):
                     self._cv.wait()
                 if self._stopped:
                     break
                 tasks = list(self._tasks)
                 self._tasks.clear()
-                room = self.config.max_num_seqs - len(self._running)
-                admitted = []
-                while self._waiting and len(admitted) < room:
-                    admitted.append(self._waiting.popleft())
+                admitted = self._admit_waiting()
             for fn, args, fut in tasks:
                 try:
                     fut.set_result(fn(*args))
@@ -442,61 +451,127 @@ class LoRAEngine:
                 logger.exception("engine step failed; failing %d requests", len(self._running) + len(admitted))
                 # The client gets a generic message; the details are in the log above.
                 err = e if isinstance(e, ServeAppError) else EngineError("engine step failed; see the replica log")
-                for req in {*self._running, *admitted}:
+                for req in {*self._running, *admitted, *([self._partial] if self._partial else [])}:
                     if not req.done:
                         self._finish(req, None, error=err)
                 self._running = []
+                self._partial = None
             self._flush()
         # Shutting down: nothing more will run.
         for _, _, fut in self._tasks:
             fut.set_exception(EngineError("engine shut down"))
-        for req in [*self._running, *self._waiting]:
+        for req in [*self._running, *self._waiting, *([self._partial] if self._partial else [])]:
             if not req.done:
                 self._finish(req, None, error=EngineError("engine shut down"))
         self._flush()
+
+    def _admit_waiting(self) -> list[Request]:
+        """Pick this step's new prompts (called under the lock): the per-step token budget.
+
+        Decode rows come first (one token each), then the prompt being chunked continues, then
+        waiting prompts (fair order) are admitted whole while they fit in what is left of
+        ``max_num_batched_tokens``. The first one that does not fit starts a chunked prefill
+        if none is running: a long prompt is spread over steps while every running row keeps
+        getting a token per step, so one tenant's long prompt never stalls the others.
+        """
+        cfg = self.config
+        budget = cfg.max_num_batched_tokens - len(self._running)
+        p = self._partial
+        self._chunk_take = 0
+        if p is not None:
+            self._chunk_take = min(len(p.prompt_ids) - p.prefilled, max(budget, 0))
+            budget -= self._chunk_take
+        room = cfg.max_num_seqs - len(self._running) - (p is not None)
+        admitted: list[Request] = []
+        while self._waiting and len(admitted) < room and budget > 0:
+            n = len(self._waiting.peek().prompt_ids)
+            if n <= budget:
+                admitted.append(self._waiting.popleft())
+                budget -= n
+            elif self._partial is None and budget >= _MIN_CHUNK:
+                self._partial = self._waiting.popleft()
+                self._chunk_take = budget
+                break
+            else:
+                break
+        return admitted
 
     def _step(self, admitted: list[Request]) -> None:
         for req in self._running:
             if req.aborted and not req.done:
                 self._finish(req, "abort")
+        p = self._partial
+        if p is not None and p.aborted:
+            self._finish(p, "abort")
+            self._partial = p = None
         admitted = [r for r in admitted if not (r.aborted and self._finish(r, "abort"))]
         self._compact()
-
-        if admitted:
-            self._prefill(admitted)
-
-        if self._running:
-            rows = self._running
-            lora = self.lora.prepare([r.adapter for r in rows])
-            tokens = [r.output_ids[-1] for r in rows]
-            positions = [len(r.prompt_ids) + len(r.output_ids) - 1 for r in rows]
-            logits = self.runner.decode(tokens, positions, lora)
-            self._append_tokens(rows, logits, lora)
-            self._compact()
+        take = self._chunk_take if p is not None else 0
+        if self._running or admitted or take:
+            rows = list(self._running)
+            try:
+                self._forward(rows, admitted, take)
+            except Exception as e:
+                if not admitted and not take:
+                    raise  # a decode-only step: nothing to tell apart, the loop fails it
+                # A new prompt (or the chunk) broke the step: run the parts apart, so only the
+                # request that breaks its own forward fails; the KV written meanwhile is the same.
+                logger.warning("engine step with new prompts failed (%r); running its parts separately", e)
+                self._running = rows
+                if rows:
+                    self._forward(rows, [], 0)
+                for req in admitted:
+                    before = list(self._running)
+                    try:
+                        self._forward([], [req], 0)
+                    except Exception as e1:
+                        self._running = before
+                        self._fail(req, e1, "prefill")
+                if take and self._partial is not None:
+                    try:
+                        self._forward([], [], take)
+                    except Exception as e2:
+                        failed, self._partial = self._partial, None
+                        self._fail(failed, e2, "prefill")
         self.steps += 1
 
-    def _prefill(self, admitted: list[Request]) -> None:
-        """Prefill newly admitted requests into the slots after the running ones.
-
-        A prefill that raises is retried one request at a time, so a request whose prompt or
-        adapter breaks the forward fails alone; the running rows' KV slots are not touched by
-        a prefill, so they carry on either way.
-        """
-        first = len(self._running)
-        self._running.extend(admitted)
-        try:
-            lora = self.lora.prepare([r.adapter for r in admitted])
-            logits = self.runner.prefill([r.prompt_ids for r in admitted], first, lora)
-        except Exception as e:
-            del self._running[first:]
-            if len(admitted) > 1:
-                for req in admitted:
-                    self._prefill([req])
-                return
-            self._fail(admitted[0], e, "prefill")
-            return
-        self._append_tokens(admitted, logits, lora)
+    def _forward(self, rows: list[Request], fresh: list[Request], take: int) -> None:
+        """One forward: a token for each decode row (``rows`` is all of ``_running`` or empty),
+        whole prompts for ``fresh`` (the slots after the running rows), and ``take`` more prompt
+        tokens of the chunked prompt (the last slot)."""
+        D = len(rows)
+        base = len(self._running)  # fresh prompts take the slots after every running row
+        self._running.extend(fresh)
+        p = self._partial if take else None
+        chunk = None
+        per_token = [r.adapter for r in rows]
+        for r in fresh:
+            per_token += [r.adapter] * len(r.prompt_ids)
+        if p is not None:
+            chunk = (self._partial_slot, p.prefilled, p.prompt_ids[p.prefilled : p.prefilled + take])
+            per_token += [p.adapter] * take
+        lora = self.lora.prepare(per_token)
+        logits = self.runner.step(
+            [r.output_ids[-1] for r in rows],
+            [len(r.prompt_ids) + len(r.output_ids) - 1 for r in rows],
+            [(base + i, r.prompt_ids) for i, r in enumerate(fresh)],
+            chunk,
+            lora,
+        )  # [D + W (+1)]
+        out_rows = [*rows, *fresh]
+        if p is not None:
+            p.prefilled += take
+            if p.prefilled == len(p.prompt_ids):  # the whole prompt is in: it decodes from now on
+                self.runner.move_slot(self._partial_slot, len(self._running), length=p.prefilled)
+                self._running.append(p)
+                self._partial = None
+                out_rows.append(p)
+        self._append_tokens(out_rows, logits[: len(out_rows)], lora)
         self._compact()
+
+    @property
+    def _partial_slot(self) -> int:
+        return self.config.max_num_seqs - 1
 
     def _fail(self, req: Request, exc: BaseException, where: str) -> None:
         """Fail one request, whatever the others in its step do."""
@@ -575,7 +650,8 @@ class LoRAEngine:
             if rows[i].done:
                 last = len(rows) - 1
                 if i != last:
-                    self.runner.move_slot(last, i)
+                    moved = rows[last]
+                    self.runner.move_slot(last, i, length=len(moved.prompt_ids) + len(moved.output_ids))
                     rows[i] = rows[last]
                 rows.pop()
             else:

@@ -28,6 +28,8 @@ from serve_app.engine.lora_weights import BaseShape
 logger = logging.getLogger(__name__)
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
+_LONG_ROWS = 4  # decode rows that may attend alone over a span much longer than the others'
+_SOLO_COST = 1024  # a solo row's overhead, in key-rows read (a few extra small ops per layer)
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -158,10 +160,12 @@ class ModelRunner:
         self.capacity = new
 
     @torch.inference_mode()
-    def move_slot(self, src: int, dst: int) -> None:
+    def move_slot(self, src: int, dst: int, length: int | None = None) -> None:
+        """Copy slot ``src``'s KV into slot ``dst`` (its first ``length`` positions: the live ones)."""
+        n = self.capacity if length is None else min(length, self.capacity)
         for cache in (self.k, self.v):
             for c in cache:
-                c[dst] = c[src]
+                c[dst, :, :n] = c[src, :, :n]
 
     @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], first_slot: int, lora: LoRABatch | None) -> torch.Tensor:
@@ -187,6 +191,50 @@ class ModelRunner:
         last = torch.tensor(lens, device=self.device) - 1
         return self._logits(hidden[torch.arange(bsz, device=self.device), last])
 
+    def _decode_plan(self, positions: list[int]) -> tuple:
+        """How one step's decode rows read the cache: (S, mask [D, 1, 1, S], long rows).
+
+        Rows 0..D-1 attend in one batched matmul over the first S positions of their slots. A
+        dense batch reads max(span) keys for every row, so one long sequence among short ones
+        would multiply every row's attention traffic; instead up to ``_LONG_ROWS`` outliers
+        attend on their own over their full span, and S is the longest span of the others
+        (chosen by the keys read, counting a solo row as ``_SOLO_COST`` key-rows of overhead).
+        """
+        D = len(positions)
+        spans = [p + 1 for p in positions]
+        order = sorted(range(D), key=lambda i: -spans[i])
+        best_k, best_cost = 0, None
+        for k in range(min(_LONG_ROWS, D - 1) + 1):
+            cost = D * spans[order[k]] + sum(spans[order[j]] for j in range(k)) + k * _SOLO_COST
+            if best_cost is None or cost < best_cost:
+                best_k, best_cost = k, cost
+        long_rows = [(i, spans[i]) for i in order[:best_k]]
+        S = spans[order[best_k]]
+        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
+        # Additive mask: row b sees its own positions 0..pos[b] only (a long row's batched
+        # result is garbage, finite, and replaced by its solo result).
+        mask = torch.zeros(D, 1, 1, S, dtype=self.dtype, device=self.device).masked_fill_(
+            torch.arange(S, device=self.device)[None, None, None, :] > pos[:, None, None, None], float("-inf")
+        )  # [D, 1, 1, S]
+        return S, mask, long_rows
+
+    def _decode_attention(self, li: int, qg: torch.Tensor, plan: tuple) -> torch.Tensor:
+        """qg: [D, KV, G, hd], one query per decode row (slots 0..D-1) -> [D, KV, G, hd]."""
+        S, mask, long_rows = plan
+        D = qg.shape[0]
+        kc, vc = self.k[li], self.v[li]
+        # One query token per row: plain matmuls beat SDPA's kernel launch at this size, and
+        # grouping query heads per KV head handles GQA without copying K/V.
+        keys, values = kc[:D, :, :S], vc[:D, :, :S]  # [D, KV, S, hd] views
+        scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(self.scale).add_(mask)  # [D, KV, G, S]
+        probs = scores.softmax(dim=-1) if self.dtype == torch.float32 else scores.float().softmax(dim=-1).to(self.dtype)
+        out = torch.matmul(probs, values)  # [D, KV, G, hd]
+        for i, span in long_rows:
+            sc = torch.matmul(qg[i], kc[i, :, :span].transpose(-1, -2)).mul_(self.scale)  # [KV, G, span]
+            pr = sc.softmax(dim=-1) if self.dtype == torch.float32 else sc.float().softmax(dim=-1).to(self.dtype)
+            out[i] = torch.matmul(pr, vc[i, :, :span])
+        return out
+
     @torch.inference_mode()
     def decode(self, tokens: list[int], positions: list[int], lora: LoRABatch | None) -> torch.Tensor:
         """One new token for each of slots 0..B-1 at its own position; returns logits [B, vocab]."""
@@ -195,28 +243,119 @@ class ModelRunner:
         ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
         pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [B]
         rows = torch.arange(bsz, device=self.device)
-        span = max(positions) + 1
-        # Additive mask: row b sees its own positions 0..pos[b] only.
-        mask = torch.zeros(bsz, 1, 1, span, dtype=self.dtype, device=self.device).masked_fill_(
-            torch.arange(span, device=self.device)[None, None, None, :] > pos[:, None, None, None], float("-inf")
-        )  # [B, 1, 1, S]
+        plan = self._decode_plan(positions)
         group = self.n_heads // self.n_kv
 
         def attend(li, q, k, v):  # q: [B, H, 1, hd], k/v: [B, KV, 1, hd]
-            kc, vc = self.k[li], self.v[li]
-            kc[rows, :, pos] = k[:, :, 0]
-            vc[rows, :, pos] = v[:, :, 0]
-            keys, values = kc[:bsz, :, :span], vc[:bsz, :, :span]  # [B, KV, S, hd] views
-            # One query token per row: plain matmuls beat SDPA's kernel launch at this size,
-            # and grouping query heads per KV head handles GQA without copying K/V.
-            qg = q.reshape(bsz, self.n_kv, group, self.head_dim)  # [B, KV, G, hd]
-            scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(self.scale).add_(mask)  # [B, KV, G, S]
-            probs = scores.softmax(dim=-1) if self.dtype == torch.float32 else scores.float().softmax(dim=-1).to(self.dtype)
-            out = torch.matmul(probs, values)  # [B, KV, G, hd]
+            self.k[li][rows, :, pos] = k[:, :, 0]
+            self.v[li][rows, :, pos] = v[:, :, 0]
+            out = self._decode_attention(li, q.reshape(bsz, self.n_kv, group, self.head_dim), plan)
             return out.view(bsz, self.n_heads, 1, self.head_dim)
 
         hidden = self._forward(ids, pos[:, None], attend, lora)  # [B, 1, hidden]
         return self._logits(hidden[:, -1])
+
+    @torch.inference_mode()
+    def step(
+        self,
+        dec_tokens: list[int],
+        dec_positions: list[int],
+        fresh: list[tuple[int, list[int]]],
+        chunk: tuple[int, int, list[int]] | None,
+        lora: LoRABatch | None,
+    ) -> torch.Tensor:
+        """One forward for a whole engine step, every token of it flattened into one sequence.
+
+        - decode: one token for each of slots 0..D-1 at its own position (``dec_*``);
+        - fresh: whole prompts ``(slot, token ids)`` prefilled from position 0;
+        - chunk: ``(slot, start, token ids)``, a slice of a long prompt whose first ``start``
+          tokens are already in the slot's cache (chunked prefill).
+
+        The projections, norms and MLP run once over all N tokens (on these CPUs per-op overhead
+        dominates, so one forward beats a prefill forward plus a decode forward); attention runs
+        per kind of segment. Returns float logits ``[D + len(fresh) + (1 if chunk)]``: each decode
+        row, each fresh prompt's last token, the chunk's last token -- in that order.
+        """
+        D = len(dec_tokens)
+        lens = [len(t) for _, t in fresh]
+        ids: list[int] = list(dec_tokens)
+        positions: list[int] = list(dec_positions)
+        for _, toks in fresh:
+            ids += toks
+            positions += range(len(toks))
+        c0 = len(ids)
+        if chunk is not None:
+            c_slot, c_start, c_toks = chunk
+            ids += c_toks
+            positions += range(c_start, c_start + len(c_toks))
+        n = len(ids)
+        self._ensure_capacity(max(positions) + 1)
+        dev = self.device
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)[None]  # [1, N]
+        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [N]
+        group = self.n_heads // self.n_kv
+
+        if D:
+            dec_rows = torch.arange(D, device=dev)
+            dec_pos = pos_t[:D]
+            plan = self._decode_plan(dec_positions)
+        if fresh:
+            w, tmax = len(fresh), max(lens)
+            # [W, Tmax] flat index of each prompt's tokens, right-padded with its own last token.
+            f_idx = torch.empty(w, tmax, dtype=torch.long)
+            start = D
+            for i, ln in enumerate(lens):
+                f_idx[i, :ln] = torch.arange(start, start + ln)
+                f_idx[i, ln:] = start + ln - 1
+                start += ln
+            f_idx = f_idx.to(dev)
+            f_valid = (torch.arange(tmax)[None, :] < torch.tensor(lens)[:, None]).to(dev)  # [W, Tmax]
+            f_slots = torch.tensor([slot for slot, _ in fresh], dtype=torch.long, device=dev)
+        if chunk is not None:
+            c_len = len(c_toks)
+            c_end = c_start + c_len
+            c_mask = None
+            if c_start:
+                # Query i (absolute position c_start + i) sees keys 0..c_start + i.
+                c_mask = torch.arange(c_end, device=dev)[None, :] <= torch.arange(c_start, c_end, device=dev)[:, None]
+
+        def attend(li, q, k, v):  # q: [1, H, N, hd], k/v: [1, KV, N, hd]
+            kc, vc = self.k[li], self.v[li]
+            qt, kt, vt = q[0], k[0], v[0]
+            out = torch.empty_like(qt)  # [H, N, hd]
+            if D:
+                kc[dec_rows, :, dec_pos] = kt[:, :D].transpose(0, 1)  # [D, KV, hd]
+                vc[dec_rows, :, dec_pos] = vt[:, :D].transpose(0, 1)
+                qg = qt[:, :D].transpose(0, 1).reshape(D, self.n_kv, group, self.head_dim)  # [D, KV, G, hd]
+                o = self._decode_attention(li, qg, plan)  # [D, KV, G, hd]
+                out[:, :D] = o.reshape(D, self.n_heads, self.head_dim).transpose(0, 1)
+            if fresh:
+                qf = qt[:, f_idx].transpose(0, 1)  # [W, H, Tmax, hd]
+                kf, vf = kt[:, f_idx].transpose(0, 1), vt[:, f_idx].transpose(0, 1)  # [W, KV, Tmax, hd]
+                kc[f_slots, :, :tmax] = kf
+                vc[f_slots, :, :tmax] = vf
+                # Right padding + causal mask: real tokens never see the pad tokens after them.
+                of = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
+                out[:, D:c0] = of.transpose(0, 1)[:, f_valid]  # [H, sum(lens), hd]
+            if chunk is not None:
+                kc[c_slot, :, c_start:c_end] = kt[:, c0:]
+                vc[c_slot, :, c_start:c_end] = vt[:, c0:]
+                oc = F.scaled_dot_product_attention(
+                    qt[None, :, c0:], kc[c_slot : c_slot + 1, :, :c_end], vc[c_slot : c_slot + 1, :, :c_end],
+                    attn_mask=c_mask, is_causal=c_mask is None, scale=self.scale, enable_gqa=self.gqa,
+                )  # [1, H, c_len, hd]
+                out[:, c0:] = oc[0]
+            return out[None]
+
+        hidden = self._forward(ids_t, pos_t[None], attend, lora)  # [1, N, hidden]
+        last = list(range(D))
+        end = D
+        for ln in lens:
+            end += ln
+            last.append(end - 1)
+        if chunk is not None:
+            last.append(n - 1)
+        return self._logits(hidden[0, torch.tensor(last, device=dev)])
 
     def _forward(self, ids, positions, attend, lora: LoRABatch | None) -> torch.Tensor:
         from transformers.models.llama.modeling_llama import apply_rotary_pos_emb

@@ -18,6 +18,13 @@ class GenerateEngine(LoRAEngine):
     def _make_runner(self):
         return None  # generate() keeps its own cache
 
+    def _admit_waiting(self) -> list[Request]:
+        """A static batch takes whole prompts only (generate() has no chunked prefill)."""
+        admitted = []
+        while self._waiting and len(admitted) < self.config.max_num_seqs:
+            admitted.append(self._waiting.popleft())
+        return admitted
+
     @torch.inference_mode()
     def _step(self, admitted: list[Request]) -> None:
         from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria

@@ -425,7 +425,7 @@ def test_kv_cache_growth_then_compaction(tiny_assets):
     eng = LoRAEngine(EngineConfig(model=str(tiny_assets.base), max_lora_rank=32, max_num_seqs=8))
     moves = []
     move_slot = eng.runner.move_slot
-    eng.runner.move_slot = lambda src, dst: (moves.append((src, dst)), move_slot(src, dst))[1]
+    eng.runner.move_slot = lambda src, dst, **kw: (moves.append((src, dst)), move_slot(src, dst, **kw))[1]
     try:
         for aid in tiny_assets.adapter_ids[:6]:
             eng.load_adapter(aid, str(tiny_assets.adapters_dir / aid))

@@ -292,14 +292,14 @@ def test_one_rows_sampling_failure_fails_that_row_only(engine, refs, monkeypatch
 
 def test_a_prefill_that_raises_fails_only_its_request(engine, refs, monkeypatch):
     poison = [1, 13, 13, 13, 13, 13]
-    real = engine.runner.prefill
+    real = engine.runner.step
 
-    def prefill(prompts, first, lora):
-        if poison in prompts:
+    def step(dec_tokens, dec_positions, fresh, chunk, lora):
+        if any(toks == poison for _, toks in fresh):
             raise RuntimeError("kernel failure on this prompt")
-        return real(prompts, first, lora)
+        return real(dec_tokens, dec_positions, fresh, chunk, lora)
 
-    monkeypatch.setattr(engine.runner, "prefill", prefill)
+    monkeypatch.setattr(engine.runner, "step", step)
     results = run_all(engine, [*good_batch(), (poison, GREEDY, "tenant-4")])
     assert_good(results, refs)
     err = results[-1]["error"]

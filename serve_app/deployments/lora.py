@@ -182,7 +182,7 @@ class LoRADeployment:
             max_bytes=min(scfg.max_adapter_bytes, self.engine.config.max_adapter_bytes),
         )
         self._fetching: dict[str, asyncio.Task] = {}
-        self._handoff: OrderedDict[str, tuple[LoRAWeights, str, float]] = OrderedDict()
+        self._handoff: OrderedDict[str, tuple[LoRAWeights, str, float, str | None]] = OrderedDict()  # weights, tier, t0, fingerprint
         self._invalid: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._reconciler: asyncio.Task | None = None
         self._manifest_error_logged = 0.0

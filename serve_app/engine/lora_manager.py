@@ -296,6 +296,8 @@ class LoRAManager:
                 "retired_pinned": len(self._retired_pinned),
                 "rows_used": used,
                 "rows_capacity": {k: self._a[k].shape[1] for k in self._a},
+                # What the pool really holds in device memory (capacity, not rows in use).
+                "bytes_allocated": sum(t.numel() * t.element_size() for t in (*self._a.values(), *self._b.values())),
                 "bytes_used": sum(
                     used[k] * self.shape.num_layers * (self._a[k].shape[2] + self._b[k].shape[2]) * self._a[k].element_size()
                     for k in used

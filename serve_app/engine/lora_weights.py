@@ -373,7 +373,9 @@ def load_adapter_tensors(
     except InvalidAdapterError:
         raise
     except Exception as e:  # safetensors raises its own error types for corrupt headers
-        raise _fail(adapter_id, f"{WEIGHTS_NAME} could not be read ({type(e).__name__}: {str(e)[:200]})") from None
+        # The library's message may name the file's path: it goes to the log, not to the tenant.
+        logger.warning("adapter %s: %s could not be read: %s", adapter_id, weights_path, e)
+        raise _fail(adapter_id, f"{WEIGHTS_NAME} could not be read ({type(e).__name__}); re-export the adapter") from None
     if not found:
         raise _fail(adapter_id, f"{WEIGHTS_NAME} holds no LoRA weights")
 

@@ -264,6 +264,7 @@ def test_pool_rows_equal_ranks_and_allocation_at_a_stated_fill(engine, tiny_asse
     row_bytes = {k: layers * (i + o) * 4 for k, (i, o) in shapes.items()}
     assert max(ranks.values()) <= 128
     allocated = _pool_allocated(engine.lora)
+    assert engine.lora.stats()["bytes_allocated"] == sum(allocated.values())
     assert stats["rows_capacity"] == {k: 128 for k in shapes}, stats["rows_capacity"]
     assert allocated == {k: 128 * row_bytes[k] for k in shapes}, allocated
     fill = sum(ranks.get(k, 0) * row_bytes[k] for k in shapes) / sum(allocated.values())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -211,7 +212,10 @@ def test_update_and_delete_of_a_merged_tenant(merged_app, serve_env, refs):
             seen.append((time.monotonic() - registered_at, text, r.headers["x-served-by"], _replica(r)))
             if text == new and r.headers["x-served-by"] == "merged":
                 merged_new.add(_replica(r))
-        assert len(merged_new) == 2, f"the new version was not served merged by both routers: {seen}"
+        summary = Counter(("new" if t == new else "old", p) for _, t, p, _ in seen)
+        assert len(merged_new) == 2, (
+            f"the new version was not served merged by both routers in {len(seen)} requests: {dict(summary)}, "
+            f"last: {seen[-3:]}")
         # Beyond the propagation bound (plus one manifest read), nobody is served the old files.
         late_old = [s for s in seen if s[0] > REFRESH_S + 1.0 and s[1] == old]
         assert not late_old, f"old weights served after the update: {late_old}"

@@ -25,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from serve_app.adapters.config import StoreConfig
 from serve_app.adapters.disk_cache import DiskCache
@@ -35,6 +35,7 @@ from serve_app.adapters.store import (
     AdapterStore,
     check_adapter_files,
     content_fingerprint,
+    open_store,
 )
 from serve_app.adapters.store import fingerprint as fingerprint_listing
 from serve_app.errors import AdapterStoreUnavailableError, InvalidAdapterError
@@ -199,3 +200,24 @@ class AdapterFetcher:
         self.disk_hits += 1
         self.on_event("hit", "disk")
         return Fetched(hit.path, "disk", time.perf_counter() - t0, hit.nbytes, hit.content)
+
+
+def adapter_pipeline(adapters_uri: str, scfg: StoreConfig, *, on_disk_evict=None, on_event=None
+                     ) -> tuple[AdapterStore, AdapterRegistry, AdapterFetcher]:
+    """(store, registry, fetcher) for ``adapters_uri``: the one adapter pipeline both deployments
+    (LoRA and merged) read through -- a disk cache below remote stores, versions from the registry."""
+    store = open_store(adapters_uri, scfg)
+    registry = AdapterRegistry(store, scfg)
+    disk = None
+    if not store.is_local:
+        disk = DiskCache(scfg.disk_cache_dir or default_cache_dir(), scfg.disk_cache_bytes, on_evict=on_disk_evict)
+    return store, registry, AdapterFetcher(store, scfg, disk_cache=disk, on_event=on_event)
+
+
+def validation_settings(scfg: StoreConfig, engine_max_adapter_bytes: int) -> dict[str, Any]:
+    """The adapter validation keyword arguments both paths use (load_lora_weights / merge)."""
+    return {
+        "max_bytes": min(scfg.max_adapter_bytes, engine_max_adapter_bytes),
+        "base_mismatch": scfg.base_model_mismatch,
+        "base_aliases": tuple(scfg.base_model_aliases),
+    }

@@ -39,12 +39,10 @@ from typing import AsyncIterator
 from ray import serve
 
 from serve_app import metrics
-from serve_app.adapters.disk_cache import DiskCache
-from serve_app.adapters.fetch import AdapterFetcher, default_cache_dir
+from serve_app.adapters.fetch import adapter_pipeline, validation_settings
 from serve_app.adapters.ids import validate_adapter_id
 from serve_app.adapters.ram_cache import RamCache
-from serve_app.adapters.registry import AdapterRegistry, Manifest, mux_id, parse_mux_id
-from serve_app.adapters.store import open_store
+from serve_app.adapters.registry import Manifest, mux_id, parse_mux_id
 from serve_app.config import AppConfig
 from serve_app.engine.engine import LoRAEngine, RequestOutput, RequestStream
 from serve_app.engine.lora_manager import AdapterNotResidentError, ResidentAdapter
@@ -156,30 +154,26 @@ class LoRADeployment:
         base, adapters_uri = cfg.resolve_paths()
         self.engine = LoRAEngine(cfg.engine_config(base))
         self.store_config = scfg = cfg.store
-        self.store = open_store(adapters_uri, scfg)
-        self.registry = AdapterRegistry(self.store, scfg)
-        disk = None
-        if not self.store.is_local:
-            disk = DiskCache(scfg.disk_cache_dir or default_cache_dir(), scfg.disk_cache_bytes,
-                             on_evict=lambda key: self._event("eviction", "disk"))
-        self.fetcher = AdapterFetcher(self.store, scfg, disk_cache=disk, on_event=self._event)
+        self.store, self.registry, self.fetcher = adapter_pipeline(
+            adapters_uri, scfg, on_disk_evict=lambda key: self._event("eviction", "disk"), on_event=self._event)
         self.ram = RamCache(scfg.ram_cache_bytes, on_evict=lambda key: self._event("eviction", "ram"))
         # An adapter is parsed in two halves: its config (a tenant's JSON: pure Python) on a
         # worker thread, so a hostile config never holds the engine thread; its tensors (torch
         # work, bounded by max_adapter_bytes) on the engine thread, like every torch op here.
+        checks = validation_settings(scfg, self.engine.config.max_adapter_bytes)  # the merged path's too
         self._parse_config = functools.partial(
             parse_adapter_config,
             base=self.engine.base_shape,
             max_rank=self.engine.config.max_lora_rank,
-            base_mismatch=scfg.base_model_mismatch,
-            base_aliases=tuple(scfg.base_model_aliases),
+            base_mismatch=checks["base_mismatch"],
+            base_aliases=checks["base_aliases"],
         )
         self._load_tensors = functools.partial(
             load_adapter_tensors,
             base=self.engine.base_shape,
             max_rank=self.engine.config.max_lora_rank,
             dtype=self.engine.dtype,
-            max_bytes=min(scfg.max_adapter_bytes, self.engine.config.max_adapter_bytes),
+            max_bytes=checks["max_bytes"],
         )
         self._fetching: dict[str, asyncio.Task] = {}
         self._handoff: OrderedDict[str, tuple[LoRAWeights, str, float, str | None]] = OrderedDict()  # weights, tier, t0, fingerprint

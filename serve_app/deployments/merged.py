@@ -7,7 +7,7 @@ copy keyed by it can never hold another owner's or an older upload's weights: an
 delete + re-register is a new multiplexed ID. Building one takes seconds; the router keeps the
 tenant on the LoRA path until ``warm`` has returned here, so nobody waits for it.
 
-The copy is built through the LoRA path's adapter pipeline (``adapter_pipeline``: local store
+The copy is built through the LoRA path's adapter pipeline (adapters/fetch.py ``adapter_pipeline``: local store
 or S3 via fsspec, registry versions, the node's disk cache) and validated with the same store
 settings (``validation_settings``: ``max_adapter_bytes``, ``base_model_mismatch``,
 ``base_model_aliases``) before PEFT reads anything (engine/merge.py).
@@ -37,16 +37,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from ray import serve
 
-from serve_app.adapters.config import StoreConfig
-from serve_app.adapters.disk_cache import DiskCache
-from serve_app.adapters.fetch import AdapterFetcher, default_cache_dir
+from serve_app.adapters.fetch import adapter_pipeline, validation_settings
 from serve_app.adapters.ids import validate_adapter_id
-from serve_app.adapters.registry import AdapterRegistry, Manifest, mux_id, parse_mux_id
-from serve_app.adapters.store import AdapterStore, open_store
+from serve_app.adapters.registry import Manifest, mux_id, parse_mux_id
 from serve_app.config import AppConfig
 from serve_app.deployments.lora import GenerateRequest, render_prompt
 from serve_app.engine.engine import LoRAEngine, RequestOutput, RequestStream
@@ -56,27 +53,6 @@ from serve_app.errors import AdapterNotFoundError, InvalidRequestError
 logger = logging.getLogger("ray.serve")
 
 POLICY_SYNC_S = 0.5  # router/promoter.py's default interval
-
-
-def adapter_pipeline(adapters_uri: str, scfg: StoreConfig, *, on_disk_evict=None, on_event=None
-                     ) -> tuple[AdapterStore, AdapterRegistry, AdapterFetcher]:
-    """(store, registry, fetcher) for ``adapters_uri``, built as deployments/lora.py builds its own:
-    a disk cache below remote stores, versions from the registry."""
-    store = open_store(adapters_uri, scfg)
-    registry = AdapterRegistry(store, scfg)
-    disk = None
-    if not store.is_local:
-        disk = DiskCache(scfg.disk_cache_dir or default_cache_dir(), scfg.disk_cache_bytes, on_evict=on_disk_evict)
-    return store, registry, AdapterFetcher(store, scfg, disk_cache=disk, on_event=on_event)
-
-
-def validation_settings(scfg: StoreConfig, engine_max_adapter_bytes: int) -> dict[str, Any]:
-    """The adapter validation keyword arguments both paths use (load_lora_weights / merge)."""
-    return {
-        "max_bytes": min(scfg.max_adapter_bytes, engine_max_adapter_bytes),
-        "base_mismatch": scfg.base_model_mismatch,
-        "base_aliases": tuple(scfg.base_model_aliases),
-    }
 
 
 def stale_copies(loaded: list[str], manifest: Manifest, stale_since: dict[str, float], now: float,

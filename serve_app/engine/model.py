@@ -167,29 +167,15 @@ class ModelRunner:
             for c in cache:
                 c[dst, :, :n] = c[src, :, :n]
 
-    @torch.inference_mode()
     def prefill(self, prompts: list[list[int]], first_slot: int, lora: LoRABatch | None) -> torch.Tensor:
-        """Run prompts (right-padded) into slots first_slot.. ; returns last-token logits [B, vocab]."""
-        bsz = len(prompts)
-        lens = [len(p) for p in prompts]
-        t = max(lens)
-        self._ensure_capacity(t + 1)
-        ids = torch.zeros(bsz, t, dtype=torch.long)
-        for i, p in enumerate(prompts):
-            ids[i, : len(p)] = torch.tensor(p, dtype=torch.long)
-        ids = ids.to(self.device)
-        positions = torch.arange(t, device=self.device).expand(bsz, t)
-        slots = slice(first_slot, first_slot + bsz)
-
-        def attend(li, q, k, v):  # q: [B, H, T, hd], k/v: [B, KV, T, hd]
-            self.k[li][slots, :, :t] = k
-            self.v[li][slots, :, :t] = v
-            # Right padding + causal mask: real tokens never see the pad tokens after them.
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
-
-        hidden = self._forward(ids, positions, attend, lora)  # [B, T, hidden]
-        last = torch.tensor(lens, device=self.device) - 1
-        return self._logits(hidden[torch.arange(bsz, device=self.device), last])
+        """Prefill whole prompts into slots first_slot.. through ``step`` (the served path);
+        returns last-token logits [B, vocab]. ``lora`` is prepared per token, or per row when
+        every prompt has the same length (tests and benchmarks call it that way)."""
+        if lora is not None and len({len(p) for p in prompts}) > 1 and any(
+            g.drop is not None and g.drop.shape[0] == len(prompts) for g in lora.groups.values()
+        ):
+            raise ValueError("a per-row LoRABatch needs prompts of one length; prepare it per token")
+        return self.step([], [], [(first_slot + i, p) for i, p in enumerate(prompts)], None, lora)
 
     def _decode_plan(self, positions: list[int]) -> tuple:
         """How one step's decode rows read the cache: (S, mask [D, 1, 1, S], long rows).
@@ -234,26 +220,6 @@ class ModelRunner:
             pr = sc.softmax(dim=-1) if self.dtype == torch.float32 else sc.float().softmax(dim=-1).to(self.dtype)
             out[i] = torch.matmul(pr, vc[i, :, :span])
         return out
-
-    @torch.inference_mode()
-    def decode(self, tokens: list[int], positions: list[int], lora: LoRABatch | None) -> torch.Tensor:
-        """One new token for each of slots 0..B-1 at its own position; returns logits [B, vocab]."""
-        bsz = len(tokens)
-        self._ensure_capacity(max(positions) + 1)
-        ids = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # [B, 1]
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)  # [B]
-        rows = torch.arange(bsz, device=self.device)
-        plan = self._decode_plan(positions)
-        group = self.n_heads // self.n_kv
-
-        def attend(li, q, k, v):  # q: [B, H, 1, hd], k/v: [B, KV, 1, hd]
-            self.k[li][rows, :, pos] = k[:, :, 0]
-            self.v[li][rows, :, pos] = v[:, :, 0]
-            out = self._decode_attention(li, q.reshape(bsz, self.n_kv, group, self.head_dim), plan)
-            return out.view(bsz, self.n_heads, 1, self.head_dim)
-
-        hidden = self._forward(ids, pos[:, None], attend, lora)  # [B, 1, hidden]
-        return self._logits(hidden[:, -1])
 
     @torch.inference_mode()
     def step(

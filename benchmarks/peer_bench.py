@@ -94,6 +94,7 @@ class Result:
     wall_s: float
     log: str
     problems: list[str] = field(default_factory=list)
+    others: float | None = None  # CpuMeter share taken by processes outside this run
 
     @property
     def valid(self) -> bool:
@@ -173,6 +174,52 @@ def alive(pid: int) -> bool:
             return f.read().split(")")[-1].split()[0] != "Z"
     except OSError:
         return False
+
+
+class CpuMeter:
+    """The share of the machine's CPU that processes outside this run took during a row:
+    (busy + steal jiffies of the machine - CPU time of this process tree: this process, the
+    bench client it waited for, the server and every process the server started) / (wall x CPUs).
+    A noisy neighbour on the shared box shows up here; Linux only (None elsewhere)."""
+
+    def __init__(self) -> None:
+        self.ok = os.path.exists("/proc/stat")
+        self.hz = os.sysconf("SC_CLK_TCK") if self.ok else 100
+        self.ncpu = os.cpu_count() or 1
+
+    def _tree_cpu(self) -> float:
+        import resource
+
+        own = sum(getattr(resource.getrusage(w), a) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+                  for a in ("ru_utime", "ru_stime"))
+        ticks = 0
+        for pid in descendants(os.getpid()):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    st = f.read()
+                v = st[st.rindex(")") + 2:].split()
+                ticks += int(v[11]) + int(v[12]) + int(v[13]) + int(v[14])  # utime stime cutime cstime
+            except (OSError, ValueError, IndexError):
+                continue
+        return own + ticks / self.hz
+
+    def snap(self):
+        if not self.ok:
+            return None
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        busy = (v[0] + v[1] + v[2] + v[5] + v[6] + (v[7] if len(v) > 7 else 0)) / self.hz
+        return busy, self._tree_cpu(), time.monotonic()
+
+    def others_share(self, a, b) -> float | None:
+        if a is None or b is None:
+            return None
+        busy, mine, wall = (y - x for x, y in zip(a, b))
+        return max(0.0, busy - mine) / (wall * self.ncpu) if wall > 0 else None
+
+
+METER = CpuMeter()
+OTHERS_WARN = 0.10
 
 
 def stop_process(proc: subprocess.Popen, name: str, grace_s: float = 60.0) -> None:
@@ -365,13 +412,15 @@ def run_row(server: str, cli: Path, url: str, base: Path, row: Row, n: int, args
     cmd = bench_cmd(cli, url, base, row, n, args, out, filename)
     env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
     env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+    s0 = METER.snap()
     t0 = time.monotonic()
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.row_timeout)
     wall = time.monotonic() - t0
+    others = METER.others_share(s0, METER.snap())
     log_text = p.stdout + p.stderr
     (out / f"{server}-{row.key}.log").write_text(" ".join(cmd) + "\n\n" + log_text)
     data = json.loads(path.read_text()) if path.exists() else None
-    res = Result(server, row, p.returncode, data, wall, log_text)
+    res = Result(server, row, p.returncode, data, wall, log_text, others=others)
     if p.returncode != 0:
         res.problems.append(f"vllm bench exited {p.returncode}")
     if data is None:
@@ -417,7 +466,8 @@ def run_server(server: str, cli: Path, base: Path, adapters: Path, rows: list[Ro
             d = r.data or {}
             log(f"  {server} {row.label}: {r.wall_s:.0f}s, {d.get('output_throughput', 0):,.0f} tok/s, "
                 f"TTFT p50 {d.get('median_ttft_ms', float('nan')):.0f} ms, TPOT p50 {d.get('median_tpot_ms', float('nan')):.1f} ms"
-                + (f"  INVALID: {'; '.join(r.problems)}" if r.problems else "") + f"; loadavg {loadavg()}")
+                + (f"  INVALID: {'; '.join(r.problems)}" if r.problems else "")
+                + f"; others {fmt_share(r.others)}; loadavg {loadavg()}")
     except Exception as e:  # a server that fails to start or dies: its rows stay missing (INVALID)
         info["error"] = f"{type(e).__name__}: {e}"
         log(f"  {server}: ERROR {info['error'][:2000]}")
@@ -449,6 +499,10 @@ def fmt(x, key: str) -> str:
     return f"{x:.1f}"
 
 
+def fmt_share(x: float | None) -> str:
+    return "?" if x is None else f"{x:.0%}"
+
+
 def text_agreement(a: Result | None, b: Result | None) -> dict | None:
     """Request-by-request comparison of the two servers' texts (same seed: same prompts, same adapters)."""
     if not a or not b or not a.data or not b.data:
@@ -467,6 +521,7 @@ def report(rows: list[Row], runs: dict[str, dict], args, meta: dict) -> dict:
     servers = [s for s in ("vllm", "ours") if s in runs]
     res = {s: runs[s]["results"] for s in servers}
     out_rows = []
+    noisy: list[str] = []
     lines = []
     p = lines.append
     p(f"peer_bench: vLLM-CPU 0.32 vs ours, `vllm bench serve` random {args.input_len} in / {args.output_len} out, "
@@ -474,8 +529,9 @@ def report(rows: list[Row], runs: dict[str, dict], args, meta: dict) -> dict:
     p(f"ours = git {meta['git']['head'][:10]}" + (" + uncommitted serve_app/ changes (diff "
                                                   f"{meta['git']['serve_app_diff_sha256']})" if meta["git"]["serve_app_dirty"] else "")
       + f"; machine: {meta['cpu_count']} CPUs, loadavg at start {meta['loadavg_start']}")
-    p("latencies in ms (lower is better); tok/s and req/s: higher is better; ratio = ours / vLLM")
-    hdr = f"{'row':<30} {'server':<6} " + " ".join(f"{c:>9}" for c, _, _ in METRICS) + "  check"
+    p("latencies in ms (lower is better); tok/s and req/s: higher is better; ratio = ours / vLLM; others = share of "
+      "the machine's CPU taken by processes outside this run during the row")
+    hdr = f"{'row':<30} {'server':<6} " + " ".join(f"{c:>9}" for c, _, _ in METRICS) + f" {'others':>6}  check"
     p(hdr)
     p("-" * len(hdr))
     for row in rows:
@@ -487,10 +543,14 @@ def report(rows: list[Row], runs: dict[str, dict], args, meta: dict) -> dict:
             d = (r.data if r else None) or {}
             status = "missing" if r is None else ("ok" if r.valid else INVALID + ": " + "; ".join(r.problems))
             p(f"{row.label if s == servers[0] else '':<30} {s:<6} "
-              + " ".join(f"{fmt(d.get(k), k):>9}" for _, k, _ in METRICS) + f"  {status}")
+              + " ".join(f"{fmt(d.get(k), k):>9}" for _, k, _ in METRICS) + f" {fmt_share(r.others if r else None):>6}"
+              + f"  {status}")
+            if r and r.others is not None and r.others > OTHERS_WARN:
+                noisy.append(f"{s} {row.label}")
             entry[s] = {k: d.get(k) for _, k, _ in METRICS} | {
                 "completed": d.get("completed"), "failed": d.get("failed"), "duration_s": d.get("duration"),
-                "valid": bool(r and r.valid), "problems": r.problems if r else ["missing"]}
+                "valid": bool(r and r.valid), "problems": r.problems if r else ["missing"],
+                "others_cpu_share": r.others if r else None}
         if len(servers) == 2:
             a, b = rr["vllm"], rr["ours"]
             ok = bool(a and b and a.valid and b.valid)
@@ -506,11 +566,14 @@ def report(rows: list[Row], runs: dict[str, dict], args, meta: dict) -> dict:
             note = "ok" if ok else INVALID
             if agree:
                 note += f"; texts equal {agree['equal']}/{agree['n']} (first 16 chars {agree['prefix16_equal']}/{agree['n']})"
-            p(f"{'':<30} {'ratio':<6} " + " ".join(f"{c:>9}" for c in cells) + f"  {note}")
+            p(f"{'':<30} {'ratio':<6} " + " ".join(f"{c:>9}" for c in cells) + f" {'':>6}  {note}")
             entry["ratio_ours_vs_vllm"] = ratios
             entry["texts"] = agree
             entry["valid"] = ok
         out_rows.append(entry)
+    if noisy:
+        p(f"WARNING: other processes took > {OTHERS_WARN:.0%} of the CPUs during: {', '.join(noisy)}; those figures "
+          "are contaminated (re-run on an idle machine)")
     for s in servers:
         if runs[s].get("error"):
             p(f"{s}: ERROR {runs[s]['error'][:300]}")

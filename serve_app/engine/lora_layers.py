@@ -14,7 +14,16 @@ A fixed number of dense ops per projection whatever the number of adapters, inst
 Python loop over adapters (PEFT's mixed batch) or a per-row weight gather (punica's BGMV
 without its CUDA kernel). Projections that read the same input (q/k/v, gate/up) share the
 first GEMM and the mask. The extra FLOPs grow with R: cheap at a few adapters per batch;
-with many distinct adapters per batch on a small model they approach the base projection's.
+with many distinct adapters per batch on a small model they exceed the base projection's.
+
+So that is only one of the paths (``LoRABatch.path``, chosen per step by lora_kernels/cost.py).
+The others cost per row, each token reading only its own adapter's stacked weights
+(lora_kernels/layout.py):
+
+    loop    per contiguous run of one adapter's tokens:  out[t0:t1] += x[t0:t1] @ A_j @ B_j
+    bmm     tokens sorted by adapter, segments padded to S:
+            h = bmm(x[pad_tok] [n, S, in], A [n, in, Rp]); out.index_add_(tok, bmm(h, B_k)[keep])
+    triton  SGMV shrink/expand kernels over the sorted tokens (CUDA)
 """
 
 from __future__ import annotations
@@ -22,21 +31,58 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from serve_app.engine.lora_kernels import sgmv_cpu
 from serve_app.engine.lora_manager import INPUT_GROUP, GroupBatch, LoRABatch
+
+_triton = None
+
+
+def _sgmv_triton():
+    global _triton
+    if _triton is None:
+        from serve_app.engine.lora_kernels import sgmv_triton
+
+        _triton = sgmv_triton
+    return _triton
 
 
 class LoRAContext:
     """The current forward's LoRABatch (set by the model runner) and its per-group A products."""
 
-    __slots__ = ("batch", "_h")
+    __slots__ = ("batch", "_h", "_per_token")
 
     def __init__(self) -> None:
         self.batch: LoRABatch | None = None
-        self._h: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._h: dict[tuple[int, str], tuple[torch.Tensor, object]] = {}
+        self._per_token: LoRABatch | None = None
 
     def set(self, batch: LoRABatch | None) -> None:
         self.batch = batch
+        self._per_token = None
         self._h.clear()
+
+    def token_batch(self, n_tokens: int) -> LoRABatch:
+        """The batch laid out per token of this forward (a per-row batch is expanded once)."""
+        if self._per_token is None or self._per_token.rows != n_tokens:
+            self._per_token = self.batch.per_token(n_tokens)
+        return self._per_token
+
+    def group_shrink(self, layer: int, group: str, x: torch.Tensor, g: GroupBatch, path: str):
+        """The per-row paths' x @ A for this layer and group, once for every projection reading x:
+        bmm: [n_seg, S, Rp]; loop: per run [t, Rp]; triton: [M, Rp] in sorted-token order."""
+        cached = self._h.get((layer, group))
+        if cached is not None and cached[0] is x:
+            return cached[1]
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        a_l = g.stack.a[layer]  # [n, in, Rp]
+        if path == "bmm":
+            h = sgmv_cpu.bmm_shrink(x2, a_l, g.layout)
+        elif path == "loop":
+            h = sgmv_cpu.loop_shrink(x2, a_l, g.layout)
+        else:
+            h = _sgmv_triton().sgmv_shrink(x2, a_l, g.layout)
+        self._h[(layer, group)] = (x, h)
+        return h
 
     def group_input(self, layer: int, group: str, x: torch.Tensor, g: GroupBatch) -> torch.Tensor:
         """x @ A_group for this layer, computed once for all projections that read ``x``."""
@@ -72,9 +118,22 @@ class LoRALinear(nn.Module):
         g = batch.groups.get(self.group)
         if g is None or self.kind not in g.spans:
             return out
+        out2 = out.view(-1, out.shape[-1])  # [N, out]
         start, end, b = g.spans[self.kind]
-        h = self.ctx.group_input(self.layer, self.group, x, g)  # [N, R] masked
-        out.view(-1, out.shape[-1]).addmm_(h[:, start:end], b[self.layer])  # += h_kind @ B_kind
+        path = batch.path
+        if path == "masked":
+            h = self.ctx.group_input(self.layer, self.group, x, g)  # [N, R] masked
+            out2.addmm_(h[:, start:end], b[self.layer])  # += h_kind @ B_kind
+            return out
+        g = self.ctx.token_batch(out2.shape[0]).groups[self.group]
+        h = self.ctx.group_shrink(self.layer, self.group, x, g, path)
+        b_l = b[self.layer]  # [n, e - s, out]
+        if path == "bmm":
+            sgmv_cpu.bmm_expand(out2, h, b_l, start, end, g.layout)
+        elif path == "loop":
+            sgmv_cpu.loop_expand(out2, h, b_l, start, self.kind, g.stack.ranks, g.layout)
+        else:
+            _sgmv_triton().sgmv_expand(out2, h, b_l, start, g.layout)
         return out
 
     def extra_repr(self) -> str:

@@ -18,18 +18,28 @@ the mask is applied with ``masked_fill`` (an inf in another adapter's ``x @ A`` 
 an adapter whose device rows are not finite -- validation refuses such weights, so this is
 defence in depth against a bug or a corrupted copy -- has its columns zeroed in the gathered
 copy, is marked ``poisoned`` and retired, and only its own requests fail.
+
+Per-step paths. ``prepare`` picks, per step, how the LoRALinears compute the mixed batch (see
+lora_kernels/cost.py): ``masked`` (one dense product over the sum of the active ranks; cheapest
+for one or two adapters), ``loop`` (a GEMM pair per contiguous run of one adapter's tokens),
+``bmm`` (tokens sorted by adapter, one padded batched GEMM pair), ``triton`` (SGMV kernels, on
+CUDA). The per-row paths read adapter-major stacked copies (``StackedGroup``), gathered and
+cached like the masked copy and checked the same way for non-finite rows.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import os
 import threading
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 import torch
 
+from serve_app.engine.lora_kernels import cost
+from serve_app.engine.lora_kernels.layout import PATHS, SegmentLayout, StackedGroup, build_layout
 from serve_app.engine.lora_weights import BaseShape, LoRAWeights
 from serve_app.errors import ServeAppError
 
@@ -74,9 +84,13 @@ INPUT_GROUP = {
 
 @dataclass
 class GroupBatch:
-    a_t: torch.Tensor  # [num_layers, in, R]: A rows of every active adapter, every kind of the group
+    # masked path (None otherwise)
+    a_t: torch.Tensor | None  # [num_layers, in, R]: A rows of every active adapter, every kind of the group
     drop: torch.Tensor | None  # [B, R] bool: True where column r is NOT row b's adapter's; None: one adapter for all
     spans: dict[str, tuple[int, int, torch.Tensor]]  # kind -> (first col, end col, B [num_layers, r, out])
+    # per-row paths (loop / bmm / triton; None for masked)
+    stack: StackedGroup | None = None  # adapter-major weights, spans: kind -> (s, e, B [L, n, e - s, out])
+    layout: SegmentLayout | None = None  # this step's tokens of the group's members
 
 
 @dataclass
@@ -85,6 +99,30 @@ class LoRABatch:
 
     groups: dict[str, GroupBatch]
     poisoned: frozenset[int] = frozenset()  # slots whose rows were not finite (zeroed here): fail their rows
+    path: str = "masked"  # how the LoRALinears compute it (PATHS)
+    rows: int = 0  # entries given to prepare: tokens of the forward, or rows of T tokens each
+    uniform: bool = False  # one adapter for every row
+    tok_adapter: list[int] | None = None  # [rows] index into the step's distinct adapters, -1: base
+    costs: dict[str, float] | None = None  # the cost model's estimate per path (seconds), when it chose
+
+    def per_token(self, n_tokens: int) -> LoRABatch:
+        """The same batch for a forward of ``n_tokens`` tokens when it was prepared per row
+        (``rows`` rows of ``n_tokens / rows`` tokens each); self when it already is per token."""
+        if n_tokens == self.rows or self.path == "masked":
+            return self
+        if self.uniform:
+            tok = [0] * n_tokens
+        else:
+            if n_tokens % self.rows:
+                raise ValueError(f"a per-row LoRABatch of {self.rows} rows cannot cover {n_tokens} tokens")
+            t = n_tokens // self.rows
+            tok = [j for j in self.tok_adapter for _ in range(t)]
+        groups = {}
+        for name, g in self.groups.items():
+            lay = build_layout(tok, g.stack.member_of, g.stack.a.shape[1], self.path, g.stack.a.device)
+            groups[name] = GroupBatch(a_t=None, drop=None, spans=g.spans, stack=g.stack, layout=lay)
+        return LoRABatch(groups=groups, poisoned=self.poisoned, path=self.path, rows=n_tokens,
+                         uniform=self.uniform, tok_adapter=tok, costs=self.costs)
 
 
 class LoRAManager:
@@ -95,6 +133,7 @@ class LoRAManager:
         dtype: torch.dtype,
         device: torch.device,
         initial_rows: int = 128,
+        path: str | None = None,
     ):
         self.shape = shape
         self.dtype = dtype
@@ -111,6 +150,10 @@ class LoRAManager:
         self._retired_pinned: set[ResidentAdapter] = set()
         self._pool_version = 0  # bumps when pool tensors are reallocated; invalidates gathers
         self._gather_cache: OrderedDict[tuple, tuple[int, dict]] = OrderedDict()
+        # "auto": the cost model picks per step; or one of PATHS, forced (benchmarks, tests).
+        self.path = path or os.environ.get("SERVE_APP_LORA_PATH", "auto")
+        self.last_path: str | None = None  # the path of the latest prepared batch
+        self.path_steps: Counter[str] = Counter()  # prepared batches per path (benchmarks read it)
 
     # ---- loading / unloading -------------------------------------------------------------
 
@@ -210,20 +253,38 @@ class LoRAManager:
 
     # ---- per-forward batch state -----------------------------------------------------------
 
-    def prepare(self, row_adapters: list[ResidentAdapter | None]) -> LoRABatch | None:
+    def prepare(self, row_adapters: list[ResidentAdapter | None], path: str | None = None) -> LoRABatch | None:
         """Build the LoRA state for a batch whose row b uses ``row_adapters[b]`` (None: base).
 
-        Gathers each active adapter's rows once per distinct adapter set; in steady decoding
-        the set does not change between steps, so the gather is cached.
+        The engine passes one entry per token of the step's flattened forward (a prefill
+        prompt contributes one entry per prompt token); tests may pass one per row of equal
+        length prompts. ``path`` (default ``self.path``) forces a path; "auto" lets the cost
+        model choose from (tokens, distinct adapters, ranks).
+
+        Gathers each active adapter's rows once per distinct adapter set (and layout); in
+        steady decoding the set does not change between steps, so the gather is cached.
         """
-        distinct = list(dict.fromkeys(r for r in row_adapters if r is not None))
+        index: dict[ResidentAdapter, int] = {}
+        tok_adapter = [-1 if r is None else index.setdefault(r, len(index)) for r in row_adapters]  # [rows]
+        distinct = list(index)
         if not distinct:
             return None
-        key = tuple(r.slot for r in distinct)
+        uniform = len(distinct) == 1 and -1 not in tok_adapter
+        path = path or self.path
+        costs = None
+        if path == "auto":
+            path, costs = self._choose(distinct, tok_adapter, uniform)
+        elif path not in PATHS:
+            raise ValueError(f"unknown LoRA path {path!r}; one of auto, {', '.join(PATHS)}")
+        self.last_path = path
+        self.path_steps[path] += 1
+        layout_kind = "masked" if path == "masked" else "stacked"
+        key = (layout_kind, *(r.slot for r in distinct))
         with self._lock:
             cached = self._gather_cache.get(key)
             if cached is None or cached[0] != self._pool_version:
-                cached = (self._pool_version, self._gather(distinct))
+                built = self._gather(distinct) if layout_kind == "masked" else self._gather_stacked(distinct)
+                cached = (self._pool_version, built)
                 self._gather_cache[key] = cached
                 while len(self._gather_cache) > 8:
                     self._gather_cache.popitem(last=False)
@@ -231,13 +292,32 @@ class LoRAManager:
                 self._gather_cache.move_to_end(key)
         gathered, poisoned = cached[1]
 
-        one_for_all = len(distinct) == 1 and None not in row_adapters
-        row_slot = torch.tensor([r.slot if r is not None else 0 for r in row_adapters], device=self.device)
         groups = {}
-        for group, (a_t, spans, col_slot) in gathered.items():
-            drop = None if one_for_all else row_slot[:, None] != col_slot[None, :]  # [B, R] bool
-            groups[group] = GroupBatch(a_t=a_t, drop=drop, spans=spans)
-        return LoRABatch(groups=groups, poisoned=poisoned)
+        if layout_kind == "masked":
+            row_slot = torch.tensor([r.slot if r is not None else 0 for r in row_adapters], device=self.device)
+            for group, (a_t, spans, col_slot) in gathered.items():
+                drop = None if uniform else row_slot[:, None] != col_slot[None, :]  # [B, R] bool
+                groups[group] = GroupBatch(a_t=a_t, drop=drop, spans=spans)
+        else:
+            for group, st in gathered.items():
+                lay = build_layout(tok_adapter, st.member_of, st.a.shape[1], path, self.device)
+                groups[group] = GroupBatch(a_t=None, drop=None, spans=st.spans, stack=st, layout=lay)
+        return LoRABatch(groups=groups, poisoned=poisoned, path=path, rows=len(row_adapters), uniform=uniform,
+                         tok_adapter=tok_adapter, costs=costs)
+
+    def _choose(self, distinct: list[ResidentAdapter], tok_adapter: list[int], uniform: bool) -> tuple[str, dict]:
+        """The cheapest path for this step by the cost model (cost.py), and every estimate."""
+        runs = cost.runs_of(tok_adapter)
+        counts = [0] * len(distinct)
+        for t0, t1, j in runs:
+            counts[j] += t1 - t0
+        groups = []
+        for group, kinds in cost.group_kinds(self.shape.kinds, INPUT_GROUP).items():
+            ranks = [{k: len(r.rows[k]) for k in kinds if k in r.rows} for r in distinct]  # per distinct adapter
+            if any(ranks):
+                groups.append((self.shape.kinds[kinds[0]][0], {k: self.shape.kinds[k][1] for k in kinds}, ranks))
+        estimates = cost.estimate(len(tok_adapter), runs, counts, groups, uniform, self.device.type)
+        return min(estimates, key=estimates.get), estimates
 
     def _gather(self, distinct: list[ResidentAdapter]) -> tuple[dict[str, tuple], frozenset[int]]:
         """Per input group: (A_t [L, in, R], {kind: (start, end, B)}, column owner slots [R]),
@@ -269,6 +349,58 @@ class LoRAManager:
                 col += len(idx)
             a_t = torch.cat(a_blocks, dim=1).transpose(1, 2).contiguous()  # [L, in, R]
             out[group] = (a_t, spans, torch.cat(owners))
+        self._retire_poisoned(distinct, poisoned)
+        return out, frozenset(poisoned)
+
+    def _gather_stacked(self, distinct: list[ResidentAdapter]) -> tuple[dict[str, StackedGroup], frozenset[int]]:
+        """Per input group, the members' weights adapter-major (layout.py), and the slots of
+        adapters whose rows are not finite (left as zeros in the copy, retired)."""
+        parts: dict[str, list] = {}
+        for kind in self._a:
+            users = [r for r in distinct if kind in r.rows]
+            if users:
+                parts.setdefault(INPUT_GROUP[kind], []).append((kind, users))
+        position = {r: j for j, r in enumerate(distinct)}
+        out = {}
+        poisoned: set[int] = set()
+        L = self.shape.num_layers
+        for group, kinds in parts.items():
+            in_users = {r for _, users in kinds for r in users}
+            members = [r for r in distinct if r in in_users]
+            member_of = [-1] * len(distinct)
+            for i, r in enumerate(members):
+                member_of[position[r]] = i
+            n = len(members)
+            rmax = {kind: max(len(r.rows[kind]) for r in users) for kind, users in kinds}
+            in_f = self._a[kinds[0][0]].shape[2]
+            a = torch.zeros(L, n, in_f, sum(rmax.values()), dtype=self.dtype, device=self.device)  # [L, n, in, Rp]
+            spans: dict[str, tuple[int, int, torch.Tensor]] = {}
+            ranks: list[dict[str, int]] = [{} for _ in members]
+            col = 0
+            for kind, users in kinds:
+                idx = torch.cat([r.rows[kind] for r in users])  # [r_kind]
+                a_sel = self._a[kind].index_select(1, idx)  # [L, r_kind, in]
+                b_sel = self._b[kind].index_select(1, idx)  # [L, r_kind, out]
+                good = torch.isfinite(a_sel).all(dim=2).all(dim=0) & torch.isfinite(b_sel).all(dim=2).all(dim=0)
+                b = torch.zeros(L, n, rmax[kind], b_sel.shape[2], dtype=self.dtype, device=self.device)  # [L, n, rk, out]
+                off = 0
+                for r in users:
+                    rk = len(r.rows[kind])
+                    i = member_of[position[r]]
+                    ranks[i][kind] = rk
+                    if bool(good[off : off + rk].all()):
+                        a[:, i, :, col : col + rk] = a_sel[:, off : off + rk].transpose(1, 2)
+                        b[:, i, :rk] = b_sel[:, off : off + rk]
+                    else:  # a broken adapter: its slice stays zero; only its own rows ever read it
+                        poisoned.add(r.slot)
+                    off += rk
+                spans[kind] = (col, col + rmax[kind], b)
+                col += rmax[kind]
+            out[group] = StackedGroup(a=a, spans=spans, ranks=ranks, member_of=member_of)
+        self._retire_poisoned(distinct, poisoned)
+        return out, frozenset(poisoned)
+
+    def _retire_poisoned(self, distinct: list[ResidentAdapter], poisoned: set[int]) -> None:
         for res in distinct:
             if res.slot in poisoned and not res.poisoned:
                 res.poisoned = True
@@ -277,7 +409,6 @@ class LoRAManager:
                 if self._current.get(res.adapter_id) is res:
                     del self._current[res.adapter_id]
                 self._retire(res)
-        return out, frozenset(poisoned)
 
     # ---- introspection -------------------------------------------------------------------
 

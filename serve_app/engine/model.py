@@ -171,9 +171,7 @@ class ModelRunner:
         """Prefill whole prompts into slots first_slot.. through ``step`` (the served path);
         returns last-token logits [B, vocab]. ``lora`` is prepared per token, or per row when
         every prompt has the same length (tests and benchmarks call it that way)."""
-        if lora is not None and len({len(p) for p in prompts}) > 1 and any(
-            g.drop is not None and g.drop.shape[0] == len(prompts) for g in lora.groups.values()
-        ):
+        if lora is not None and len({len(p) for p in prompts}) > 1 and lora.rows == len(prompts) and not lora.uniform:
             raise ValueError("a per-row LoRABatch needs prompts of one length; prepare it per token")
         return self.step([], [], [(first_slot + i, p) for i, p in enumerate(prompts)], None, lora)
 

@@ -1,0 +1,119 @@
+"""Which LoRA path a step takes: a three-term cost model per input group and layer.
+
+    seconds ~= OP_S * torch ops + FLOP_S * GEMM flops + BYTE_S * weight/copy bytes
+
+On these CPUs a small op costs microseconds of dispatch, so the masked product (a fixed few
+ops, but flops over the SUM of ranks for every row) wins at one or two adapters, the padded
+``bmm`` (a fixed few ops, flops per row over its own rank, every adapter's weights read once)
+wins at many, and ``loop`` (ops per contiguous run) wins when a few long prompts dominate the
+step. The constants were fitted on the 2-core dev box (fp32, torch 2.13) with
+``python -m benchmarks.lora_mix_bench --calibrate``, which re-measures and prints them; the
+choice only needs their ratios to be right within a factor of about two near the crossovers.
+
+On CUDA the choice is simpler: ``masked`` when one adapter serves every row (two plain GEMMs),
+else the Triton SGMV kernels.
+"""
+
+from __future__ import annotations
+
+# Fitted with benchmarks/lora_mix_bench.py --calibrate (see the module docstring).
+OP_S = 1.7e-5  # seconds per torch op (dispatch + small-kernel overhead)
+FLOP_S = 1.0 / 120e9  # seconds per fp32 GEMM flop
+BYTE_S = 1.0 / 21e9  # seconds per byte of weights read / rows copied
+
+CPU_PATHS = ("masked", "loop", "bmm")
+
+
+def runs_of(tok_adapter: list[int]) -> list[tuple[int, int, int]]:
+    """Contiguous runs (first, end, adapter index) of tokens that use one adapter (base left out)."""
+    runs, start, cur = [], 0, -1
+    for t, j in enumerate(tok_adapter):
+        if j != cur:
+            if cur >= 0:
+                runs.append((start, t, cur))
+            start, cur = t, j
+    if cur >= 0:
+        runs.append((start, len(tok_adapter), cur))
+    return runs
+
+
+def group_kinds(kinds: dict, input_group: dict[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for kind in kinds:
+        out.setdefault(input_group[kind], []).append(kind)
+    return out
+
+
+def group_terms(
+    n_tokens: int,
+    runs: list[tuple[int, int, int]],
+    counts: list[int],
+    in_f: int,
+    outs: dict[str, int],
+    ranks: list[dict[str, int]],
+    uniform: bool,
+    elem: int = 4,
+) -> dict[str, tuple[float, float, float]]:
+    """(ops, flops, bytes) per path for one group and layer.
+
+    ranks[j]: adapter j's rank per kind of this group (empty: j is not a member).
+    """
+    members = [j for j, r in enumerate(ranks) if r]
+    kinds = [k for k in outs if any(k in ranks[j] for j in members)]
+    tok = sum(counts[j] for j in members)  # M: tokens of members
+    # masked: h = x @ A_t over R = all members' ranks, mask, one addmm per kind (over all N tokens)
+    r_kind = {k: sum(ranks[j].get(k, 0) for j in members) for k in kinds}
+    r_all = sum(r_kind.values())
+    m_ops = 1 + (0 if uniform else 1) + len(kinds)
+    m_flops = 2 * n_tokens * in_f * r_all + sum(2 * n_tokens * r_kind[k] * outs[k] for k in kinds)
+    m_bytes = elem * (in_f * r_all + sum(r_kind[k] * outs[k] for k in kinds)) + (0 if uniform else 2 * elem * n_tokens * r_all)
+    # bmm: segments padded to the longest, ranks padded to the largest per kind
+    n = len(members)
+    s_max = max(counts[j] for j in members)
+    padded = any(counts[j] != s_max for j in members)
+    rmax = {k: max(ranks[j].get(k, 0) for j in members) for k in kinds}
+    rp = sum(rmax.values())
+    slots = n * s_max
+    b_ops = 2 + len(kinds) * (2 + (1 if padded else 0))
+    b_flops = 2 * slots * in_f * rp + sum(2 * slots * rmax[k] * outs[k] for k in kinds)
+    b_bytes = elem * (n * (in_f * rp + sum(rmax[k] * outs[k] for k in kinds)) + slots * in_f
+                      + sum(slots * outs[k] + 2 * tok * outs[k] for k in kinds))
+    # loop: one mm + one addmm per kind the adapter has, per contiguous run; each run reads its weights
+    l_ops = l_flops = l_bytes = 0.0
+    for t0, t1, j in runs:
+        if not ranks[j]:
+            continue
+        ln = t1 - t0
+        mine = [k for k in kinds if k in ranks[j]]
+        l_ops += 1 + len(mine)
+        l_flops += 2 * ln * in_f * rp + sum(2 * ln * ranks[j][k] * outs[k] for k in mine)
+        l_bytes += elem * (in_f * rp + sum(ranks[j][k] * outs[k] for k in mine))
+    return {"masked": (m_ops, m_flops, m_bytes), "bmm": (b_ops, b_flops, b_bytes), "loop": (l_ops, l_flops, l_bytes)}
+
+
+def seconds(terms: tuple[float, float, float]) -> float:
+    ops, flops, nbytes = terms
+    return OP_S * ops + FLOP_S * flops + BYTE_S * nbytes
+
+
+def estimate(
+    n_tokens: int,
+    runs: list[tuple[int, int, int]],
+    counts: list[int],
+    groups: list[tuple[int, dict[str, int], list[dict[str, int]]]],
+    uniform: bool,
+    device_type: str = "cpu",
+) -> dict[str, float]:
+    """Estimated seconds per layer for each path available on ``device_type``.
+
+    groups: per input group (in_features, {kind: out_features}, ranks per distinct adapter).
+    """
+    if device_type == "cuda":
+        # Two plain GEMMs for one adapter on every row; otherwise the SGMV kernels, whose cost
+        # is per row whatever the spread (no CPU-style dispatch trade-off to weigh).
+        return {"masked": 0.0, "triton": 1.0} if uniform else {"masked": 1.0, "triton": 0.0}
+    total = dict.fromkeys(CPU_PATHS, 0.0)
+    for in_f, outs, ranks in groups:
+        for path, terms in group_terms(n_tokens, runs, counts, in_f, outs, ranks, uniform).items():
+            total[path] += seconds(terms)
+    return total

@@ -1,0 +1,106 @@
+"""Per-step token layout and adapter-major stacked weights for the per-row LoRA paths.
+
+A step's forward flattens every token of every request into one sequence of N tokens (decode
+rows one token each, prefill prompts and chunks several contiguous tokens each). Token t uses
+``tok_adapter[t]``: an index into the step's distinct adapters, or -1 for the base model.
+
+Per input group (q/k/v share ``attn_in``, ...) the adapters that target a kind of the group are
+its *members*, stacked adapter-major:
+
+    a          [L, n, in, Rp]     member i's A^T, kinds side by side, each kind padded to the
+                                  largest rank any member has on it (zero columns)
+    b[kind]    [L, n, rk, out]    member i's B for that kind (alpha/r folded in), zero rows past
+                                  its own rank
+
+so member i's delta on a kind is ``x @ a[l, i][:, s:e] @ b[kind][l, i]`` and a token only ever
+multiplies its own member's slice: isolation holds by construction, not by a mask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PATHS = ("masked", "loop", "bmm", "triton")
+
+
+@dataclass
+class StackedGroup:
+    a: torch.Tensor  # [L, n, in, Rp] adapter-major A^T of the group's members, zero padded per kind
+    spans: dict[str, tuple[int, int, torch.Tensor]]  # kind -> (first col, end col, B [L, n, e - s, out])
+    ranks: list[dict[str, int]]  # member i -> {kind: its real rank}
+    member_of: list[int]  # distinct adapter j -> member index, -1: j targets no kind of this group
+
+
+@dataclass
+class SegmentLayout:
+    """One group's LoRA tokens in one step (base tokens and non-members are left out)."""
+
+    n_tokens: int  # N: tokens in the forward
+    m: int  # M: tokens of this group's members
+    # contiguous runs in token order (loop path): (first token, end token, member)
+    runs: list[tuple[int, int, int]]
+    # adapter-sorted segments (bmm / triton paths), segment s = member seg_member[s]
+    seg_member: list[int]
+    seg_len: list[int]
+    tok: torch.Tensor | None = None  # [M] long: token indices, sorted by member (stable)
+    s_max: int = 0  # longest segment
+    pad_tok: torch.Tensor | None = None  # [n_seg, s_max] long: token of each padded slot (pads: the segment's own first token)
+    keep: torch.Tensor | None = None  # [M] long: slot (in n_seg * s_max) of each sorted token; None: no padding
+    members_t: torch.Tensor | None = None  # [n_seg] long: member per segment; None when segment s is member s
+    seg_start_t: torch.Tensor | None = None  # [n_seg] int32: first row of segment s in ``tok`` (triton)
+    seg_len_t: torch.Tensor | None = None  # [n_seg] int32 (triton)
+    seg_member_t: torch.Tensor | None = None  # [n_seg] int32 (triton)
+
+
+def _runs(tok_member: list[int]) -> list[tuple[int, int, int]]:
+    runs, start, cur = [], 0, -1
+    for t, m in enumerate(tok_member):
+        if m != cur:
+            if cur >= 0:
+                runs.append((start, t, cur))
+            start, cur = t, m
+    if cur >= 0:
+        runs.append((start, len(tok_member), cur))
+    return runs
+
+
+def build_layout(
+    tok_adapter: list[int], member_of: list[int], n_members: int, path: str, device: torch.device
+) -> SegmentLayout:
+    """The layout ``path`` reads, for one group whose distinct adapter j is member ``member_of[j]``
+    (of ``n_members`` stacked members)."""
+    tok_member = [member_of[j] if j >= 0 else -1 for j in tok_adapter]  # [N] python
+    n = len(tok_member)
+    if path == "loop":
+        runs = _runs(tok_member)
+        return SegmentLayout(n_tokens=n, m=sum(e - s for s, e, _ in runs), runs=runs, seg_member=[], seg_len=[])
+    buckets: dict[int, list[int]] = {}
+    for t, m in enumerate(tok_member):
+        if m >= 0:
+            buckets.setdefault(m, []).append(t)
+    seg_member = sorted(buckets)
+    seg_len = [len(buckets[m]) for m in seg_member]
+    flat = [t for m in seg_member for t in buckets[m]]
+    lay = SegmentLayout(n_tokens=n, m=len(flat), runs=[], seg_member=seg_member, seg_len=seg_len)
+    lay.tok = torch.tensor(flat, dtype=torch.long, device=device)  # [M]
+    lay.s_max = max(seg_len)
+    if seg_member != list(range(n_members)):
+        lay.members_t = torch.tensor(seg_member, dtype=torch.long, device=device)
+    if path == "bmm":
+        s = lay.s_max
+        pad = [buckets[m] + [buckets[m][0]] * (s - len(buckets[m])) for m in seg_member]
+        lay.pad_tok = torch.tensor(pad, dtype=torch.long, device=device)  # [n_seg, S]
+        if any(ln != s for ln in seg_len):
+            lay.keep = torch.tensor([i * s + k for i, ln in enumerate(seg_len) for k in range(ln)],
+                                    dtype=torch.long, device=device)  # [M]
+    elif path == "triton":
+        starts, acc = [], 0
+        for ln in seg_len:
+            starts.append(acc)
+            acc += ln
+        lay.seg_start_t = torch.tensor(starts, dtype=torch.int32, device=device)
+        lay.seg_len_t = torch.tensor(seg_len, dtype=torch.int32, device=device)
+        lay.seg_member_t = torch.tensor(seg_member, dtype=torch.int32, device=device)
+    return lay

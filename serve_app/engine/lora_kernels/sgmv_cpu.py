@@ -1,0 +1,61 @@
+"""CPU per-row LoRA products over a ``SegmentLayout`` (see layout.py for the weight shapes).
+
+Two ways to make each token pay only for its own adapter's rank:
+
+- ``loop``: one GEMM pair per contiguous run of tokens that share an adapter, on views of the
+  input and output (no copies). A prefill prompt is one run; a decode batch with D distinct
+  adapters is up to D runs, so the cost is per-op overhead times runs -- good for a few long
+  runs, poor for many one-token rows.
+- ``bmm``: tokens sorted by adapter, each adapter's segment padded to the longest one, and one
+  batched GEMM pair for all segments (BGMV/SGMV as two ``torch.bmm``). A fixed number of ops
+  whatever the number of adapters; every adapter's weights are read once per step. Padding
+  slots repeat their own segment's first token and are dropped before the scatter.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from serve_app.engine.lora_kernels.layout import SegmentLayout
+
+
+def bmm_shrink(x2: torch.Tensor, a_l: torch.Tensor, lay: SegmentLayout) -> torch.Tensor:
+    """x2: [N, in], a_l: [n, in, Rp] -> h: [n_seg, S, Rp] (segment s = member seg_member[s])."""
+    if lay.members_t is not None:
+        a_l = a_l.index_select(0, lay.members_t)  # [n_seg, in, Rp]
+    n_seg, s = lay.pad_tok.shape
+    xs = x2.index_select(0, lay.pad_tok.view(-1)).view(n_seg, s, x2.shape[1])  # [n_seg, S, in]
+    return torch.bmm(xs, a_l)  # [n_seg, S, Rp]
+
+
+def bmm_expand(
+    out2: torch.Tensor, h: torch.Tensor, b_l: torch.Tensor, start: int, end: int, lay: SegmentLayout
+) -> None:
+    """out2: [N, out] += per token h[.., start:end] @ its member's b_l: [n, r, out] (in place)."""
+    if lay.members_t is not None:
+        b_l = b_l.index_select(0, lay.members_t)  # [n_seg, r, out]
+    d = torch.bmm(h[:, :, start:end], b_l).view(-1, out2.shape[1])  # [n_seg * S, out]
+    if lay.keep is not None:
+        d = d.index_select(0, lay.keep)  # [M, out]: padding slots dropped
+    out2.index_add_(0, lay.tok, d)
+
+
+def loop_shrink(x2: torch.Tensor, a_l: torch.Tensor, lay: SegmentLayout) -> list[torch.Tensor]:
+    """x2: [N, in], a_l: [n, in, Rp] -> per run [t1 - t0, Rp]."""
+    return [torch.mm(x2[t0:t1], a_l[m]) for t0, t1, m in lay.runs]
+
+
+def loop_expand(
+    out2: torch.Tensor,
+    hs: list[torch.Tensor],
+    b_l: torch.Tensor,
+    start: int,
+    kind: str,
+    ranks: list[dict[str, int]],
+    lay: SegmentLayout,
+) -> None:
+    """out2[t0:t1] += h_run[:, start:start + r] @ b_l[m, :r] per run (r: the member's own rank)."""
+    for (t0, t1, m), h in zip(lay.runs, hs):
+        r = ranks[m].get(kind, 0)
+        if r:
+            out2[t0:t1].addmm_(h[:, start : start + r], b_l[m, :r])  # [t, r] @ [r, out]

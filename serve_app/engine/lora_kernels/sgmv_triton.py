@@ -45,7 +45,7 @@ def _sgmv_shrink_kernel(
     rows = tl.load(tok_ptr + start + offs_m, mask=m_mask, other=0)  # [BM] token indices
     offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < R
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.full: a builtin (tl.zeros is @jit, not interpretable once triton is imported)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_mask = offs_k < K
@@ -84,7 +84,7 @@ def _sgmv_expand_kernel(
     h_rows = (start + offs_m).to(tl.int64)
     offs_o = pn * BLOCK_N + tl.arange(0, BLOCK_N)
     o_mask = offs_o < OUT
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)  # tl.full: a builtin (tl.zeros is @jit, not interpretable once triton is imported)
     for r0 in range(0, R, BLOCK_K):
         offs_r = r0 + tl.arange(0, BLOCK_K)
         r_mask = offs_r < R

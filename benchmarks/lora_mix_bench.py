@@ -11,6 +11,7 @@ marked INVALID.
 
     python -m benchmarks.lora_mix_bench                 # full table (~10 min on 2 cores)
     python -m benchmarks.lora_mix_bench --quick         # smoke: one config, 16 x 16
+    python -m benchmarks.lora_mix_bench --only 16:attn  # one configuration (the target row)
     python -m benchmarks.lora_mix_bench --calibrate     # re-fit cost.py's constants on this machine
 
 Targets (rank 16, q/k/v/o): 64 distinct >= 0.85x base, 8 distinct >= 0.95x, 1 >= 0.95x.
@@ -178,6 +179,7 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--calibrate", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--only", help="one configuration, RANK:TARGETS (e.g. 16:attn, 64:all)")
     args = ap.parse_args()
     quiet_libraries()
     if args.calibrate:
@@ -188,7 +190,11 @@ def main() -> None:
     print(f"== lora_mix_bench: W1 base, {n} prompts x {plen} tokens, {new} new tokens, greedy, all in flight; "
           f"torch threads {torch.get_num_threads()}")
     print("   cells: tok/s and ratio to base-only on the same engine; paths forced except auto (the cost model)")
-    for rank, targets in configs(args.quick):
+    todo = configs(args.quick)
+    if args.only:
+        r, t = args.only.split(":")
+        todo = [(int(r), t)]
+    for rank, targets in todo:
         bench_config(rank, targets, n, plen, new, reps, distincts)
 
 

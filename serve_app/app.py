@@ -10,10 +10,12 @@ from typing import Any
 
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import RequestRouterConfig
 
 from serve_app.config import AppConfig
 from serve_app.deployments.lora import LoRADeployment
 from serve_app.deployments.merged import MergedDeployment
+from serve_app.deployments.routing import EngineRequestRouter
 from serve_app.router.ingress import Router
 
 
@@ -28,6 +30,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         max_ongoing_requests=cfg.lora_max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.lora_num_cpus, "num_gpus": cfg.lora_num_gpus},
         health_check_period_s=10,
+        request_router_config=RequestRouterConfig(request_router_class=EngineRequestRouter),
     ).bind(raw)
     merged = None
     if cfg.merged:
@@ -38,6 +41,7 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
             max_ongoing_requests=cfg.lora_max_ongoing_requests,
             ray_actor_options={"num_cpus": cfg.merged_num_cpus, "num_gpus": cfg.merged_num_gpus},
             health_check_period_s=10,
+            request_router_config=RequestRouterConfig(request_router_class=EngineRequestRouter),
         ).bind(raw)
     return serve.deployment(
         Router,

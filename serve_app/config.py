@@ -132,6 +132,18 @@ class AppConfig(BaseModel):
         default=256, ge=1, description="Requests a LoRA replica accepts at once (running + queued in the engine)."
     )
     router_replicas: int = Field(default=1, ge=1, description="Number of router (HTTP ingress) replicas.")
+    stream_interval_ms: float = Field(
+        default=20.0, ge=0, le=1000,
+        description="Streaming: a request's first text is sent at once, later text at most every this many ms, "
+        "as one chunk. 0: every engine step's text is its own chunk (until stream_chunks_per_s applies).",
+    )
+    stream_chunks_per_s: float | None = Field(
+        default=200.0, gt=0,
+        description="Streaming: chunks per second one router replica sends, all its streams together; with more "
+        "open streams each stream's chunks come further apart (every open_streams / this seconds, at most 1 s). "
+        "Each chunk is a Serve message router -> proxy (~2 ms CPU): on a small box, per-token chunks for 64 streams "
+        "would cost more CPU than the model. null: no budget, only stream_interval_ms.",
+    )
     router_num_cpus: float = Field(default=0.25, ge=0, description="CPUs reserved per router replica.")
     merged: bool = Field(
         default=False,

@@ -44,6 +44,7 @@ from serve_app.adapters.ids import validate_adapter_id
 from serve_app.adapters.ram_cache import RamCache
 from serve_app.adapters.registry import Manifest, mux_id, parse_mux_id
 from serve_app.config import AppConfig
+from serve_app.deployments.channel import ChannelMixin
 from serve_app.engine.engine import LoRAEngine, RequestOutput, RequestStream
 from serve_app.engine.lora_manager import AdapterNotResidentError, ResidentAdapter
 from serve_app.engine.lora_weights import LoRAWeights, load_adapter_tensors, parse_adapter_config
@@ -148,7 +149,7 @@ class _LoadedAdapter:
             self._on_evict(self.resident.adapter_id if self.resident is not None else "(loading)")
 
 
-class LoRADeployment:
+class LoRADeployment(ChannelMixin):
     def __init__(self, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
         base, adapters_uri = cfg.resolve_paths()

@@ -45,6 +45,7 @@ from serve_app.adapters.fetch import adapter_pipeline, validation_settings
 from serve_app.adapters.ids import validate_adapter_id
 from serve_app.adapters.registry import Manifest, mux_id, parse_mux_id
 from serve_app.config import AppConfig
+from serve_app.deployments.channel import ChannelMixin
 from serve_app.deployments.lora import GenerateRequest, render_prompt
 from serve_app.engine.engine import LoRAEngine, RequestOutput, RequestStream
 from serve_app.engine.merge import build_merged_engine
@@ -91,7 +92,7 @@ class _MergedModel:
             engine.shutdown()
 
 
-class MergedDeployment:
+class MergedDeployment(ChannelMixin):
     def __init__(self, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
         self.base_path, adapters_uri = cfg.resolve_paths()

@@ -54,6 +54,7 @@ from serve_app.config import AppConfig
 from serve_app.deployments.lora import GenerateRequest
 from serve_app.engine.engine import RequestOutput
 from serve_app.router.auth import Authenticator, AuthMiddleware, principal_of
+from serve_app.router.streams import ChannelHub, StreamOutput
 from serve_app.router.limits import (
     BodySizeLimitMiddleware,
     Lease,
@@ -261,6 +262,8 @@ class Router:
         _EDGE.update(auth=self.auth, max_body_bytes=cfg.limits.max_body_bytes)
         self.lora = lora
         self.merged = merged
+        self.streams = ChannelHub(cfg.stream_interval_ms / 1000, chunks_per_s=cfg.stream_chunks_per_s)  # one channel per engine replica
+        self._handles: dict[tuple[str, str | None, bool], DeploymentHandle] = {}
         self.admin = AdapterAdmin(adapters_dir, cfg.store, lora)  # tenant -> id@version, lifecycle API
         self.base_model_name = cfg.base_model_name
         self.default_max_tokens = cfg.default_max_tokens
@@ -317,10 +320,19 @@ class Router:
         return versioned, path
 
     def _handle(self, adapter_id: str | None, path: str, stream: bool) -> DeploymentHandle:
-        h = self.merged if path == "merged" else self.lora
-        if adapter_id is not None:
-            h = h.options(multiplexed_model_id=adapter_id)
-        return h.options(stream=True) if stream else h
+        """The deployment's handle configured for this adapter, cached: ``options()`` builds a new
+        handle (and its routing state) on every call, per request, as Ray's LLM router notes too."""
+        key = (path, adapter_id, stream)
+        h = self._handles.get(key)
+        if h is None:
+            h = self.merged if path == "merged" else self.lora
+            if adapter_id is not None:
+                h = h.options(multiplexed_model_id=adapter_id)
+            h = h.options(stream=True) if stream else h
+            if len(self._handles) >= 4096:  # one per (path, adapter version) in use: bounded anyway
+                self._handles.pop(next(iter(self._handles)))
+            self._handles[key] = h
+        return h
 
     async def _generate(self, adapter_id: str | None, path: str, req: GenerateRequest) -> RequestOutput:
         for attempt in range(REPLICA_RETRIES + 1):
@@ -339,13 +351,14 @@ class Router:
 
     async def _generate_stream(
         self, adapter_id: str | None, path: str, req: GenerateRequest
-    ) -> AsyncIterator[RequestOutput]:
+    ) -> AsyncIterator[StreamOutput]:
         t0 = time.perf_counter()
+        req.request_id = req.request_id or random_id("req")  # the channel's key for this request's text
         first = True
         try:
             for attempt in range(REPLICA_RETRIES + 1):
                 try:
-                    async for out in self._handle(adapter_id, path, stream=True).generate_stream.remote(req):
+                    async for out in self.streams.stream(self._handle(adapter_id, path, stream=False), path, req):
                         if first:
                             metrics.TTFT.observe(time.perf_counter() - t0, tags={"path": path})
                             first = False

@@ -1,0 +1,60 @@
+"""The engine deployments' request router: Serve's power-of-two choices, plus pinned channels.
+
+Every call is routed as Serve's default router does (multiplexed model affinity first, then
+locality, then the shorter of two random queues), except a stream ``channel(key, replica)``
+(deployments/channel.py): it must reach the replica named in it, the one that runs the requests
+whose text it carries, so it is offered that replica alone. If that replica is gone the call
+is not routed; the router gives up on it after a timeout and its requests still finish (their
+text rides in their last message).
+
+Built on Serve's public request-router API (``ray.serve.request_router``).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import List, Optional
+
+from ray.serve.request_router import (
+    LocalityMixin,
+    MultiplexMixin,
+    PendingRequest,
+    RequestRouter,
+    RunningReplica,
+)
+
+CHANNEL_METHOD = "channel"
+
+
+def pinned_replica(request: PendingRequest | None) -> str | None:
+    """The replica a ``channel(key, replica)`` call names, else None."""
+    if request is None or request.metadata.call_method != CHANNEL_METHOD:
+        return None
+    if len(request.args) >= 2:
+        return request.args[1]
+    return request.kwargs.get("replica")
+
+
+class EngineRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
+    """No ``FIFOMixin``: it hands a replica found for one request to the oldest pending one, which
+    would send a pinned channel to the wrong replica; each request gets the replica chosen for it.
+    (Ordering among requests that wait for a free replica is the engine's fair queue's job.)"""
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: List[RunningReplica],
+        pending_request: Optional[PendingRequest] = None,
+    ) -> List[List[RunningReplica]]:
+        target = pinned_replica(pending_request)
+        if target is not None:
+            pinned = [r for r in candidate_replicas if r.replica_id.unique_id == target]
+            return [pinned] if pinned else []
+        if pending_request is not None and pending_request.metadata.multiplexed_model_id:
+            ids = self.apply_multiplex_routing(pending_request=pending_request)
+        else:
+            ids = self.apply_locality_routing(pending_request=pending_request)
+        if not ids:
+            return []
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        chosen = [by_id[i] for i in random.sample(sorted(ids, key=str), k=min(2, len(ids))) if i in by_id]
+        return [chosen] if chosen else []

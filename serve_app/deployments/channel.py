@@ -31,7 +31,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
-CHANNEL_IDLE_S = 60.0  # a channel with nothing to carry for this long ends (the router reopens on demand)
+CHANNEL_IDLE_S = 2.0  # a channel with no request in flight ends after this long (the router reopens it on demand): never holds up a replica's graceful shutdown
 
 
 @dataclass(slots=True)

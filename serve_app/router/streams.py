@@ -149,9 +149,23 @@ class ChannelHub:
                 yield StreamOutput(first.text, True, first.finish_reason, first.prompt_tokens, first.completion_tokens)
                 return
             assert isinstance(first, Accepted), type(first)
-            self._ensure_channel(handle, deployment, first.replica)
             on = f"{deployment}/{first.replica}"
-            self._on.setdefault(on, set()).add(rid)
+
+            attaches = [0]
+
+            def attach() -> None:
+                # (Re)open the channel: one that ended (idle, superseded) while this request was
+                # starting leaves its text in the replica's outbox for the next channel. A few
+                # tries per request; past them its text comes in its Final (or, if the channel
+                # took some, the request fails rather than miss it).
+                mb.orphaned = False
+                if attaches[0] >= 3:
+                    return
+                attaches[0] += 1
+                self._ensure_channel(handle, deployment, first.replica)
+                self._on.setdefault(on, set()).add(rid)
+
+            attach()
             yield StreamOutput(first.text, completion_tokens=first.tokens)
             last_sent = time.monotonic()
             final_next = asyncio.ensure_future(call.__anext__())
@@ -165,6 +179,8 @@ class ChannelHub:
                         arrived.cancel()
                 if mb.lost:
                     raise StreamLostError("the stream's text was lost in transit (its channel broke); retry")
+                if mb.orphaned:
+                    attach()
                 if final_next.done():
                     try:
                         final = final_next.result()  # a replica error raises here
@@ -183,7 +199,11 @@ class ChannelHub:
                     mb.event.clear()
             # The channel may still carry deltas up to final.last_seq: wait for them, in order.
             deadline = time.monotonic() + LOST_WAIT_S
-            while mb.seq < final.last_seq and not (mb.lost or mb.orphaned) and time.monotonic() < deadline:
+            while mb.seq < final.last_seq and not mb.lost and time.monotonic() < deadline:
+                if mb.orphaned:  # the replica is alive (it sent the Final): a new channel brings the rest
+                    if attaches[0] >= 3:
+                        break
+                    attach()
                 mb.event.clear()
                 try:
                     await asyncio.wait_for(mb.event.wait(), timeout=max(0.0, deadline - time.monotonic()))

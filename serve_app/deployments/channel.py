@@ -108,6 +108,8 @@ class Outbox:
     def close(self, request_id: str) -> tuple[int, str]:
         """(last seq the channel took, the untaken text) for a finishing request; forgets it."""
         p = self._pending.pop(request_id, None)
+        if not self._pending:
+            self.event.set()  # wake the channel: with nothing in flight it may end (CHANNEL_IDLE_S)
         if p is None:
             return 0, ""
         return p.taken, "".join(p.parts)

@@ -4,8 +4,8 @@ Every call is routed as Serve's default router does (multiplexed model affinity 
 locality, then the shorter of two random queues), except a stream ``channel(key, replica)``
 (deployments/channel.py): it must reach the replica named in it, the one that runs the requests
 whose text it carries, so it is offered that replica alone. If that replica is gone the call
-is not routed; the router gives up on it after a timeout and its requests still finish (their
-text rides in their last message).
+goes anywhere and ends there at once (the replica checks the name); its requests' text then
+rides in their last messages.
 
 Built on Serve's public request-router API (``ray.serve.request_router``).
 """
@@ -48,7 +48,11 @@ class EngineRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         target = pinned_replica(pending_request)
         if target is not None:
             pinned = [r for r in candidate_replicas if r.replica_id.unique_id == target]
-            return [pinned] if pinned else []
+            # Gone (died, scaled down): route it anywhere rather than not at all. A request that
+            # cannot be routed holds one of the router's few routing tasks while it backs off,
+            # and starves every other request of the deployment; the replica it lands on sees
+            # that it is not the one named and ends the call at once.
+            return [pinned] if pinned else ([list(candidate_replicas)] if candidate_replicas else [])
         if pending_request is not None and pending_request.metadata.multiplexed_model_id:
             ids = self.apply_multiplex_routing(pending_request=pending_request)
         else:

@@ -256,5 +256,6 @@ def test_request_router_pins_a_channel_to_the_replica_it_names():
     router = EngineRequestRouter.__new__(EngineRequestRouter)  # choose_replicas' pinned branch needs no state
     a, b = replica("a"), replica("b")
     assert asyncio.run(router.choose_replicas([a, b], pending("channel", "key", "b"))) == [[b]]
-    assert asyncio.run(router.choose_replicas([a], pending("channel", "key", "b"))) == []  # gone: not routed
+    # Gone: routed anywhere (never left pending, where it would hold a routing task); refused there.
+    assert asyncio.run(router.choose_replicas([a], pending("channel", "key", "b"))) == [[a]]
     assert pinned_replica(pending("generate_channeled", "req", "b")) is None

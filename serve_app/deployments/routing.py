@@ -16,6 +16,7 @@ import random
 from typing import List, Optional
 
 from ray.serve.request_router import (
+    FIFOMixin,
     LocalityMixin,
     MultiplexMixin,
     PendingRequest,
@@ -35,10 +36,11 @@ def pinned_replica(request: PendingRequest | None) -> str | None:
     return request.kwargs.get("replica")
 
 
-class EngineRequestRouter(LocalityMixin, MultiplexMixin, RequestRouter):
-    """No ``FIFOMixin``: it hands a replica found for one request to the oldest pending one, which
-    would send a pinned channel to the wrong replica; each request gets the replica chosen for it.
-    (Ordering among requests that wait for a free replica is the engine's fair queue's job.)"""
+class EngineRequestRouter(FIFOMixin, LocalityMixin, MultiplexMixin, RequestRouter):
+    """Serve's default mixins, FIFO included. FIFO may hand a replica found for one request to an
+    older pending one, so with several replicas a channel can land on another replica than the
+    one it names; that replica refuses it, and the router reopens it (a few tries per request)
+    while the requests' text still arrives complete in their last messages."""
 
     async def choose_replicas(
         self,

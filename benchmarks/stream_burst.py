@@ -25,7 +25,8 @@ import statistics
 import time
 
 from benchmarks.engine_bench import SEED, make_prompts, quiet_libraries
-from benchmarks.http_bench import APP_NAME, BASE_NAME, client, start_ray, start_serve, stop_ray, wait_http
+from benchmarks.http_bench import APP_NAME, client, start_ray, start_serve, stop_ray, wait_http
+from benchmarks.stream_profile import demo_app_args, direct_ingress_url
 
 
 def main() -> None:
@@ -48,14 +49,7 @@ def main() -> None:
     vocab = AutoConfig.from_pretrained(str(assets.base)).vocab_size
     n, new = args.requests, args.new_tokens
     prompts = make_prompts(n, args.prompt_len, vocab, SEED)
-    app_args = {"base_model": "demo", "lora_num_cpus": 1.0, "router_num_cpus": 0.25, "torch_threads": 2,
-                "max_adapters_per_replica": 8, "base_model_name": BASE_NAME}
-    for kv in args.app_arg:
-        k, _, v = kv.partition("=")
-        try:
-            app_args[k] = json.loads(v)
-        except json.JSONDecodeError:
-            app_args[k] = v
+    app_args = demo_app_args(args.app_arg)
     if args.direct_ingress:
         os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
 
@@ -95,8 +89,6 @@ def main() -> None:
         _, url = start_serve()
         serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
         if args.direct_ingress:
-            from benchmarks.stream_profile import direct_ingress_url
-
             url = direct_ingress_url()
         wait_http(url + "/health")
         rounds, plain_tps, texts = asyncio.run(phase(url))

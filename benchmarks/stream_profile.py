@@ -56,6 +56,19 @@ def serve_processes() -> dict[str, int]:
     return roles
 
 
+def demo_app_args(overrides: list[str]) -> dict:
+    """http_bench's app on the W1 demo assets, with ``key=value`` overrides (JSON values)."""
+    app_args = {"base_model": "demo", "lora_num_cpus": 1.0, "router_num_cpus": 0.25, "torch_threads": 2,
+                "max_adapters_per_replica": 8, "base_model_name": BASE_NAME}
+    for kv in overrides:
+        k, _, v = kv.partition("=")
+        try:
+            app_args[k] = json.loads(v)
+        except json.JSONDecodeError:
+            app_args[k] = v
+    return app_args
+
+
 def direct_ingress_url(timeout: float = 60.0) -> str:
     """The router replica's own HTTP port (direct ingress allocates one from 30000 up)."""
     import httpx
@@ -144,14 +157,7 @@ def main() -> None:
 
     vocab = AutoConfig.from_pretrained(str(assets.base)).vocab_size
     prompts = make_prompts(256, args.prompt_len, vocab, SEED)
-    app_args = {"base_model": "demo", "lora_num_cpus": 1.0, "router_num_cpus": 0.25, "torch_threads": 2,
-                "max_adapters_per_replica": 8, "base_model_name": BASE_NAME}
-    for kv in args.app_arg:
-        k, _, v = kv.partition("=")
-        try:
-            app_args[k] = json.loads(v)
-        except json.JSONDecodeError:
-            app_args[k] = v
+    app_args = demo_app_args(args.app_arg)
 
     from ray import serve
 

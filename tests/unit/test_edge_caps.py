@@ -16,6 +16,8 @@ import pytest
 from fastapi.testclient import TestClient
 from ray import serve
 
+from serve_app.deployments.channel import Final
+from serve_app.router.streams import ChannelHub
 from serve_app.engine.engine import RequestOutput
 from serve_app.errors import AdapterNotFoundError, AdapterStoreUnavailableError
 from serve_app.router import ingress
@@ -69,6 +71,36 @@ class FakeHandle:
         return types.SimpleNamespace(remote=remote)
 
 
+    @property
+    def generate_channeled(self):
+        """The channeled stream (deployments/channel.py): here the whole answer in its Final."""
+        fake = self
+
+        class Call:
+            def __init__(self):
+                self.sent = False
+
+            def __aiter__(self):
+                return self
+
+            async def __anext__(self):
+                if fake.fail is not None:
+                    raise fake.fail
+                if self.sent:
+                    raise StopAsyncIteration
+                self.sent = True
+                return Final(0, "ok", "length", 1, 1)
+
+            def cancel(self):
+                pass
+
+        def remote(req, key):
+            self.seen.append((self.model_id, req))
+            return Call()
+
+        return types.SimpleNamespace(remote=remote)
+
+
 class FakeAdmin:
     def __init__(self, known=("tenant-0", "acme-1", "acme-2", "globex-1")):
         self.known = set(known)
@@ -102,6 +134,8 @@ def edge(monkeypatch):
         router.base_model_name = "base"
         router.default_max_tokens = 4
         router.promoter = None
+        router.streams = ChannelHub()
+        router._handles = {}
         monkeypatch.setitem(ingress._EDGE, "auth", router.auth)
         monkeypatch.setitem(ingress._EDGE, "max_body_bytes", cfg.max_body_bytes)
         monkeypatch.setattr(serve, "get_replica_context", lambda: types.SimpleNamespace(servable_object=router))

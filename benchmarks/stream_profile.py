@@ -24,6 +24,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import argparse
 import asyncio
 import collections
+import contextlib
 import json
 import re
 import shutil
@@ -67,6 +68,29 @@ def demo_app_args(overrides: list[str]) -> dict:
         except json.JSONDecodeError:
             app_args[k] = v
     return app_args
+
+
+@contextlib.contextmanager
+def served_demo_app(app_args: dict, direct_ingress: bool = False):
+    """A private Ray (2 CPUs) + Serve on 127.0.0.1 running ``build_app(app_args)``; yields the URL
+    to send requests to (the router replica's own port with ``direct_ingress``, Ray's
+    ``RAY_SERVE_ENABLE_DIRECT_INGRESS``: no proxy). Stops only the Ray this started."""
+    from ray import serve
+
+    from serve_app.app import build_app
+
+    if direct_ingress:
+        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+    start_ray(2)
+    try:
+        _, url = start_serve()
+        serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
+        if direct_ingress:
+            url = direct_ingress_url()
+        wait_http(url + "/health")
+        yield url
+    finally:
+        stop_ray()
 
 
 def direct_ingress_url(timeout: float = 60.0) -> str:
@@ -159,21 +183,9 @@ def main() -> None:
     prompts = make_prompts(256, args.prompt_len, vocab, SEED)
     app_args = demo_app_args(args.app_arg)
 
-    from ray import serve
-
-    from serve_app.app import build_app
-
-    if args.direct_ingress:
-        os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
-    start_ray(2)
     tmp = args.keep or tempfile.mkdtemp(prefix="stream_profile-")
     os.makedirs(tmp, exist_ok=True)
-    try:
-        _, url = start_serve()
-        serve.run(build_app(app_args), name=APP_NAME, route_prefix="/")
-        if args.direct_ingress:
-            url = direct_ingress_url()
-        wait_http(url + "/health")
+    with served_demo_app(app_args, args.direct_ingress) as url:
         stop = threading.Event()
         done = collections.Counter()
         t_load = [0.0]
@@ -209,8 +221,6 @@ def main() -> None:
         tokens, requests, bad = done["tokens"], done["requests"], done["bad"]
         stop.set()
         th.join(timeout=60)
-    finally:
-        stop_ray()
 
     mode = "non-streaming" if args.no_stream else "streaming"
     print(f"== stream_profile: {args.streams} {mode} completions in flight, {args.prompt_len} in / {args.new_tokens} "

@@ -1,4 +1,9 @@
-"""Pydantic models for every argument, with a description on each field.
+"""AppConfig: build_app's args (serve_config.yaml's ``args``), with a description on each field.
+
+Each part's settings live with it and this module gathers them, one import arrow down: the
+engine's in engine/config.py (AppConfig derives from its ``EngineArgs``, so the shared engine
+fields are declared once), the adapters' in adapters/config.py, the router's in
+router/config.py. ``EngineConfig`` and ``LORA_TARGET_KINDS`` are importable from here too.
 
 ``extra="forbid"`` everywhere: a typo in serve_config.yaml fails at deploy time with the
 field's name instead of being silently ignored.
@@ -7,85 +12,20 @@ field's name instead of being silently ignored.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from serve_app.adapters.config import StoreConfig
-from serve_app.router.auth import AuthConfig
-from serve_app.router.limits import LimitsConfig
-from serve_app.router.policy import PolicyConfig
+from serve_app.engine.config import LORA_TARGET_KINDS, EngineArgs, EngineConfig
+from serve_app.router.config import AuthConfig, LimitsConfig, PolicyConfig
 
-# The projections a Llama-family decoder layer has; LoRA can target any subset.
-LORA_TARGET_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+__all__ = ["LORA_TARGET_KINDS", "AppConfig", "AuthConfig", "EngineConfig", "LimitsConfig", "PolicyConfig", "StoreConfig"]
 
 
-class EngineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    model: str = Field(description="Local Hugging Face model folder of the base model (Llama family).")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto",
-        description="Compute dtype. 'auto': bfloat16 on CUDA, float32 on CPU.",
-    )
-    quantization: Literal["none", "nf4", "int8"] = Field(
-        default="none",
-        description="Quantize the base model's linear layers with bitsandbytes (4-bit NF4 or 8-bit). "
-        "Adapters stay in the compute dtype.",
-    )
-    device: Literal["auto", "cpu", "cuda"] = Field(
-        default="auto", description="Where the model runs. 'auto': CUDA when available, else CPU."
-    )
-    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Largest adapter rank accepted.")
-    lora_target_modules: tuple[str, ...] = Field(
-        default=LORA_TARGET_KINDS,
-        description="Projections wrapped with LoRA-capable layers at start. Adapters may target any subset "
-        "of these; an adapter targeting anything else is refused.",
-    )
-    max_num_seqs: int = Field(
-        default=64, ge=1, le=4096, description="Most sequences decoded together in one forward pass."
-    )
-    max_model_len: int | None = Field(
-        default=None,
-        ge=8,
-        description="Longest prompt + completion in tokens. Default: the model's max_position_embeddings, "
-        "capped at 4096.",
-    )
-    max_num_batched_tokens: int = Field(
-        default=512,
-        ge=1,
-        description="Token budget of one engine step: one token per decoding sequence first, then new "
-        "prompts, whole while they fit and a longer one in chunks across steps (chunked prefill), so a "
-        "long prompt never pauses the running sequences for its whole prefill. Lower: smoother "
-        "inter-token latency beside long prompts; higher: fewer steps for bursts of prompts.",
-    )
-    max_adapter_bytes: int = Field(
-        default=1 << 30, ge=1, description="Refuse adapters whose weight file is larger than this."
-    )
-    torch_threads: int | None = Field(
-        default=None, ge=1, description="torch intra-op threads for CPU inference (default: torch's choice)."
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> "EngineConfig":
-        unknown = sorted(set(self.lora_target_modules) - set(LORA_TARGET_KINDS))
-        if unknown:
-            raise ValueError(
-                f"lora_target_modules {unknown} are not Llama projections; choose from {list(LORA_TARGET_KINDS)}"
-            )
-        if self.quantization != "none" and self.dtype == "float16":
-            raise ValueError("quantized bases compute in bfloat16 or float32; set dtype to one of those")
-        if self.max_num_batched_tokens < self.max_num_seqs:
-            raise ValueError(
-                f"max_num_batched_tokens {self.max_num_batched_tokens} is less than max_num_seqs "
-                f"{self.max_num_seqs}: a full batch of decoding sequences would leave no budget for prompts; "
-                "raise max_num_batched_tokens"
-            )
-        return self
-
-
-class AppConfig(BaseModel):
-    """Arguments of ``build_app`` (serve_config.yaml's ``args``)."""
+class AppConfig(EngineArgs):
+    """Arguments of ``build_app`` (serve_config.yaml's ``args``); the engine's shared fields
+    (dtype, quantization, max_lora_rank, max_num_seqs, max_model_len, max_num_batched_tokens)
+    and their checks come from ``EngineArgs``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -104,20 +44,6 @@ class AppConfig(BaseModel):
     )
     max_adapters_per_replica: int = Field(
         default=8, ge=1, description="Size of each LoRA replica's adapter LRU (Serve multiplexing)."
-    )
-    max_lora_rank: int = Field(default=64, ge=1, le=1024, description="Largest adapter rank accepted.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        default="auto", description="Compute dtype (auto: bfloat16 on CUDA, float32 on CPU)."
-    )
-    quantization: Literal["none", "nf4", "int8"] = Field(
-        default="none", description="bitsandbytes quantization of the base model."
-    )
-    max_num_seqs: int = Field(default=64, ge=1, description="Sequences decoded together per replica.")
-    max_model_len: int | None = Field(default=None, ge=8, description="Prompt + completion limit in tokens.")
-    max_num_batched_tokens: int = Field(
-        default=512, ge=1,
-        description="Token budget of one engine step (decode tokens first, then prompts; longer prompts are "
-        "prefilled in chunks across steps). Must be at least max_num_seqs.",
     )
     default_max_tokens: int = Field(
         default=256, ge=1, description="max_tokens when a chat request (or a null max_tokens) leaves it out."
@@ -207,14 +133,13 @@ class AppConfig(BaseModel):
             max_model_len=self.max_model_len,
             max_num_batched_tokens=self.max_num_batched_tokens,
             torch_threads=self.torch_threads or max(1, math.ceil(cpus)),
+            max_adapter_bytes=self.store.max_adapter_bytes,
         )
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":
         if self.base_model != "demo" and not self.adapters:
             raise ValueError("adapters (a folder with one sub-folder per adapter ID) is required with a real base_model")
-        if self.quantization != "none" and self.dtype == "float16":
-            raise ValueError("quantized bases compute in bfloat16 or float32; set dtype to one of those")
         lim = self.limits
         if lim.max_prompts_per_request is not None and lim.max_prompts_per_request > self.max_num_seqs:
             raise ValueError(

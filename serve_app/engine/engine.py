@@ -34,7 +34,7 @@ from typing import AsyncIterator, Callable
 
 import torch
 
-from serve_app.config import EngineConfig
+from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenizer import TextAssembler
 from serve_app.engine.lora_manager import LoRABatch, LoRAManager, ResidentAdapter
 from serve_app.engine.lora_weights import AdapterSpec, load_adapter_tensors, parse_adapter_config

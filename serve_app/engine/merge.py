@@ -18,7 +18,7 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
-from serve_app.config import LORA_TARGET_KINDS
+from serve_app.engine.config import LORA_TARGET_KINDS
 from serve_app.engine.lora_weights import load_lora_weights
 from serve_app.errors import InvalidAdapterError
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve_app.config import EngineConfig
+from serve_app.engine.config import EngineConfig
 from serve_app.engine.lora_layers import LoRAContext, LoRALinear
 from serve_app.engine.lora_manager import LoRABatch
 from serve_app.engine.lora_weights import BaseShape

@@ -61,67 +61,16 @@ from typing import Any, Callable, Iterable
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from serve_app.errors import AuthenticationError, PermissionDeniedError, ServeAppError
+from serve_app.router.config import AuthConfig
 
 logger = logging.getLogger("ray.serve")
 
-DEFAULT_KEYS_ENV = "SERVE_APP_API_KEYS"
 # Routes anyone may call: liveness and the API's own description.
 PUBLIC_PATHS = frozenset({"/health", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 ADMIN_PREFIX = "/admin"
 _SCOPE_KEY = "serve_app.principal"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MIN_KEY_LEN = 20
-
-
-# --------------------------------------------------------------------------- config
-
-
-class AuthConfig(BaseModel):
-    """``auth`` in build_app's args."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = Field(
-        default=False,
-        description="Require a tenant API key (Authorization: Bearer <key>) on every route but /health and "
-        "the OpenAPI docs. Off only for the local demo: the router then logs a warning at start and lets "
-        "every caller use every adapter and the admin routes. The cluster configs turn it on.",
-    )
-    keys_file: str | None = Field(
-        default=None,
-        description="Path, on every router node, of a JSON or YAML key list (see serve_app/router/auth.py). "
-        "Entries hold key_sha256 (preferred) or a plaintext key that is hashed at load.",
-    )
-    keys_env: str | None = Field(
-        default=DEFAULT_KEYS_ENV,
-        description="Name of an environment variable of the router processes holding a key list in the same "
-        "format (e.g. a Kubernetes secret exposed as an env var). Unset or empty variables add no keys; "
-        "null disables this source. Read at start only (a process's environment does not change): to "
-        "rotate keys without a restart, mount the secret as a file and use keys_file.",
-    )
-    keys_reload_s: float = Field(
-        default=10.0,
-        ge=0,
-        le=3600,
-        description="How often, in seconds, a router checks keys_file for a change (mtime, size, inode) and "
-        "reloads it without a restart: added, rotated and revoked keys take effect within this time. A "
-        "file that cannot be read or parsed, or holds no keys, keeps the last good keys and logs an error. "
-        "0: read at start only.",
-    )
-
-    @field_validator("keys_env")
-    @classmethod
-    def _env_name(cls, v: str | None) -> str | None:
-        if v is not None and not _ENV_NAME.match(v):
-            raise ValueError(f"keys_env must be an environment variable name (letters, digits, _), got {v!r}")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self) -> "AuthConfig":
-        if self.enabled and not self.keys_file and not self.keys_env:
-            raise ValueError("auth.enabled needs a key source: set auth.keys_file or auth.keys_env")
-        return self
 
 
 class KeyEntry(BaseModel):

@@ -37,13 +37,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from serve_app.errors import InvalidRequestError, RateLimitError, ServeAppError
+from serve_app.router.config import DEFAULT_MAX_BODY_BYTES, LimitsConfig
 
-# 4 MiB: a full batch of max_num_seqs (64) prompts of 4096 tokens as token IDs (~1.8 MB of
-# JSON) fits, and JSON-parsing the largest body costs the router milliseconds.
-DEFAULT_MAX_BODY_BYTES = 4 << 20
 # AppConfig.max_num_seqs' default: the prompts-per-request cap of a limiter built without one.
 DEFAULT_MAX_PROMPTS_PER_REQUEST = 64
 CONCURRENCY_RETRY_AFTER_S = 1.0
@@ -56,111 +52,6 @@ class RequestTooLargeError(InvalidRequestError):
 
     status_code = 413
     code = "request_too_large"
-
-
-# --------------------------------------------------------------------------- config
-
-
-class LimitsConfig(BaseModel):
-    """``limits`` in build_app's args. Every limit but the body size and the prompts per
-    request is off unless set."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_body_bytes: int = Field(
-        default=DEFAULT_MAX_BODY_BYTES,
-        ge=1024,
-        le=1 << 30,
-        description="Largest HTTP request body accepted, in bytes; larger bodies get 413 before they are parsed.",
-    )
-    max_prompts_per_request: int | None = Field(
-        default=None,
-        ge=1,
-        description="Most prompts one /v1/completions request may hold (a batch fans out to one engine "
-        "request per prompt); more get 400. Null: the LoRA replicas' max_num_seqs, so one request can at "
-        "most fill one engine step. At most max_num_seqs.",
-    )
-    max_prompt_tokens: int | None = Field(
-        default=None,
-        ge=1,
-        description="Longest prompt, in tokens (each prompt of a batch; a chat counts its rendered prompt); "
-        "longer ones get 400. Null: only the model's max_model_len applies.",
-    )
-    max_tokens: int | None = Field(
-        default=None,
-        ge=1,
-        description="Largest max_tokens a request may ask for (after the server default fills a missing "
-        "one); larger gets 400. Null: only max_model_len applies.",
-    )
-    requests_per_minute: float | None = Field(
-        default=None,
-        gt=0,
-        description="Per-tenant request bucket: prompts admitted per minute, refilled continuously. "
-        "Over it: 429 with Retry-After. Null: no request bucket.",
-    )
-    request_burst: int | None = Field(
-        default=None,
-        ge=1,
-        description="Capacity of the request bucket (prompts a tenant may send at once after idling). "
-        "Default: ten seconds' worth of requests_per_minute, at least 1.",
-    )
-    tokens_per_minute: float | None = Field(
-        default=None,
-        gt=0,
-        description="Per-tenant token bucket: prompt tokens + max_tokens admitted per minute. Over it: 429 "
-        "with Retry-After. Null: no token bucket.",
-    )
-    token_burst: int | None = Field(
-        default=None,
-        ge=1,
-        description="Capacity of the token bucket. Default: ten seconds' worth of tokens_per_minute, and at "
-        "least max_prompt_tokens + max_tokens when both are set, so a request at the limits can pass.",
-    )
-    max_concurrent_requests: int | None = Field(
-        default=None,
-        ge=1,
-        description="Per-tenant prompts in flight at once (streams count until they end). Over it: 429 with "
-        "Retry-After. Keep it below lora_max_ongoing_requests so one tenant cannot fill a replica's queue.",
-    )
-
-    @model_validator(mode="after")
-    def _check(self) -> "LimitsConfig":
-        if self.request_burst is not None and self.requests_per_minute is None:
-            raise ValueError("limits.request_burst needs limits.requests_per_minute")
-        if self.token_burst is not None and self.tokens_per_minute is None:
-            raise ValueError("limits.token_burst needs limits.tokens_per_minute")
-        largest = self.largest_request_tokens
-        if self.token_burst is not None and largest is not None and self.token_burst < largest:
-            raise ValueError(
-                f"limits.token_burst {self.token_burst} is less than max_prompt_tokens + max_tokens = {largest}: "
-                "a request at those limits could never be admitted; raise token_burst or lower the caps"
-            )
-        return self
-
-    @property
-    def largest_request_tokens(self) -> int | None:
-        if self.max_prompt_tokens is None or self.max_tokens is None:
-            return None
-        return self.max_prompt_tokens + self.max_tokens
-
-    @property
-    def effective_request_burst(self) -> int | None:
-        if self.requests_per_minute is None:
-            return None
-        return self.request_burst or max(1, math.ceil(self.requests_per_minute / 6))
-
-    @property
-    def effective_token_burst(self) -> int | None:
-        if self.tokens_per_minute is None:
-            return None
-        if self.token_burst is not None:
-            return self.token_burst
-        return max(1, math.ceil(self.tokens_per_minute / 6), self.largest_request_tokens or 0)
-
-    @property
-    def needs_prompt_tokens(self) -> bool:
-        """Whether admission needs prompt token counts (the router then loads the tokenizer)."""
-        return self.max_prompt_tokens is not None or self.tokens_per_minute is not None
 
 
 # --------------------------------------------------------------------------- buckets and leases

@@ -73,11 +73,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from serve_app.adapters.ids import validate_adapter_id
 from serve_app.adapters.registry import mux_id, parse_mux_id
-from serve_app.errors import InvalidRequestError
+from serve_app.router.config import BUCKETS_PER_RATE_WINDOW, PolicyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -85,107 +82,10 @@ Path = Literal["merged", "lora"]
 ActionKind = Literal["promote", "demote"]
 TenantState = Literal["warming", "ready", "failed", "demoting"]
 
-# Ten buckets per rate window: fine enough that "for window_s" is accurate to a tenth of
-# the rate window, small enough that thousands of tenants cost next to nothing.
-BUCKETS_PER_RATE_WINDOW = 10
 # Back-off for failed merges: cooldown_s * 2**(failures - 1), at most this multiple.
 MAX_FAILURE_BACKOFF = 64
 POLICY_NAMESPACE = "serve_app"
 POLICY_ACTOR_NAME = "serve_app_path_policy"
-
-
-class PolicyConfig(BaseModel):
-    """Router policy arguments: which tenants get a merged copy of the model, and when."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    hot_tenants: list[str] = Field(
-        default_factory=list,
-        description="Adapter IDs always served by a merged replica. They do not count against "
-        "max_merged_tenants and are never demoted.",
-    )
-    dynamic: bool = Field(
-        default=True,
-        description="Promote and demote other tenants by measured request rate. False: only hot_tenants "
-        "are merged.",
-    )
-    promote_rps: float = Field(
-        default=5.0,
-        gt=0,
-        description="A tenant whose request rate stays above this (requests/s) for window_s gets a merged "
-        "replica.",
-    )
-    demote_rps: float = Field(
-        default=1.0,
-        ge=0,
-        description="A dynamically merged tenant whose rate stays below this for window_s goes back to the "
-        "LoRA path. Must be below promote_rps (hysteresis). 0: never demoted on rate, only preempted.",
-    )
-    window_s: float = Field(
-        default=30.0,
-        gt=0,
-        description="How long (seconds) the rate must stay above promote_rps, or below demote_rps, before "
-        "a change starts.",
-    )
-    rate_window_s: float = Field(
-        default=10.0,
-        gt=0,
-        description="Sliding window (seconds) the request rate is averaged over. Shorter reacts faster but is "
-        "noisier; at most window_s.",
-    )
-    cooldown_s: float = Field(
-        default=120.0,
-        ge=0,
-        description="Per tenant, least time (seconds) between two changes (promotion, demotion, failure); "
-        "also the first retry delay after a failed merge, doubled per consecutive failure.",
-    )
-    max_merged_tenants: int = Field(
-        default=2,
-        ge=0,
-        description="Most tenants merged dynamically at once (warming, ready or demoting). hot_tenants come "
-        "on top of this.",
-    )
-
-    @field_validator("hot_tenants")
-    @classmethod
-    def _check_hot_tenants(cls, v: list[str]) -> list[str]:
-        for tenant in v:
-            try:
-                validate_adapter_id(tenant)
-            except InvalidRequestError as e:  # pydantic reports ValueError only
-                raise ValueError(f"hot_tenants: {e.message}") from None
-        dupes = sorted({t for t in v if v.count(t) > 1})
-        if dupes:
-            raise ValueError(f"hot_tenants lists {dupes} more than once; list each adapter ID once")
-        return v
-
-    @model_validator(mode="after")
-    def _check(self) -> "PolicyConfig":
-        if self.demote_rps >= self.promote_rps:
-            raise ValueError(
-                f"demote_rps ({self.demote_rps}) must be below promote_rps ({self.promote_rps}) so a tenant "
-                f"near the threshold does not flap; lower demote_rps or raise promote_rps"
-            )
-        if self.rate_window_s > self.window_s:
-            raise ValueError(
-                f"rate_window_s ({self.rate_window_s}) is longer than window_s ({self.window_s}): the rate "
-                f"could not change within one decision window; set rate_window_s <= window_s"
-            )
-        if self.dynamic and self.max_merged_tenants == 0:
-            raise ValueError(
-                "dynamic is true but max_merged_tenants is 0, so no tenant could ever be promoted; "
-                "set max_merged_tenants >= 1 or dynamic: false"
-            )
-        return self
-
-    @property
-    def bucket_s(self) -> float:
-        return self.rate_window_s / BUCKETS_PER_RATE_WINDOW
-
-    @property
-    def window_buckets(self) -> int:
-        # The epsilon keeps 30 / 1.0000000001 from asking for a 31st bucket.
-        return max(1, math.ceil(self.window_s / self.bucket_s - 1e-9))
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from serve_app.engine.sampling import SamplingParams
+from serve_app.api.sampling_params import SamplingParams
 from serve_app.errors import InvalidRequestError, ServeAppError
 
 # OpenAI caps stop sequences at 4; matching every one after each token is per-row
@@ -920,3 +920,11 @@ def render_chat(tokenizer: Any, messages: list[ChatMessage] | list[dict[str, Any
             # "roles must alternate"): that is the client's request, not a server fault.
             raise InvalidRequestError(f"chat template rejected the messages: {e}") from e
     return "".join(f"{m['role']}: {m['content']}\n" for m in flat) + "assistant:"
+
+
+def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage] | list[dict[str, Any]]) -> list[int]:
+    """A conversation's prompt token IDs, as the engine gets them (the one chat -> prompt ids
+    path: the replica renders with it and the router counts with it)."""
+    text = render_chat(tokenizer, messages)
+    # A chat template writes its own BOS; the plain default needs the tokenizer's.
+    return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]

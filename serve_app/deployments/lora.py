@@ -33,7 +33,6 @@ import logging
 import threading
 import time
 from collections import OrderedDict, defaultdict
-from dataclasses import dataclass
 from typing import AsyncIterator
 
 from ray import serve
@@ -43,12 +42,12 @@ from serve_app.adapters.fetch import adapter_pipeline, validation_settings
 from serve_app.adapters.ids import validate_adapter_id
 from serve_app.adapters.ram_cache import RamCache
 from serve_app.adapters.registry import Manifest, mux_id, parse_mux_id
+from serve_app.api.wire import GenerateRequest, RequestOutput, render_prompt
 from serve_app.config import AppConfig
 from serve_app.deployments.channel import ChannelMixin
-from serve_app.engine.engine import LoRAEngine, RequestOutput, RequestStream
+from serve_app.engine.engine import LoRAEngine, RequestStream
 from serve_app.engine.lora_manager import AdapterNotResidentError, ResidentAdapter
 from serve_app.engine.lora_weights import LoRAWeights, load_adapter_tensors, parse_adapter_config
-from serve_app.engine.sampling import SamplingParams
 from serve_app.errors import AdapterNotFoundError, InvalidAdapterError, InvalidRequestError
 
 logger = logging.getLogger("ray.serve")
@@ -56,30 +55,6 @@ logger = logging.getLogger("ray.serve")
 _HANDOFF_MAX = 16  # prefetched adapters waiting for Serve's load lock (when the RAM tier can't hold them)
 _INVALID_MAX = 1024  # refused adapters remembered per replica
 _INVALID_V0_TTL_S = 10.0  # a hand-placed folder may be fixed in place; a version never changes
-
-
-@dataclass
-class GenerateRequest:
-    """What the router sends a replica: one prompt (text, token IDs or chat messages)."""
-
-    params: SamplingParams
-    prompt: str | list[int] | None = None
-    messages: list[dict] | None = None  # chat: rendered with the replica's tokenizer
-    request_id: str | None = None
-    # Fair-admission key: the authenticated tenant (API key principal), so a tenant with N
-    # adapters gets one share, not N. None: keyed by the adapter (the base model counts as one).
-    tenant: str | None = None
-
-
-def render_prompt(tokenizer, req: GenerateRequest) -> str | list[int]:
-    """The engine's prompt: text or token IDs as given, or a chat rendered to token IDs."""
-    if req.messages is None:
-        return req.prompt
-    from serve_app.api.protocol import render_chat
-
-    text = render_chat(tokenizer, req.messages)
-    # A chat template writes its own BOS; the plain default needs the tokenizer's.
-    return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]
 
 
 class _LoadedAdapter:

@@ -44,10 +44,10 @@ from ray import serve
 from serve_app.adapters.fetch import adapter_pipeline, validation_settings
 from serve_app.adapters.ids import validate_adapter_id
 from serve_app.adapters.registry import Manifest, mux_id, parse_mux_id
+from serve_app.api.wire import GenerateRequest, RequestOutput, render_prompt
 from serve_app.config import AppConfig
 from serve_app.deployments.channel import ChannelMixin
-from serve_app.deployments.lora import GenerateRequest, render_prompt
-from serve_app.engine.engine import LoRAEngine, RequestOutput, RequestStream
+from serve_app.engine.engine import LoRAEngine, RequestStream
 from serve_app.engine.merge import build_merged_engine
 from serve_app.errors import AdapterNotFoundError, InvalidRequestError
 

@@ -40,6 +40,7 @@ from serve_app.engine.lora_manager import LoRABatch, LoRAManager, ResidentAdapte
 from serve_app.engine.lora_weights import AdapterSpec, load_adapter_tensors, parse_adapter_config
 from serve_app.engine.model import ModelRunner, base_shape, load_base_model, wrap_lora_layers
 from serve_app.engine.lora_layers import LoRAContext
+from serve_app.api.wire import RequestOutput
 from serve_app.engine.sampling import SamplingParams, sample
 from serve_app.errors import InvalidRequestError, ServeAppError
 
@@ -53,20 +54,6 @@ class EngineError(ServeAppError):
     status_code = 500
     error_type = "internal_error"
     code = "engine_error"
-
-
-@dataclass
-class RequestOutput:
-    """What one step produced for one request: a text delta and the new token(s)."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finished: bool = False
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    error: ServeAppError | None = None
 
 
 @dataclass

@@ -50,9 +50,8 @@ from serve_app.api.protocol import (
     random_id,
     validation_error_body,
 )
+from serve_app.api.wire import GenerateRequest, RequestOutput
 from serve_app.config import AppConfig
-from serve_app.deployments.lora import GenerateRequest
-from serve_app.engine.engine import RequestOutput
 from serve_app.router.auth import Authenticator, AuthMiddleware, principal_of
 from serve_app.router.streams import ChannelHub, StreamOutput
 from serve_app.router.limits import (

@@ -207,11 +207,9 @@ class TenantLimiter:
         if hasattr(request, "messages"):
             if not self.needs_prompt_tokens:
                 return [0]
-            from serve_app.api.protocol import render_chat
+            from serve_app.api.protocol import chat_prompt_ids
 
-            tok = self.tokenizer
-            text = render_chat(tok, request.messages)
-            return [len(tok(text, add_special_tokens=not getattr(tok, "chat_template", None))["input_ids"])]
+            return [len(chat_prompt_ids(self.tokenizer, request.messages))]
         prompts = request.prompts()
         self.check_prompt_count(len(prompts))
         if not self.needs_prompt_tokens:

@@ -189,13 +189,11 @@ def test_no_import_loops():
     assert not loops, "import loops inside serve_app/:\n" + "\n".join(" <-> ".join(c) for c in loops)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: main c934d26 breaks this")
 def test_no_upward_imports():
     bad = upward(graph())
     assert not bad, "imports that run up the request path:\n" + "\n".join(bad)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: main c934d26 breaks this")
 def test_router_process_imports_no_torch():
     code = "import sys, serve_app.router.ingress; print('torch' in sys.modules)"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -1,0 +1,50 @@
+"""The types that cross the router -> replica boundary, and the engine's per-step output (no torch).
+
+``GenerateRequest`` is what the router sends a replica, ``RequestOutput`` what the engine yields
+per step (and the replica answers with), ``SamplingParams`` (api/sampling_params.py) what the
+request asks of the sampler. They live here, apart from the engine, so the router process
+imports them without torch, as vLLM keeps outputs.py and sampling_params.py apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from serve_app.api.sampling_params import SamplingParams
+from serve_app.errors import ServeAppError
+
+
+@dataclass
+class GenerateRequest:
+    """What the router sends a replica: one prompt (text, token IDs or chat messages)."""
+
+    params: SamplingParams
+    prompt: str | list[int] | None = None
+    messages: list[dict] | None = None  # chat: rendered with the replica's tokenizer
+    request_id: str | None = None
+    # Fair-admission key: the authenticated tenant (API key principal), so a tenant with N
+    # adapters gets one share, not N. None: keyed by the adapter (the base model counts as one).
+    tenant: str | None = None
+
+
+def render_prompt(tokenizer, req: GenerateRequest) -> str | list[int]:
+    """The engine's prompt: text or token IDs as given, or a chat rendered to token IDs."""
+    if req.messages is None:
+        return req.prompt
+    from serve_app.api.protocol import chat_prompt_ids
+
+    return chat_prompt_ids(tokenizer, req.messages)
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: a text delta and the new token(s)."""
+
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    error: ServeAppError | None = None

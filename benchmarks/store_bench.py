@@ -152,7 +152,7 @@ def part_a(shape: Shape, s3: MotoProcess, work: Path) -> dict:
     from serve_app.adapters.config import StoreConfig
     from serve_app.adapters.fetch import AdapterFetcher
     from serve_app.adapters.registry import AdapterRegistry
-    from serve_app.adapters.store import open_store
+    from serve_app.adapters.backends import open_store
     from serve_app.config import EngineConfig
     from serve_app.demo import build_demo_assets
     from serve_app.engine.engine import LoRAEngine

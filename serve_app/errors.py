@@ -2,7 +2,10 @@
 
 The engine raises these; the router turns any of them into
 ``{"error": {"message", "type", "code"}}`` with ``status_code``. Anything else that
-escapes is a bug and becomes a 500.
+escapes is a bug and becomes a 500. ``unwrap`` takes the client-facing exception out of
+Ray's wrappers (every router module that awaits a replica uses it).
+
+A leaf: it imports nothing of serve_app (Ray only inside ``unwrap``).
 """
 
 from __future__ import annotations
@@ -105,3 +108,17 @@ class EngineOverloadedError(ServeAppError):
     status_code = 503
     error_type = "service_unavailable"
     code = "engine_overloaded"
+
+
+def unwrap(exc: BaseException) -> BaseException:
+    """The client-facing exception inside Ray's wrappers (RayTaskError keeps it as .cause)."""
+    from ray import exceptions as rex
+
+    seen = 0
+    while isinstance(exc, rex.RayTaskError) and getattr(exc, "cause", None) is not None and seen < 8:
+        exc, seen = exc.cause, seen + 1
+    if isinstance(exc, ServeAppError):
+        return exc
+    if isinstance(exc, (rex.ActorDiedError, rex.ActorUnavailableError)) or type(exc).__name__ == "BackPressureError":
+        return EngineOverloadedError(f"a LoRA replica is unavailable ({type(exc).__name__}); retry shortly")
+    return exc

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from serve_app.adapters.backends import open_store
 from serve_app.adapters.config import StoreConfig
 from serve_app.adapters.disk_cache import DiskCache
 from serve_app.adapters.registry import AdapterRegistry
@@ -35,7 +36,6 @@ from serve_app.adapters.store import (
     AdapterStore,
     check_adapter_files,
     content_fingerprint,
-    open_store,
 )
 from serve_app.adapters.store import fingerprint as fingerprint_listing
 from serve_app.errors import AdapterStoreUnavailableError, InvalidAdapterError

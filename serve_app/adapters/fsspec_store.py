@@ -26,8 +26,8 @@ import logging
 import time
 from typing import Any
 
-from serve_app.adapters.ids import validate_adapter_id
-from serve_app.adapters.store import FileInfo, WriteConflictError, is_valid_id
+from serve_app.adapters.ids import is_valid_id, validate_adapter_id
+from serve_app.adapters.store import FileInfo, WriteConflictError
 from serve_app.errors import AdapterNotFoundError, AdapterStoreUnavailableError, ServeAppError
 
 logger = logging.getLogger(__name__)

@@ -53,3 +53,12 @@ def validate_adapter_id(adapter_id: object) -> str:
             code="invalid_model",
         )
     return adapter_id
+
+
+def is_valid_id(name: object) -> bool:
+    """``validate_adapter_id`` without raising (for filtering store listings)."""
+    try:
+        validate_adapter_id(name)
+    except InvalidRequestError:
+        return False
+    return True

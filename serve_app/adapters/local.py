@@ -22,8 +22,8 @@ import time
 import uuid
 from pathlib import Path
 
-from serve_app.adapters.ids import validate_adapter_id
-from serve_app.adapters.store import FileInfo, WriteConflictError, is_valid_id
+from serve_app.adapters.ids import is_valid_id, validate_adapter_id
+from serve_app.adapters.store import FileInfo, WriteConflictError
 from serve_app.errors import AdapterNotFoundError, AdapterStoreUnavailableError
 
 logger = logging.getLogger(__name__)

@@ -46,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
+from serve_app.adapters.backends import open_store
 from serve_app.adapters.config import StoreConfig
 from serve_app.adapters.ids import validate_adapter_id
 from serve_app.adapters.store import (
@@ -55,7 +56,6 @@ from serve_app.adapters.store import (
     WriteConflictError,
     check_adapter_files,
     content_fingerprint,
-    open_store,
 )
 from serve_app.errors import AdapterNotFoundError, InvalidAdapterError, InvalidRequestError, ServeAppError
 

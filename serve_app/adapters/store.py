@@ -1,7 +1,8 @@
 """The adapter store interface: where a tenant's PEFT folder comes from.
 
 One backend per file: ``local.py`` (a folder on this machine) and ``fsspec_store.py`` (any
-fsspec URI: ``s3://`` through s3fs, ``gs://``, ``memory://`` ...). The engine only ever sees a
+fsspec URI: ``s3://`` through s3fs, ``gs://``, ``memory://`` ...); ``backends.py`` opens the
+right one for a URI (``open_store``). This module imports neither. The engine only ever sees a
 local folder; ``fetch.py`` makes one (a remote store goes through ``disk_cache.py``).
 
 Paths given to a store are relative to its root, '/'-separated, and built only from validated
@@ -22,32 +23,18 @@ conditional PUT (``If-Match`` on the ETag read, ``If-None-Match: *`` to create).
 from __future__ import annotations
 
 import hashlib
-import re
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
-from serve_app.adapters.ids import MAX_ADAPTER_ID_LEN, is_reserved_id
 from serve_app.errors import AdapterNotFoundError, InvalidAdapterError, ServeAppError
-
-if TYPE_CHECKING:
-    from serve_app.adapters.config import StoreConfig
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # the only files ever downloaded or copied
 MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few hundred bytes
-
-_ID_OK = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-@:]*")
-
-
-def is_valid_id(name: str) -> bool:
-    """validate_adapter_id without raising (for filtering store listings)."""
-    return (bool(name) and len(name) <= MAX_ADAPTER_ID_LEN and ".." not in name and bool(_ID_OK.fullmatch(name))
-            and not is_reserved_id(name))
-
 
 class WriteConflictError(ServeAppError):
     """A conditional write lost: the file changed (or was created) since it was read."""
@@ -104,20 +91,6 @@ class AdapterStore(Protocol):
 
     def lock(self, rel: str) -> AbstractContextManager:
         """An exclusive lock across processes where the backend has one (local: flock)."""
-
-
-def open_store(uri: str, config: "StoreConfig | None" = None) -> AdapterStore:
-    """A local folder (a path or file://) or an fsspec URI (s3://bucket/prefix, ...)."""
-    from serve_app.adapters.config import StoreConfig
-
-    config = config or StoreConfig()
-    if "://" not in uri or uri.startswith("file://"):
-        from serve_app.adapters.local import LocalAdapterStore
-
-        return LocalAdapterStore(uri[len("file://"):] if uri.startswith("file://") else uri)
-    from serve_app.adapters.fsspec_store import FsspecAdapterStore
-
-    return FsspecAdapterStore(uri, config.storage_options, timeout_s=config.timeout_s)
 
 
 def pickle_refused(adapter_id: str) -> InvalidAdapterError:

@@ -36,16 +36,17 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from serve_app.adapters.backends import open_store
 from serve_app.adapters.config import StoreConfig
 from serve_app.adapters.fetch import progress_callback
 from serve_app.adapters.ids import validate_adapter_id
 from serve_app.adapters.registry import AdapterRegistry, Manifest, is_versioned_name, mux_id
-from serve_app.adapters.store import open_store
 from serve_app.errors import (
     AdapterNotFoundError,
     AdapterStoreUnavailableError,
     InvalidAdapterError,
     ServeAppError,
+    unwrap,
 )
 
 _STORE_SILENT = "the adapter store has not answered since this router started; retry later"
@@ -65,12 +66,6 @@ class RegisterAdapterRequest(BaseModel):
         "router's machine, file://, or an fsspec URI (s3://bucket/key/) read with store.storage_options.",
     )
     warm: bool = Field(default=True, description="Load the new version into a LoRA replica before answering.")
-
-
-def _unwrap(exc: BaseException) -> BaseException:
-    from serve_app.router.ingress import unwrap
-
-    return unwrap(exc)
 
 
 class AdapterAdmin:
@@ -240,7 +235,7 @@ class AdapterAdmin:
                 info = {**info, "rank": report["rank"], "nbytes": report["nbytes"], "warnings": report["warnings"]}
                 manifest = await asyncio.shield(start(self.registry.commit, adapter_id, version, info))
             except BaseException as e:
-                err = _unwrap(e) if isinstance(e, Exception) else e
+                err = unwrap(e) if isinstance(e, Exception) else e
                 refused = isinstance(err, InvalidAdapterError)
                 if refused:
                     reason = err.message  # replicas remember that this version was refused
@@ -266,7 +261,7 @@ class AdapterAdmin:
             try:
                 warmed = await self.lora.options(multiplexed_model_id=mux).warm.remote()
             except Exception as e:  # the version is current; the first request will load it instead
-                warmed = {"error": str(getattr(_unwrap(e), "message", e))}
+                warmed = {"error": str(getattr(unwrap(e), "message", e))}
         return {
             "id": adapter_id,
             "version": version,
@@ -299,4 +294,4 @@ class AdapterAdmin:
         try:
             return await self.lora.options(multiplexed_model_id=mux).warm.remote()
         except Exception as e:
-            raise _unwrap(e) from None
+            raise unwrap(e) from None

@@ -60,7 +60,8 @@ from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from serve_app.errors import AuthenticationError, PermissionDeniedError, ServeAppError
+from serve_app.api.http_errors import send_error
+from serve_app.errors import AuthenticationError, EngineOverloadedError, PermissionDeniedError, ServeAppError
 from serve_app.router.config import AuthConfig
 
 logger = logging.getLogger("ray.serve")
@@ -412,12 +413,8 @@ class AuthMiddleware:
         path = relative_path(scope)
         if path in PUBLIC_PATHS:
             return await self.app(scope, receive, send)
-        from serve_app.router.limits import send_error  # late: limits imports nothing from here
-
         auth = self.authenticator()
         if auth is None:
-            from serve_app.errors import EngineOverloadedError
-
             return await send_error(send, EngineOverloadedError("the router is starting; retry shortly"))
         header = None
         for name, value in scope.get("headers", ()):

@@ -29,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app import metrics
 from serve_app.adapters.ids import validate_adapter_id
 from serve_app.api import sse
+from serve_app.api.http_errors import http_error_body, retry_after_header
 from serve_app.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -59,10 +60,8 @@ from serve_app.router.limits import (
     Lease,
     TenantLimiter,
     check_unicode,
-    http_error_body,
-    retry_after_header,
 )
-from serve_app.errors import AdapterNotFoundError, EngineOverloadedError, ServeAppError
+from serve_app.errors import AdapterNotFoundError, ServeAppError, unwrap
 from serve_app.router.admin import AdapterAdmin, RegisterAdapterRequest
 
 logger = logging.getLogger("ray.serve")
@@ -114,20 +113,6 @@ class RouterReplicaHeader:
 
 
 app.add_middleware(RouterReplicaHeader)  # outermost: also on 401 / 413 answers
-
-
-def unwrap(exc: BaseException) -> BaseException:
-    """The client-facing exception inside Ray's wrappers (RayTaskError keeps it as .cause)."""
-    from ray import exceptions as rex
-
-    seen = 0
-    while isinstance(exc, rex.RayTaskError) and getattr(exc, "cause", None) is not None and seen < 8:
-        exc, seen = exc.cause, seen + 1
-    if isinstance(exc, ServeAppError):
-        return exc
-    if isinstance(exc, (rex.ActorDiedError, rex.ActorUnavailableError)) or type(exc).__name__ == "BackPressureError":
-        return EngineOverloadedError(f"a LoRA replica is unavailable ({type(exc).__name__}); retry shortly")
-    return exc
 
 
 REPLICA_RETRIES = 1  # retries of a request whose replica died before it sent anything

@@ -29,13 +29,12 @@ from collections import Counter
 
 from serve_app import metrics
 from serve_app.adapters.registry import mux_id, parse_mux_id
+from serve_app.errors import unwrap
 
 logger = logging.getLogger("ray.serve")
 
 
 def _reason(e: BaseException) -> str:
-    from serve_app.router.ingress import unwrap
-
     err = unwrap(e)
     return f"{type(err).__name__}: {getattr(err, 'message', err)}"
 

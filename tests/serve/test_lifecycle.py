@@ -391,7 +391,7 @@ def test_a_stale_cached_copy_never_answers_a_new_registration(lc, s3, serve_env,
     recorded, not trusted by name."""
     from serve_app.adapters.config import StoreConfig
     from serve_app.adapters.registry import AdapterRegistry
-    from serve_app.adapters.store import open_store
+    from serve_app.adapters.backends import open_store
 
     n, aid = 8, "reg-race"
     assert refs.text("tenant-4", PROMPT, n) != refs.text("tenant-5", PROMPT, n)

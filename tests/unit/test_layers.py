@@ -38,8 +38,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 PACKAGE = "serve_app"
 ROOT = Path(__file__).resolve().parents[2] / PACKAGE
 
@@ -183,7 +181,6 @@ def test_every_module_has_a_rank():
             rank_of(mod)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 13: main c934d26 breaks this")
 def test_no_import_loops():
     loops = cycles(graph())
     assert not loops, "import loops inside serve_app/:\n" + "\n".join(" <-> ".join(c) for c in loops)

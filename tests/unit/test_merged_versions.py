@@ -18,7 +18,7 @@ import pytest
 
 from serve_app.adapters.config import StoreConfig
 from serve_app.adapters.registry import AdapterRegistry, Manifest
-from serve_app.adapters.store import open_store
+from serve_app.adapters.backends import open_store
 from serve_app.deployments.lora import GenerateRequest
 from serve_app.deployments.merged import MergedDeployment, stale_copies
 from serve_app.engine.sampling import SamplingParams

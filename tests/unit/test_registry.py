@@ -31,7 +31,7 @@ from serve_app.adapters.config import StoreConfig
 from serve_app.adapters.fetch import AdapterFetcher
 from serve_app.adapters.ids import validate_adapter_id
 from serve_app.adapters.registry import AdapterRegistry, Manifest, RegistryConflictError
-from serve_app.adapters.store import open_store
+from serve_app.adapters.backends import open_store
 from serve_app.errors import (
     AdapterNotFoundError,
     AdapterStoreUnavailableError,

@@ -27,7 +27,7 @@ from serve_app.adapters.registry import (
     mux_id,
     parse_mux_id,
 )
-from serve_app.adapters.store import open_store
+from serve_app.adapters.backends import open_store
 from serve_app.config import LORA_TARGET_KINDS, AppConfig
 from serve_app.engine.lora_weights import load_lora_weights
 from serve_app.errors import (

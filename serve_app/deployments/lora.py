@@ -45,6 +45,8 @@ from serve_app.adapters.registry import Manifest, mux_id, parse_mux_id
 from serve_app.api.wire import GenerateRequest, RequestOutput, render_prompt
 from serve_app.config import AppConfig
 from serve_app.deployments.channel import ChannelMixin
+from serve_app.deployments.multiplex import announce_change, loaded_models
+from serve_app.engine.api import EngineAPI
 from serve_app.engine.engine import LoRAEngine, RequestStream
 from serve_app.engine.lora_manager import AdapterNotResidentError, ResidentAdapter
 from serve_app.engine.lora_weights import LoRAWeights, load_adapter_tensors, parse_adapter_config
@@ -70,7 +72,7 @@ class _LoadedAdapter:
     fails; the rows are freed when the last of them finishes.
     """
 
-    def __init__(self, engine: LoRAEngine, pending: asyncio.Future, on_evict, tier: str):
+    def __init__(self, engine: EngineAPI, pending: asyncio.Future, on_evict, tier: str):
         self.engine = engine
         self.resident: ResidentAdapter | None = None
         self.tier = tier  # where it was loaded from
@@ -95,14 +97,14 @@ class _LoadedAdapter:
             if not self._gone or self.resident is None or self._waiters or self._unloaded:
                 return
             self._unloaded = True
-        self.engine.unload_adapter(self.resident)
+        self.engine.remove_adapter(self.resident)
 
     async def pin(self) -> ResidentAdapter:
-        """Wait for the copy, then pin it for one request (release with engine.lora.release)."""
+        """Wait for the copy, then pin it for one request (release with engine.unpin_adapter)."""
         self._waiters += 1
         try:
             resident = await asyncio.shield(self._pending)
-            return self.engine.lora.acquire(resident)
+            return self.engine.pin_adapter(resident)
         finally:
             self._waiters -= 1
             self._maybe_unload()
@@ -128,7 +130,7 @@ class LoRADeployment(ChannelMixin):
     def __init__(self, app_config: dict):
         cfg = AppConfig.model_validate(app_config)
         base, adapters_uri = cfg.resolve_paths()
-        self.engine = LoRAEngine(cfg.engine_config(base))
+        self.engine: EngineAPI = LoRAEngine(cfg.engine_config(base))
         self.store_config = scfg = cfg.store
         self.store, self.registry, self.fetcher = adapter_pipeline(
             adapters_uri, scfg, on_disk_evict=lambda key: self._event("eviction", "disk"), on_event=self._event)
@@ -165,7 +167,7 @@ class LoRADeployment(ChannelMixin):
         async def load_adapter(mux: str) -> _LoadedAdapter:
             weights, tier, t0 = await self._weights(mux)  # a RAM or prefetch hit: no wait here
             pending = asyncio.ensure_future(
-                asyncio.to_thread(self.engine.run_in_engine, self.engine.lora.add, weights))
+                asyncio.to_thread(self.engine.run_in_engine, self.engine.add_adapter, weights))
 
             def installed(fut: asyncio.Future) -> None:
                 if fut.cancelled() or fut.exception() is not None:
@@ -191,9 +193,7 @@ class LoRADeployment(ChannelMixin):
         metrics.ADAPTER_CACHE.inc(tags={"event": event, "tier": tier})
 
     def _loaded_models(self) -> OrderedDict:
-        wrapper = getattr(self._load_fn, "__serve_multiplex_wrapper", None)
-        models = getattr(wrapper, "models", None)
-        return models if models is not None else OrderedDict()
+        return loaded_models(self._load_fn)
 
     async def _weights(self, mux: str, fingerprint: str | None = None) -> tuple[LoRAWeights, str, float]:
         """(parsed weights, the tier they came from, when the load started): handoff, RAM, or a
@@ -290,9 +290,7 @@ class LoRADeployment(ChannelMixin):
         self._handoff.pop(mux, None)
         if loaded is None:
             return False
-        wrapper = getattr(self._load_fn, "__serve_multiplex_wrapper", None)
-        if wrapper is not None:
-            wrapper._push_multiplexed_replica_info = True  # tell Serve's routers at once
+        announce_change(self._load_fn)
         loaded.retire()
         self.retired_versions += 1
         logger.info("retired adapter %s (%s); its memory is freed once its requests finish", mux, reason)
@@ -373,7 +371,7 @@ class LoRADeployment(ChannelMixin):
                     raise
             finally:
                 if pinned is not None:
-                    self.engine.lora.release(pinned)  # the request holds its own pin now
+                    self.engine.unpin_adapter(pinned)  # the request holds its own pin now
 
     async def generate(self, req: GenerateRequest) -> RequestOutput:
         return await (await self._submit(req)).collect()
@@ -403,7 +401,7 @@ class LoRADeployment(ChannelMixin):
             raise InvalidRequestError("warm needs a multiplexed_model_id (the adapter to load)")
         t0 = time.perf_counter()
         loaded, resident = await self._loaded(mux)
-        self.engine.lora.release(resident)
+        self.engine.unpin_adapter(resident)
         tier = loaded.tier if loaded.fresh else "device"
         self._event("miss" if loaded.fresh else "hit", "device")
         loaded.fresh = False
@@ -423,7 +421,7 @@ class LoRADeployment(ChannelMixin):
             "adapter_loads": self.loads,
             "adapter_evictions": self.evictions,
             "retired_versions": self.retired_versions,
-            "resident_adapters": self.engine.lora.resident_ids(),
+            "resident_adapters": self.engine.resident_adapters(),
             "loads_by_tier": dict(self.loads_by_tier),
             "load_seconds_by_tier": dict(self.load_seconds_by_tier),
             "ram": self.ram.stats(),

@@ -47,7 +47,9 @@ from serve_app.adapters.registry import Manifest, mux_id, parse_mux_id
 from serve_app.api.wire import GenerateRequest, RequestOutput, render_prompt
 from serve_app.config import AppConfig
 from serve_app.deployments.channel import ChannelMixin
-from serve_app.engine.engine import LoRAEngine, RequestStream
+from serve_app.deployments.multiplex import announce_change, loaded_models
+from serve_app.engine.api import EngineAPI
+from serve_app.engine.engine import RequestStream
 from serve_app.engine.merge import build_merged_engine
 from serve_app.errors import AdapterNotFoundError, InvalidRequestError
 
@@ -80,7 +82,7 @@ def stale_copies(loaded: list[str], manifest: Manifest, stale_since: dict[str, f
 class _MergedModel:
     """The multiplexed object; Serve calls __del__ on LRU eviction."""
 
-    def __init__(self, mux: str, engine: LoRAEngine):
+    def __init__(self, mux: str, engine: EngineAPI):
         self.mux = mux
         self.engine = engine
 
@@ -137,22 +139,18 @@ class MergedDeployment(ChannelMixin):
     # ---- copies ------------------------------------------------------------------------------
 
     def _models(self) -> dict:
-        wrapper = getattr(self._load_fn, "__serve_multiplex_wrapper", None)
-        models = getattr(wrapper, "models", None)
-        return models if models is not None else {}
+        return loaded_models(self._load_fn)
 
     async def _retire(self, mux: str, reason: str) -> bool:
         """Drop one copy now instead of at the next LRU eviction.
 
-        Serve has no public unload for multiplexed models; this reaches into its wrapper (Ray
-        2.4x-2.60 layout) and degrades to "freed at the next eviction" if that layout changes.
+        Serve has no public unload for multiplexed models; deployments/multiplex.py reaches into
+        its wrapper and degrades to "freed at the next eviction" if that layout changes.
         """
         model = self._models().pop(mux, None)
         if model is None:
             return False
-        wrapper = getattr(self._load_fn, "__serve_multiplex_wrapper", None)
-        if wrapper is not None:
-            wrapper._push_multiplexed_replica_info = True  # tell Serve's routers at once
+        announce_change(self._load_fn)
         self._stale_since.pop(mux, None)
         self.retired = [*self.retired[-31:], mux]
         logger.info("retiring merged copy %s (%s); freed once its requests finish", mux, reason)
@@ -195,7 +193,7 @@ class MergedDeployment(ChannelMixin):
         if self._reconciler is None or self._reconciler.done():
             self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
 
-    async def _engine(self) -> LoRAEngine:
+    async def _engine(self) -> EngineAPI:
         self._start_background()
         mux = serve.get_multiplexed_model_id()
         if not mux:

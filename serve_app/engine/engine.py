@@ -37,7 +37,7 @@ import torch
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenizer import TextAssembler
 from serve_app.engine.lora_manager import LoRABatch, LoRAManager, ResidentAdapter
-from serve_app.engine.lora_weights import AdapterSpec, load_adapter_tensors, parse_adapter_config
+from serve_app.engine.lora_weights import AdapterSpec, LoRAWeights, load_adapter_tensors, parse_adapter_config
 from serve_app.engine.model import ModelRunner, base_shape, load_base_model, wrap_lora_layers
 from serve_app.engine.lora_layers import LoRAContext
 from serve_app.api.wire import RequestOutput
@@ -252,6 +252,27 @@ class LoRAEngine:
     def unload_adapter(self, adapter: str | ResidentAdapter) -> None:
         """Retire an adapter; its memory is reused once the requests using it finish."""
         self.lora.remove(adapter)
+
+    # The engine API's names (engine/api.py) for the pool's operations.
+
+    def add_adapter(self, weights: LoRAWeights) -> ResidentAdapter:
+        """Copy parsed, validated weights into the pool (on the engine thread: run_in_engine)."""
+        return self.lora.add(weights)
+
+    def pin_adapter(self, adapter: str | ResidentAdapter) -> ResidentAdapter:
+        """Pin a version for one request (its rows stay until ``unpin_adapter``)."""
+        return self.lora.acquire(adapter)
+
+    def unpin_adapter(self, adapter: ResidentAdapter) -> None:
+        self.lora.release(adapter)
+
+    def remove_adapter(self, adapter: str | ResidentAdapter) -> None:
+        """Retire a version (``unload_adapter``)."""
+        self.unload_adapter(adapter)
+
+    def resident_adapters(self) -> list[str]:
+        """The adapter IDs with a current version in the pool."""
+        return self.lora.resident_ids()
 
     # ---- requests --------------------------------------------------------------------------
 

@@ -594,7 +594,7 @@ class LoRAEngine:
         picked, errors = sample(logits, [r.params for r in rows], [r.generator for r in rows])
         if lora is not None and lora.poisoned:
             for i, req in enumerate(rows):
-                if req.adapter is not None and req.adapter.slot in lora.poisoned:
+                if req.adapter is not None and req.adapter.load_id in lora.poisoned:
                     errors[i] = EngineError(
                         f"adapter '{req.adapter.adapter_id}' was found corrupted in device memory and unloaded; retry"
                     )

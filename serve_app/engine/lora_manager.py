@@ -7,7 +7,7 @@ adapter costs its raw tensor bytes, not max_lora_rank's (S-LoRA's unified pool, 
 paging machinery: rows are the pages).
 
 Isolation. String adapter IDs live outside; inside, each load gets a fresh ``ResidentAdapter``
-with a unique integer slot. Requests pin the ResidentAdapter they started with. Unloading (LRU
+with a unique integer ``load_id``. Requests pin the ResidentAdapter they started with. Unloading (LRU
 eviction, an update, a delete) only retires it: its rows go back to the free list when the last
 pinned request finishes, so a running sequence never sees another tenant's weights, and a new
 load never lands in rows still in use.
@@ -44,7 +44,7 @@ from serve_app.engine.lora_weights import BaseShape, LoRAWeights
 from serve_app.errors import ServeAppError
 
 logger = logging.getLogger(__name__)
-_slot_counter = itertools.count(1)
+_load_ids = itertools.count(1)
 
 
 @dataclass(eq=False)
@@ -55,14 +55,14 @@ class ResidentAdapter:
     rows: dict[str, torch.Tensor]  # kind -> [r_kind] pool row indices
     nbytes: int
     raw_bytes: int
-    slot: int = field(default_factory=lambda: next(_slot_counter))
+    load_id: int = field(default_factory=lambda: next(_load_ids))  # this load's identity (not a KV slot)
     refcount: int = 0
     retired: bool = False  # unloaded: no new requests; rows freed when refcount drops to 0
     freed: bool = False
     poisoned: bool = False  # its device rows were found non-finite: its requests fail, it is reloaded
 
     def __repr__(self) -> str:
-        return f"ResidentAdapter({self.adapter_id!r}, slot={self.slot}, refs={self.refcount}, retired={self.retired})"
+        return f"ResidentAdapter({self.adapter_id!r}, load_id={self.load_id}, refs={self.refcount}, retired={self.retired})"
 
 
 class AdapterNotResidentError(ServeAppError):
@@ -98,7 +98,7 @@ class LoRABatch:
     """Per-forward LoRA state read by every LoRALinear: which rows use which adapter's weights."""
 
     groups: dict[str, GroupBatch]
-    poisoned: frozenset[int] = frozenset()  # slots whose rows were not finite (zeroed here): fail their rows
+    poisoned: frozenset[int] = frozenset()  # load IDs of adapters whose rows were not finite (zeroed here): fail their rows
     path: str = "masked"  # how the LoRALinears compute it (PATHS)
     rows: int = 0  # entries given to prepare: tokens of the forward, or rows of T tokens each
     uniform: bool = False  # one adapter for every row
@@ -279,7 +279,7 @@ class LoRAManager:
         self.last_path = path
         self.path_steps[path] += 1
         layout_kind = "masked" if path == "masked" else "stacked"
-        key = (layout_kind, *(r.slot for r in distinct))
+        key = (layout_kind, *(r.load_id for r in distinct))
         with self._lock:
             cached = self._gather_cache.get(key)
             if cached is None or cached[0] != self._pool_version:
@@ -294,9 +294,9 @@ class LoRAManager:
 
         groups = {}
         if layout_kind == "masked":
-            row_slot = torch.tensor([r.slot if r is not None else 0 for r in row_adapters], device=self.device)
-            for group, (a_t, spans, col_slot) in gathered.items():
-                drop = None if uniform else row_slot[:, None] != col_slot[None, :]  # [B, R] bool
+            row_load = torch.tensor([r.load_id if r is not None else 0 for r in row_adapters], device=self.device)
+            for group, (a_t, spans, col_load) in gathered.items():
+                drop = None if uniform else row_load[:, None] != col_load[None, :]  # [B, R] bool
                 groups[group] = GroupBatch(a_t=a_t, drop=drop, spans=spans)
         else:
             for group, st in gathered.items():
@@ -320,8 +320,8 @@ class LoRAManager:
         return min(estimates, key=estimates.get), estimates
 
     def _gather(self, distinct: list[ResidentAdapter]) -> tuple[dict[str, tuple], frozenset[int]]:
-        """Per input group: (A_t [L, in, R], {kind: (start, end, B)}, column owner slots [R]),
-        and the slots of adapters whose rows are not finite (zeroed in the copy, retired)."""
+        """Per input group: (A_t [L, in, R], {kind: (start, end, B)}, column owner load IDs [R]),
+        and the load IDs of adapters whose rows are not finite (zeroed in the copy, retired)."""
         parts: dict[str, list] = {}
         for kind in self._a:
             users = [r for r in distinct if kind in r.rows]
@@ -335,14 +335,14 @@ class LoRAManager:
                 idx = torch.cat([r.rows[kind] for r in users])  # [r_kind]
                 a_sel = self._a[kind].index_select(1, idx)  # [L, r_kind, in]
                 b_sel = self._b[kind].index_select(1, idx)  # [L, r_kind, out]
-                owner = torch.cat([torch.full((len(r.rows[kind]),), r.slot, device=self.device) for r in users])
+                owner = torch.cat([torch.full((len(r.rows[kind]),), r.load_id, device=self.device) for r in users])
                 bad = ~(torch.isfinite(a_sel).all(dim=2).all(dim=0) & torch.isfinite(b_sel).all(dim=2).all(dim=0))
                 if bool(bad.any()):  # [r_kind] columns of a broken adapter: never let them meet other rows
-                    bad_slots = set(owner[bad].tolist())
-                    cols = torch.isin(owner, torch.tensor(sorted(bad_slots), device=self.device))
+                    bad_loads = set(owner[bad].tolist())
+                    cols = torch.isin(owner, torch.tensor(sorted(bad_loads), device=self.device))
                     a_sel[:, cols] = 0
                     b_sel[:, cols] = 0
-                    poisoned |= bad_slots
+                    poisoned |= bad_loads
                 a_blocks.append(a_sel)
                 spans[kind] = (col, col + len(idx), b_sel)
                 owners.append(owner)
@@ -353,7 +353,7 @@ class LoRAManager:
         return out, frozenset(poisoned)
 
     def _gather_stacked(self, distinct: list[ResidentAdapter]) -> tuple[dict[str, StackedGroup], frozenset[int]]:
-        """Per input group, the members' weights adapter-major (layout.py), and the slots of
+        """Per input group, the members' weights adapter-major (layout.py), and the load IDs of
         adapters whose rows are not finite (left as zeros in the copy, retired)."""
         parts: dict[str, list] = {}
         for kind in self._a:
@@ -392,7 +392,7 @@ class LoRAManager:
                         a[:, i, :, col : col + rk] = a_sel[:, off : off + rk].transpose(1, 2)
                         b[:, i, :rk] = b_sel[:, off : off + rk]
                     else:  # a broken adapter: its slice stays zero; only its own rows ever read it
-                        poisoned.add(r.slot)
+                        poisoned.add(r.load_id)
                     off += rk
                 spans[kind] = (col, col + rmax[kind], b)
                 col += rmax[kind]
@@ -402,10 +402,10 @@ class LoRAManager:
 
     def _retire_poisoned(self, distinct: list[ResidentAdapter], poisoned: set[int]) -> None:
         for res in distinct:
-            if res.slot in poisoned and not res.poisoned:
+            if res.load_id in poisoned and not res.poisoned:
                 res.poisoned = True
-                logger.error("adapter %s (slot %d) has non-finite rows in device memory; failing its requests "
-                             "and retiring it (the next request reloads it)", res.adapter_id, res.slot)
+                logger.error("adapter %s (load %d) has non-finite rows in device memory; failing its requests "
+                             "and retiring it (the next request reloads it)", res.adapter_id, res.load_id)
                 if self._current.get(res.adapter_id) is res:
                     del self._current[res.adapter_id]
                 self._retire(res)

@@ -244,7 +244,7 @@ def test_inf_in_pool_rows_fails_only_its_rows_on_the_per_row_paths(tiny_assets):
             return eng.runner.step([], [], [(i, p) for i, p in enumerate(prompts)], None, lora), lora.poisoned
 
         out, poisoned = eng.run_in_engine(run)
-        assert poisoned == {bad.slot} and bad.poisoned and eng.lora.current(ids[3]) is None
+        assert poisoned == {bad.load_id} and bad.poisoned and eng.lora.current(ids[3]) is None
         for i, a in enumerate(adapters):
             assert torch.isfinite(out[i]).all()
             if a != ids[3]:

@@ -13,7 +13,9 @@ Tiers, top to bottom, each checked before the next:
           evicted adapter comes back with one copy: no disk, no parsing
   disk    the node's disk cache of a remote store, or the local store folder itself
   s3      the store (adapters/fetch.py downloads into the disk cache)
-Downloading and parsing happen before Serve's one-load-at-a-time lock is taken, so a slow
+The device tier is here; the tiers below it are adapters/loader.py (one pipeline for both
+deployments: fetch de-duplication, the prefetch hand-off, remembered refusals). Downloading
+and parsing happen before Serve's one-load-at-a-time lock is taken, so a slow
 download of one tenant does not hold up another tenant's load; parsing runs on the engine
 thread (engine.run_in_engine), like every torch operation of the replica.
 
@@ -38,9 +40,8 @@ from typing import AsyncIterator
 from ray import serve
 
 from serve_app import metrics
-from serve_app.adapters.fetch import adapter_pipeline, validation_settings
-from serve_app.adapters.ids import validate_adapter_id
-from serve_app.adapters.ram_cache import RamCache
+from serve_app.adapters.fetch import validation_settings
+from serve_app.adapters.loader import AdapterLoader
 from serve_app.adapters.registry import Manifest, mux_id, parse_mux_id
 from serve_app.api.wire import GenerateRequest, RequestOutput, render_prompt
 from serve_app.config import AppConfig
@@ -50,13 +51,9 @@ from serve_app.engine.api import EngineAPI
 from serve_app.engine.engine import LoRAEngine, RequestStream
 from serve_app.engine.lora_manager import AdapterNotResidentError, ResidentAdapter
 from serve_app.engine.lora_weights import LoRAWeights, load_adapter_tensors, parse_adapter_config
-from serve_app.errors import AdapterNotFoundError, InvalidAdapterError, InvalidRequestError
+from serve_app.errors import InvalidRequestError
 
 logger = logging.getLogger("ray.serve")
-
-_HANDOFF_MAX = 16  # prefetched adapters waiting for Serve's load lock (when the RAM tier can't hold them)
-_INVALID_MAX = 1024  # refused adapters remembered per replica
-_INVALID_V0_TTL_S = 10.0  # a hand-placed folder may be fixed in place; a version never changes
 
 
 class _LoadedAdapter:
@@ -132,9 +129,6 @@ class LoRADeployment(ChannelMixin):
         base, adapters_uri = cfg.resolve_paths()
         self.engine: EngineAPI = LoRAEngine(cfg.engine_config(base))
         self.store_config = scfg = cfg.store
-        self.store, self.registry, self.fetcher = adapter_pipeline(
-            adapters_uri, scfg, on_disk_evict=lambda key: self._event("eviction", "disk"), on_event=self._event)
-        self.ram = RamCache(scfg.ram_cache_bytes, on_evict=lambda key: self._event("eviction", "ram"))
         # An adapter is parsed in two halves: its config (a tenant's JSON: pure Python) on a
         # worker thread, so a hostile config never holds the engine thread; its tensors (torch
         # work, bounded by max_adapter_bytes) on the engine thread, like every torch op here.
@@ -153,9 +147,13 @@ class LoRADeployment(ChannelMixin):
             dtype=self.engine.dtype,
             max_bytes=checks["max_bytes"],
         )
-        self._fetching: dict[str, asyncio.Task] = {}
-        self._handoff: OrderedDict[str, tuple[LoRAWeights, str, float, str | None]] = OrderedDict()  # weights, tier, t0, fingerprint
-        self._invalid: OrderedDict[str, tuple[str, float]] = OrderedDict()
+        # The one adapter pipeline (store -> disk -> RAM -> parse); the engine's parse halves and
+        # its thread are handed in, so adapters/ never imports the engine.
+        self.loader = AdapterLoader(
+            adapters_uri, scfg, parse_config=self._parse_config, load_tensors=self._load_tensors,
+            run_in_engine=self.engine.run_in_engine, on_event=self._event)
+        self.store, self.registry, self.fetcher, self.ram = (
+            self.loader.store, self.loader.registry, self.loader.fetcher, self.loader.ram)
         self._reconciler: asyncio.Task | None = None
         self._manifest_error_logged = 0.0
         self.loads = 0
@@ -196,88 +194,12 @@ class LoRADeployment(ChannelMixin):
         return loaded_models(self._load_fn)
 
     async def _weights(self, mux: str, fingerprint: str | None = None) -> tuple[LoRAWeights, str, float]:
-        """(parsed weights, the tier they came from, when the load started): handoff, RAM, or a
-        fetch + parse shared by every concurrent caller of the same ``mux``.
-
-        Handoff and RAM copies carry the content fingerprint they were parsed from; for a
-        registered version, a copy whose fingerprint is not the registry's (``fingerprint``, or
-        the manifest's) is discarded and fetched again: ``id@v<n>`` names one content."""
-        t0 = time.perf_counter()
-        adapter_id, version = parse_mux_id(mux)
-        expected = fingerprint
-        if expected is None and version > 0:
-            expected = await asyncio.to_thread(self.fetcher.expected_fingerprint, adapter_id, version)
-
-        def current(fp: str) -> bool:
-            if not expected or fp == expected:
-                return True
-            logger.warning("adapter %s: a cached copy holds content %s, the registry recorded %s; fetching it "
-                           "again", mux, fp or "(unknown)", expected)
-            return False
-
-        handed = self._handoff.pop(mux, None)
-        if handed is not None and t0 - handed[2] < 60 and current(handed[3]):
-            return handed[:3]
-        cached = self.ram.get(mux)
-        if cached is not None:
-            if current(cached[1]):
-                self._event("hit", "ram")
-                return cached[0], "ram", t0
-            self.ram.pop(mux)
-        self._event("miss", "ram")
-        refused = self._invalid.get(mux)
-        if refused is not None:
-            message, when = refused
-            if parse_mux_id(mux)[1] > 0 or time.monotonic() - when < _INVALID_V0_TTL_S:
-                raise InvalidAdapterError(message)
-            del self._invalid[mux]
-        task = self._fetching.get(mux)
-        if task is None:
-            task = asyncio.ensure_future(self._fetch_parse(mux, expected))
-            self._fetching[mux] = task
-            task.add_done_callback(lambda _t, m=mux: self._fetching.pop(m, None))
-        weights, tier, fp = await asyncio.shield(task)
-        if expected and fp != expected:  # joined a fetch of other content: fetch what the registry names
-            weights, tier, fp = await self._fetch_parse(mux, expected)
-        return weights, tier, t0
-
-    async def _fetch_parse(self, mux: str, fingerprint: str | None = None) -> tuple[LoRAWeights, str, str]:
-        """(weights, tier, content fingerprint); the fetcher refuses files that are not ``fingerprint``."""
-        t0 = time.perf_counter()
-        adapter_id, version = parse_mux_id(mux)
-        validate_adapter_id(adapter_id)
-        try:
-            for attempt in range(2):
-                fetched = await asyncio.to_thread(self.fetcher.fetch, adapter_id, version, fingerprint)
-                t1 = time.perf_counter()
-                try:
-                    spec = await asyncio.to_thread(self._parse_config, mux, fetched.path)
-                    weights = await asyncio.to_thread(self.engine.run_in_engine, self._load_tensors, spec, fetched.path)
-                    break
-                except AdapterNotFoundError:
-                    # The disk cache evicted the folder between fetch and parse (a tiny cap): fetch again.
-                    if self.store.is_local or attempt == 1:
-                        raise
-        except InvalidAdapterError as e:
-            # Remembered, so a hostile adapter costs one download and one parse, not one per request.
-            self._invalid[mux] = (e.message, time.monotonic())
-            while len(self._invalid) > _INVALID_MAX:
-                self._invalid.popitem(last=False)
-            logger.warning("refused adapter %s: %s", mux, e.message)
-            raise
-        logger.info("fetched %s from %s in %.3fs, parsed in %.3fs (%d bytes)", mux, fetched.tier,
-                    fetched.seconds, time.perf_counter() - t1, weights.nbytes)
-        self.ram.put(mux, (weights, fetched.fingerprint), weights.nbytes)
-        # For the load that follows (even if the RAM tier could not keep it), with its true
-        # source tier and start time for the load-latency metric.
-        self._handoff[mux] = (weights, fetched.tier, t0, fetched.fingerprint)
-        while len(self._handoff) > _HANDOFF_MAX:
-            self._handoff.popitem(last=False)
-        return weights, fetched.tier, fetched.fingerprint
+        """(parsed weights, their tier, when the load started): adapters/loader.py."""
+        return await self.loader.weights(mux, fingerprint)
 
     async def _prefetch(self, mux: str) -> None:
         """Download + parse outside Serve's load lock; the load then only copies into the pool."""
-        if mux in self._loaded_models() or mux in self._handoff or mux in self.ram:
+        if mux in self._loaded_models() or self.loader.holds(mux):
             return
         await self._weights(mux)
 
@@ -286,8 +208,7 @@ class LoRADeployment(ChannelMixin):
     def _unload(self, mux: str, reason: str) -> bool:
         models = self._loaded_models()
         loaded = models.pop(mux, None)
-        self.ram.pop(mux)
-        self._handoff.pop(mux, None)
+        self.loader.forget(mux)
         if loaded is None:
             return False
         announce_change(self._load_fn)
@@ -305,7 +226,7 @@ class LoRADeployment(ChannelMixin):
 
     def apply_manifest(self, manifest: Manifest) -> list[str]:
         """Retire every loaded or cached version that the manifest says is old or deleted."""
-        stale = [m for m in dict.fromkeys([*self._loaded_models(), *self.ram.keys(), *self._handoff])
+        stale = [m for m in dict.fromkeys([*self._loaded_models(), *self.loader.cached()])
                  if manifest.is_stale(m)]
         for m in stale:
             self._unload(m, "deleted" if manifest.is_deleted(parse_mux_id(m)[0]) else "no longer current")
@@ -389,7 +310,7 @@ class LoRADeployment(ChannelMixin):
         self._start_background()
         mux = mux_id(adapter_id, version)
         weights, tier, t0 = await self._weights(mux, fingerprint)
-        self._handoff.pop(mux, None)  # not a load: a later load is a RAM hit
+        self.loader.handed_over(mux)  # not a load: a later load is a RAM hit
         return {"rank": weights.rank, "nbytes": weights.nbytes, "raw_bytes": weights.raw_bytes,
                 "warnings": list(weights.warnings), "tier": tier, "seconds": time.perf_counter() - t0}
 
@@ -429,7 +350,7 @@ class LoRADeployment(ChannelMixin):
                 "downloads": self.fetcher.downloads, "hits": self.fetcher.disk_hits,
                 "bytes": self.fetcher.disk.total_bytes(), "max_bytes": self.fetcher.disk.max_bytes,
             },
-            "refused": list(self._invalid),
+            "refused": self.loader.refused,
         }
 
     def check_health(self) -> None:

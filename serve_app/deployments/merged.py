@@ -7,7 +7,7 @@ copy keyed by it can never hold another owner's or an older upload's weights: an
 delete + re-register is a new multiplexed ID. Building one takes seconds; the router keeps the
 tenant on the LoRA path until ``warm`` has returned here, so nobody waits for it.
 
-The copy is built through the LoRA path's adapter pipeline (adapters/fetch.py ``adapter_pipeline``: local store
+The copy is built through the LoRA path's adapter pipeline (adapters/loader.py ``AdapterLoader``: local store
 or S3 via fsspec, registry versions, the node's disk cache) and validated with the same store
 settings (``validation_settings``: ``max_adapter_bytes``, ``base_model_mismatch``,
 ``base_model_aliases``) before PEFT reads anything (engine/merge.py).
@@ -41,8 +41,9 @@ from typing import AsyncIterator
 
 from ray import serve
 
-from serve_app.adapters.fetch import adapter_pipeline, validation_settings
+from serve_app.adapters.fetch import validation_settings
 from serve_app.adapters.ids import validate_adapter_id
+from serve_app.adapters.loader import AdapterLoader
 from serve_app.adapters.registry import Manifest, mux_id, parse_mux_id
 from serve_app.api.wire import GenerateRequest, RequestOutput, render_prompt
 from serve_app.config import AppConfig
@@ -101,7 +102,8 @@ class MergedDeployment(ChannelMixin):
         self.engine_config = cfg.engine_config(self.base_path, num_cpus=cfg.merged_num_cpus)
         self.kernel_inject = cfg.merged_kernel_inject
         self.store_config = scfg = cfg.store
-        self.store, self.registry, self.fetcher = adapter_pipeline(adapters_uri, scfg)
+        self.loader = AdapterLoader(adapters_uri, scfg, ram_tier=False)  # the LoRA path's pipeline, no RAM tier
+        self.store, self.registry, self.fetcher = self.loader.store, self.loader.registry, self.loader.fetcher
         self.validation = validation_settings(scfg, self.engine_config.max_adapter_bytes)
         self.stale_grace_s = 2 * scfg.registry_refresh_s + 2 * POLICY_SYNC_S
         self._manifest: Manifest | None = None
@@ -116,18 +118,14 @@ class MergedDeployment(ChannelMixin):
             if self._manifest is not None and self._manifest.is_deleted(adapter_id):
                 raise AdapterNotFoundError(f"model '{adapter_id}' was deleted; register it again with POST /admin/adapters")
             t0 = time.perf_counter()
-            for attempt in range(2):
-                fetched = await asyncio.to_thread(self.fetcher.fetch, adapter_id, version)
-                try:
-                    engine = await asyncio.to_thread(
-                        build_merged_engine, self.engine_config, mux, fetched.path,
-                        kernel_inject=self.kernel_inject, **self.validation,
-                    )
-                    break
-                except AdapterNotFoundError:
-                    # The disk cache evicted the folder between fetch and merge (a tiny cap): fetch again.
-                    if self.store.is_local or attempt == 1:
-                        raise
+
+            async def merge(path: str) -> EngineAPI:
+                return await asyncio.to_thread(
+                    build_merged_engine, self.engine_config, mux, path,
+                    kernel_inject=self.kernel_inject, **self.validation,
+                )
+
+            engine, fetched = await self.loader.with_local_copy(adapter_id, version, merge)
             logger.info("merged adapter %s (from %s) into the base in %.1fs", mux, fetched.tier,
                         time.perf_counter() - t0)
             return _MergedModel(mux, engine)

@@ -28,13 +28,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+from serve_app.adapters.peft_files import (
+    ADAPTER_FILES,
+    CONFIG_NAME,
+    MAX_CONFIG_BYTES,
+    PICKLE_NAME,
+    WEIGHTS_NAME,
+    config_too_large,
+    pickle_refused,
+    weights_too_large,
+)
 from serve_app.errors import AdapterNotFoundError, InvalidAdapterError, ServeAppError
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PICKLE_NAME = "adapter_model.bin"
-ADAPTER_FILES = (CONFIG_NAME, WEIGHTS_NAME)  # the only files ever downloaded or copied
-MAX_CONFIG_BYTES = 1 << 20  # an adapter_config.json is a few hundred bytes
 
 class WriteConflictError(ServeAppError):
     """A conditional write lost: the file changed (or was created) since it was read."""
@@ -93,17 +98,11 @@ class AdapterStore(Protocol):
         """An exclusive lock across processes where the backend has one (local: flock)."""
 
 
-def pickle_refused(adapter_id: str) -> InvalidAdapterError:
-    return InvalidAdapterError(
-        f"adapter '{adapter_id}': {PICKLE_NAME} is a pickle file and is refused (it can run code when "
-        f"loaded); re-save the adapter with safe_serialization=True to get {WEIGHTS_NAME}"
-    )
-
-
 def check_adapter_files(adapter_id: str, files: dict[str, FileInfo], where: str, *, max_bytes: int) -> None:
     """Refuse a folder before downloading or copying anything: what is missing, what is too big.
 
-    The same problems are caught again when the files are parsed (engine/lora_weights.py);
+    The same problems are caught again, by the same rules (peft_files.py), when the files are
+    parsed (engine/lora_weights.py);
     this check exists so that a remote store never sends us a pickle or a 50 GB file.
     """
     if not files:
@@ -119,15 +118,9 @@ def check_adapter_files(adapter_id: str, files: dict[str, FileInfo], where: str,
         raise InvalidAdapterError(f"adapter '{adapter_id}': {WEIGHTS_NAME} is missing in {where}")
     size = files[WEIGHTS_NAME].size
     if size > max_bytes:
-        raise InvalidAdapterError(
-            f"adapter '{adapter_id}': weights are {size} bytes, more than max_adapter_bytes {max_bytes}; "
-            "raise store.max_adapter_bytes if this adapter is expected to be that large"
-        )
+        raise weights_too_large(adapter_id, size, max_bytes)
     if files[CONFIG_NAME].size > MAX_CONFIG_BYTES:
-        raise InvalidAdapterError(
-            f"adapter '{adapter_id}': {CONFIG_NAME} is {files[CONFIG_NAME].size} bytes, more than the limit "
-            f"{MAX_CONFIG_BYTES}; it should hold only the LoRA settings"
-        )
+        raise config_too_large(adapter_id, files[CONFIG_NAME].size)
 
 
 def fingerprint(files: dict[str, FileInfo]) -> str:

@@ -25,13 +25,19 @@ from typing import Literal, Sequence
 import torch
 from safetensors import safe_open
 
+from serve_app.adapters.peft_files import (
+    CONFIG_NAME,
+    MAX_CONFIG_BYTES,
+    PICKLE_NAME,
+    WEIGHTS_NAME,
+    config_too_large,
+    pickle_refused,
+    weights_too_large,
+)
 from serve_app.errors import AdapterNotFoundError, InvalidAdapterError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-MAX_CONFIG_BYTES = 1 << 20  # the LoRA settings are a few hundred bytes
 
 # base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (PEFT's saved names; an
 # adapter name such as ".default" may appear before ".weight" in hand-made files).
@@ -84,10 +90,7 @@ def read_adapter_config(adapter_id: str, path: str | os.PathLike) -> dict:
         raise _fail(adapter_id, f"{CONFIG_NAME} is missing in the adapter folder; save the adapter with PEFT's save_pretrained")
     size = cfg_path.stat().st_size
     if size > MAX_CONFIG_BYTES:
-        raise _fail(
-            adapter_id, f"{CONFIG_NAME} is {size} bytes, more than the limit {MAX_CONFIG_BYTES}; it should hold "
-            "only the LoRA settings"
-        )
+        raise config_too_large(adapter_id, size)
     try:
         cfg = json.loads(cfg_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -326,20 +329,12 @@ def load_adapter_tensors(
     path = Path(path)
     weights_path = path / WEIGHTS_NAME
     if not weights_path.is_file():
-        if (path / "adapter_model.bin").exists():
-            raise _fail(
-                adapter_id,
-                "adapter_model.bin is a pickle file and is refused (it can run code when loaded); "
-                "re-save the adapter with safe_serialization=True to get adapter_model.safetensors",
-            )
+        if (path / PICKLE_NAME).exists():
+            raise pickle_refused(adapter_id)
         raise _fail(adapter_id, f"{WEIGHTS_NAME} is missing")
     size = weights_path.stat().st_size
     if size > max_bytes:
-        raise _fail(
-            adapter_id,
-            f"weights are {size} bytes, more than max_adapter_bytes {max_bytes}; raise store.max_adapter_bytes "
-            "if this adapter is expected to be that large",
-        )
+        raise weights_too_large(adapter_id, size, max_bytes)
 
     # kind -> layer -> {"A": tensor, "B": tensor}
     found: dict[str, dict[int, dict[str, torch.Tensor]]] = {}

@@ -5,6 +5,12 @@ The engine raises these; the router turns any of them into
 escapes is a bug and becomes a 500. ``unwrap`` takes the client-facing exception out of
 Ray's wrappers (every router module that awaits a replica uses it).
 
+Errors that only one module raises are declared beside it, as ServeAppError subclasses, so
+they are shaped the same way: ``EngineError`` (engine/engine.py), ``SamplingError``
+(engine/sampling.py), ``AdapterNotResidentError`` (engine/lora_manager.py),
+``WriteConflictError`` (adapters/store.py), ``RequestTooLargeError`` (router/limits.py).
+The OpenAI error bodies are in api/protocol.py, the HTTP error answers in api/http_errors.py.
+
 A leaf: it imports nothing of serve_app (Ray only inside ``unwrap``).
 """
 

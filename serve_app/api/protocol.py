@@ -33,7 +33,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from serve_app.api.sampling_params import SamplingParams
+from serve_app.api.sampling_params import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, SamplingParams
 from serve_app.errors import InvalidRequestError, ServeAppError
 
 # OpenAI caps stop sequences at 4; matching every one after each token is per-row
@@ -158,7 +158,6 @@ class StreamOptions(BaseModel):
 _UNSUPPORTED_EXTRAS: dict[str, tuple[Any, ...]] = {
     "best_of": (None, 1),
     "suffix": (None, ""),
-    "logit_bias": (None, {}),
     "tools": (None, []),
     "functions": (None, []),
     "prompt_logprobs": (None,),
@@ -233,14 +232,38 @@ class _SamplingRequest(BaseModel):
         ge=-2.0,
         le=2.0,
         allow_inf_nan=False,
-        description="Accepted for OpenAI compatibility; only 0 is supported.",
+        description="In [-2, 2]: subtracted from the logit of every token already generated "
+        "(OpenAI's rule), so positive values favour new tokens.",
     )
     frequency_penalty: float = Field(
         default=0.0,
         ge=-2.0,
         le=2.0,
         allow_inf_nan=False,
-        description="Accepted for OpenAI compatibility; only 0 is supported.",
+        description="In [-2, 2]: subtracted from a token's logit once per time it was already "
+        "generated (OpenAI's rule).",
+    )
+    repetition_penalty: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=MAX_REPETITION_PENALTY,
+        allow_inf_nan=False,
+        description=f"vLLM extension, in (0, {MAX_REPETITION_PENALTY:g}]: a token seen in the prompt "
+        "or the output has its logit divided by this when positive, multiplied when negative "
+        "(transformers' rule); 1 disables it.",
+    )
+    logit_bias: dict[str, float] | None = Field(
+        default=None,
+        description=f"Map of token ID (a string, as OpenAI sends it) to a bias in [-100, 100] added to "
+        f"that token's logit before sampling; at most {MAX_LOGIT_BIAS} entries. -100 bans a token, "
+        "100 all but forces it.",
+    )
+    min_tokens: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_INT32,
+        description="vLLM extension: EOS and stop_token_ids cannot end the output before this many "
+        "tokens (stop strings still can); at most max_tokens.",
     )
     ignore_eos: bool = Field(
         default=False,
@@ -264,6 +287,8 @@ class _SamplingRequest(BaseModel):
         "seed",
         "presence_penalty",
         "frequency_penalty",
+        "repetition_penalty",
+        "min_tokens",
         "max_tokens",
         "max_completion_tokens",
         mode="wrap",
@@ -282,6 +307,8 @@ class _SamplingRequest(BaseModel):
         "stream",
         "presence_penalty",
         "frequency_penalty",
+        "repetition_penalty",
+        "min_tokens",
         "ignore_eos",
         "top_k",
         mode="before",
@@ -299,12 +326,6 @@ class _SamplingRequest(BaseModel):
             for name, noop_values in _UNSUPPORTED_EXTRAS.items():
                 if name in data and data[name] not in noop_values:
                     raise _unsupported(f"{name}: not supported by this server")
-            # Benchmarks pair min_tokens with ignore_eos to fix output length; there
-            # the engine already runs to max_tokens, so only refuse it without ignore_eos.
-            if data.get("min_tokens") not in (None, 0, 1) and not data.get("ignore_eos"):
-                raise _unsupported(
-                    "min_tokens: not supported by this server (except with ignore_eos)"
-                )
         return data
 
     @field_validator("n")
@@ -358,11 +379,30 @@ class _SamplingRequest(BaseModel):
         _check_token_ids(v)
         return v
 
-    @field_validator("presence_penalty", "frequency_penalty")
+    @field_validator("logit_bias")
     @classmethod
-    def _no_penalties(cls, v: float) -> float:
-        if v != 0.0:
-            raise _unsupported("not supported (only 0 is accepted)")
+    def _check_logit_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if not v:
+            return v
+        if len(v) > MAX_LOGIT_BIAS:
+            raise PydanticCustomError(
+                "too_many_logit_bias",
+                "at most {max} logit_bias entries are allowed (got {n})",
+                {"max": MAX_LOGIT_BIAS, "n": len(v)},
+            )
+        for key, bias in v.items():
+            if not (key.isascii() and key.isdigit()) or int(key) > MAX_INT32:
+                raise PydanticCustomError(
+                    "logit_bias_key",
+                    "logit_bias keys must be token IDs, integers in [0, {max}] written as strings (got {got})",
+                    {"max": MAX_INT32, "got": shown(key, 40)},
+                )
+            if not (-100.0 <= bias <= 100.0):  # also refuses NaN
+                raise PydanticCustomError(
+                    "logit_bias_value",
+                    "logit_bias values must be in [-100, 100] (got {got} for token {tok})",
+                    {"got": shown(bias, 40), "tok": key},
+                )
         return v
 
     @model_validator(mode="after")
@@ -389,8 +429,9 @@ class _SamplingRequest(BaseModel):
         context window: that needs the tokenized prompt, which the schema does not see.
         """
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        max_tokens = self._max_tokens(default_max_tokens)
         return SamplingParams(
-            max_tokens=self._max_tokens(default_max_tokens),
+            max_tokens=max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=-1 if self.top_k == 0 else self.top_k,
@@ -398,6 +439,11 @@ class _SamplingRequest(BaseModel):
             stop=stop,
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=self.ignore_eos,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
+            logit_bias={int(k): float(b) for k, b in (self.logit_bias or {}).items()},
+            min_tokens=self.min_tokens,
         )
 
 

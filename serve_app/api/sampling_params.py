@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 
 from serve_app.errors import InvalidRequestError
 
+MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias (each is a scatter into its row)
+MAX_REPETITION_PENALTY = 10.0
+
 
 @dataclass
 class SamplingParams:
@@ -22,6 +25,12 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    # Logits processors, applied per row before temperature (engine/sampling.py says the order).
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: minus this times the token's count in the output so far
+    repetition_penalty: float = 1.0  # vLLM/transformers: over prompt and output, divide (>0) or multiply (<0) logits
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
+    min_tokens: int = 0  # EOS and stop_token_ids cannot be generated before this many tokens
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -36,6 +45,27 @@ class SamplingParams:
             raise InvalidRequestError(f"top_k must be -1 (disabled) or >= 0, got {self.top_k}")
         if any(s == "" for s in self.stop):
             raise InvalidRequestError("stop sequences must be non-empty strings")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not -2.0 <= v <= 2.0:
+                raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}")
+        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise InvalidRequestError(
+                f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {self.repetition_penalty}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise InvalidRequestError(f"logit_bias has {len(self.logit_bias)} entries, more than {MAX_LOGIT_BIAS}")
+        for tok, bias in self.logit_bias.items():
+            if not -100.0 <= bias <= 100.0:
+                raise InvalidRequestError(f"logit_bias for token {tok} is {bias}; biases must be in [-100, 100]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise InvalidRequestError(
+                f"min_tokens must be in [0, max_tokens ({self.max_tokens})], got {self.min_tokens}")
+
+    @property
+    def processes_logits(self) -> bool:
+        """Whether any logits processor applies to this request's rows (most requests: none)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias or self.min_tokens)
 
     @property
     def greedy(self) -> bool:

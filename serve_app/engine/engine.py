@@ -41,7 +41,7 @@ from serve_app.engine.lora_weights import AdapterSpec, LoRAWeights, load_adapter
 from serve_app.engine.model import ModelRunner, base_shape, load_base_model, wrap_lora_layers
 from serve_app.engine.lora_layers import LoRAContext
 from serve_app.api.wire import RequestOutput
-from serve_app.engine.sampling import SamplingParams, sample
+from serve_app.engine.sampling import LogitsRow, SamplingParams, apply_logits_processors, sample
 from serve_app.errors import InvalidRequestError, ServeAppError
 
 logger = logging.getLogger(__name__)
@@ -304,6 +304,11 @@ class LoRAEngine:
             raise InvalidRequestError(
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) is more than "
                 f"max_model_len {self.max_model_len}; shorten the prompt or lower max_tokens"
+            )
+        bad = [t for t in params.logit_bias if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"logit_bias token id {bad[0]!r} is out of range; ids must be integers in [0, {self.vocab_size})"
             )
         resident = self.lora.acquire(adapter) if adapter is not None else None
         generator = None
@@ -591,7 +596,11 @@ class LoRAEngine:
         self._finish(req, None, error=err)
 
     def _append_tokens(self, rows: list[Request], logits: torch.Tensor, lora: LoRABatch | None = None) -> None:
+        processed = [LogitsRow(i, r.params, r.prompt_ids, r.output_ids, r.stop_ids)
+                     for i, r in enumerate(rows) if r.params.processes_logits]
+        failed = apply_logits_processors(logits, processed) if processed else {}
         picked, errors = sample(logits, [r.params for r in rows], [r.generator for r in rows])
+        errors.update(failed)
         if lora is not None and lora.poisoned:
             for i, req in enumerate(rows):
                 if req.adapter is not None and req.adapter.load_id in lora.poisoned:

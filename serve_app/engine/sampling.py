@@ -22,6 +22,20 @@ from serve_app.errors import ServeAppError
 MIN_TOP_P = 1e-6
 
 
+class LogitsRow:
+    """What the logits processors read of one row: its parameters and token history."""
+
+    __slots__ = ("index", "params", "prompt_ids", "output_ids", "blocked_early")
+
+    def __init__(self, index: int, params: SamplingParams, prompt_ids: list[int], output_ids: list[int],
+                 blocked_early: frozenset[int]):
+        self.index = index  # row in the step's logits
+        self.params = params
+        self.prompt_ids = prompt_ids
+        self.output_ids = output_ids
+        self.blocked_early = blocked_early  # EOS + stop_token_ids: masked while output < min_tokens
+
+
 class SamplingError(ServeAppError):
     """One row could not be sampled (non-finite logits, or its parameters broke the draw)."""
 
@@ -61,6 +75,98 @@ def sample(
             except Exception as e:
                 errors[i] = SamplingError(f"sampling failed for this request ({type(e).__name__}); the request was stopped")
     return out, errors
+
+
+def apply_logits_processors(logits: torch.Tensor, rows: list[LogitsRow]) -> dict[int, SamplingError]:
+    """Apply each row's processors to ``logits`` [B, vocab] in place, before temperature (so
+    greedy rows see them too), in vLLM's order:
+
+    1. repetition_penalty over prompt + output tokens (transformers' and vLLM's rule: a seen
+       token's logit is divided by the penalty when positive, multiplied when negative);
+    2. frequency / presence penalties over output tokens (OpenAI's rule:
+       ``logit -= frequency_penalty * count + presence_penalty * (count > 0)``);
+    3. logit_bias added (token ids were checked against the vocabulary at submit);
+    4. min_tokens: EOS and stop_token_ids get -inf while the output is shorter.
+
+    Rows not in ``rows`` are untouched. Batched over the rows that ask; if the batch breaks,
+    each row is redone alone and only a row that breaks on its own fails (row index -> error).
+    """
+    if not rows:
+        return {}
+    try:
+        _apply(logits, rows)
+        return {}
+    except Exception:
+        errors: dict[int, SamplingError] = {}
+        for r in rows:
+            try:
+                _apply(logits, [r])
+            except Exception as e:
+                errors[r.index] = SamplingError(
+                    f"applying this request's penalties or logit_bias failed ({type(e).__name__}); "
+                    "the request was stopped")
+        return errors
+
+
+def _padded(seqs: list[list[int]], pad: int, device) -> torch.Tensor:
+    width = max(1, max(len(q) for q in seqs))
+    return torch.tensor([q + [pad] * (width - len(q)) for q in seqs], dtype=torch.long, device=device)  # [S, W]
+
+
+@torch.inference_mode()  # the step's logits are inference tensors: written in place only under it
+def _apply(logits: torch.Tensor, rows: list[LogitsRow]) -> None:
+    """On a copy of the rows, written back only if every processor succeeded (so a retry never
+    applies a penalty twice)."""
+    idx = torch.tensor([r.index for r in rows], device=logits.device)
+    sel = logits.index_select(0, idx)  # [S, vocab]
+    _processors(sel, rows)
+    logits[idx] = sel
+
+
+def _processors(logits: torch.Tensor, rows: list[LogitsRow]) -> None:
+    """``logits`` [S, vocab]: row j is ``rows[j]``'s."""
+    device, vocab = logits.device, logits.shape[-1]
+    pos = {id(r): j for j, r in enumerate(rows)}
+    rep = [r for r in rows if r.params.repetition_penalty != 1.0]
+    if rep:
+        idx = torch.tensor([pos[id(r)] for r in rep], device=device)
+        # [S, vocab + 1]: column ``vocab`` takes the padding and is dropped.
+        seen = torch.zeros(len(rep), vocab + 1, dtype=torch.bool, device=device)
+        seen.scatter_(1, _padded([r.prompt_ids + r.output_ids for r in rep], vocab, device), True)
+        seen = seen[:, :vocab]
+        pen = torch.tensor([r.params.repetition_penalty for r in rep], dtype=logits.dtype, device=device)[:, None]
+        sub = logits[idx]  # [S, vocab]
+        logits[idx] = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
+    fp = [r for r in rows if (r.params.frequency_penalty or r.params.presence_penalty) and r.output_ids]
+    if fp:
+        idx = torch.tensor([pos[id(r)] for r in fp], device=device)
+        counts = torch.zeros(len(fp), vocab + 1, dtype=logits.dtype, device=device)
+        out = _padded([r.output_ids for r in fp], vocab, device)  # [S, W]
+        counts.scatter_add_(1, out, torch.ones_like(out, dtype=logits.dtype))
+        counts = counts[:, :vocab]
+        freq = torch.tensor([r.params.frequency_penalty for r in fp], dtype=logits.dtype, device=device)[:, None]
+        pres = torch.tensor([r.params.presence_penalty for r in fp], dtype=logits.dtype, device=device)[:, None]
+        logits[idx] -= freq * counts + pres * (counts > 0).to(logits.dtype)
+    bias_rows, bias_toks, bias_vals = [], [], []
+    for j, r in enumerate(rows):
+        for tok, b in r.params.logit_bias.items():
+            bias_rows.append(j)
+            bias_toks.append(tok)
+            bias_vals.append(b)
+    if bias_rows:
+        logits.index_put_(
+            (torch.tensor(bias_rows, device=device), torch.tensor(bias_toks, device=device)),
+            torch.tensor(bias_vals, dtype=logits.dtype, device=device), accumulate=True,
+        )
+    early_rows, early_toks = [], []
+    for j, r in enumerate(rows):
+        if len(r.output_ids) < r.params.min_tokens:
+            for tok in r.blocked_early:
+                if tok < vocab:
+                    early_rows.append(j)
+                    early_toks.append(tok)
+    if early_rows:
+        logits[torch.tensor(early_rows, device=device), torch.tensor(early_toks, device=device)] = float("-inf")
 
 
 def _filtered_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:

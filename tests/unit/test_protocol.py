@@ -84,13 +84,14 @@ def _error_of(make, **kw) -> dict:
         (_completion, {"echo": True}, "echo: not supported", "echo"),
         (_completion, {"logprobs": 1}, "logprobs: not supported", "logprobs"),
         (_completion, {"logprobs": 0}, "logprobs: not supported", "logprobs"),
-        (_completion, {"presence_penalty": 0.5}, "presence_penalty: not supported", "presence_penalty"),
-        (_completion, {"frequency_penalty": -1}, "frequency_penalty: not supported", "frequency_penalty"),
+        (_completion, {"presence_penalty": -2.5}, "presence_penalty: must be a number in [-2, 2] (got -2.5)", "presence_penalty"),
         (_completion, {"frequency_penalty": 3}, "frequency_penalty: must be a number in [-2, 2] (got 3)", "frequency_penalty"),
+        (_completion, {"repetition_penalty": 0}, "repetition_penalty: must be a number in (0, 10] (got 0)", "repetition_penalty"),
         (_completion, {"stream_options": {"include_usage": True}}, "stream_options is only allowed when stream is true", None),
         (_completion, {"best_of": 3}, "best_of: not supported", None),
-        (_completion, {"logit_bias": {"5": 10}}, "logit_bias: not supported", None),
-        (_completion, {"min_tokens": 8}, "min_tokens: not supported", None),
+        (_completion, {"logit_bias": {"5": 101}}, "logit_bias: logit_bias values must be in [-100, 100] (got 101", "logit_bias"),
+        (_completion, {"logit_bias": {"-5": 1}}, "logit_bias: logit_bias keys must be token IDs", "logit_bias"),
+        (_completion, {"min_tokens": -1}, "min_tokens: must be an integer in [0, 2147483647] (got -1)", "min_tokens"),
         (_completion, {"model": ""}, "model: String should have at least 1 character", "model"),
         (_completion, {"prompt": []}, "prompt: must not be an empty list", "prompt"),
         (_completion, {"prompt": [[1, 2], []]}, "prompt: token-ID prompts must not be empty", "prompt"),
@@ -206,6 +207,10 @@ def test_null_means_default_and_unknown_fields_are_ignored():
     assert not hasattr(req, "some_vendor_knob")
     assert _chat(response_format={"type": "text"}, tools=[], logprobs=False, top_logprobs=0).n == 1
     assert _completion(min_tokens=64, max_tokens=64, ignore_eos=True).ignore_eos
+    # Supported since the logits processors: accepted and passed on (tests/unit/test_logits_processors.py).
+    p = _completion(presence_penalty=0.5, frequency_penalty=-1, logit_bias={"5": 10}, min_tokens=8,
+                    max_tokens=16).to_sampling_params(16)
+    assert (p.presence_penalty, p.frequency_penalty, p.logit_bias, p.min_tokens) == (0.5, -1.0, {5: 10.0}, 8)
 
 
 def test_json_body_validation_like_fastapi_does():

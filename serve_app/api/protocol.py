@@ -33,7 +33,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from serve_app.api.sampling_params import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, SamplingParams
+from serve_app.api.sampling_params import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, SamplingParams
 from serve_app.errors import InvalidRequestError, ServeAppError
 
 # OpenAI caps stop sequences at 4; matching every one after each token is per-row
@@ -245,10 +245,10 @@ class _SamplingRequest(BaseModel):
     )
     repetition_penalty: float = Field(
         default=1.0,
-        gt=0.0,
+        ge=MIN_REPETITION_PENALTY,
         le=MAX_REPETITION_PENALTY,
         allow_inf_nan=False,
-        description=f"vLLM extension, in (0, {MAX_REPETITION_PENALTY:g}]: a token seen in the prompt "
+        description=f"vLLM extension, in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]: a token seen in the prompt "
         "or the output has its logit divided by this when positive, multiplied when negative "
         "(transformers' rule); 1 disables it.",
     )

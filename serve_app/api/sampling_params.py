@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from serve_app.errors import InvalidRequestError
 
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias (each is a scatter into its row)
+# Seen tokens' positive logits are divided by the penalty: a tiny one would turn them into inf.
+MIN_REPETITION_PENALTY = 0.01
 MAX_REPETITION_PENALTY = 10.0
 
 
@@ -49,9 +51,9 @@ class SamplingParams:
             v = getattr(self, name)
             if not -2.0 <= v <= 2.0:
                 raise InvalidRequestError(f"{name} must be in [-2, 2], got {v}")
-        if not 0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            raise InvalidRequestError(
-                f"repetition_penalty must be in (0, {MAX_REPETITION_PENALTY}], got {self.repetition_penalty}")
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise InvalidRequestError(f"repetition_penalty must be in [{MIN_REPETITION_PENALTY}, "
+                                      f"{MAX_REPETITION_PENALTY}], got {self.repetition_penalty}")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise InvalidRequestError(f"logit_bias has {len(self.logit_bias)} entries, more than {MAX_LOGIT_BIAS}")
         for tok, bias in self.logit_bias.items():

@@ -166,8 +166,9 @@ def test_logit_bias_token_outside_the_vocabulary_is_a_clear_400(engine):
     ({"logit_bias": {"x1": 5}}, "logit_bias keys must be token IDs"),
     ({"logit_bias": {"5": 100.5}}, r"logit_bias values must be in \[-100, 100\]"),
     ({"logit_bias": {str(i): 1 for i in range(1025)}}, "at most 1024 logit_bias entries"),
-    ({"repetition_penalty": 0}, r"\(0, 10\]"),
-    ({"repetition_penalty": 11}, r"\(0, 10\]"),
+    ({"repetition_penalty": 0}, r"\[0.01, 10\]"),
+    ({"repetition_penalty": 1e-300}, r"\[0.01, 10\]"),  # would divide logits into inf
+    ({"repetition_penalty": 11}, r"\[0.01, 10\]"),
     ({"frequency_penalty": -2.5}, r"\[-2, 2\]"),
     ({"presence_penalty": 2.01}, r"\[-2, 2\]"),
     ({"min_tokens": -1}, r"\[0, 2147483647\]"),

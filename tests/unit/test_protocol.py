@@ -86,7 +86,7 @@ def _error_of(make, **kw) -> dict:
         (_completion, {"logprobs": 0}, "logprobs: not supported", "logprobs"),
         (_completion, {"presence_penalty": -2.5}, "presence_penalty: must be a number in [-2, 2] (got -2.5)", "presence_penalty"),
         (_completion, {"frequency_penalty": 3}, "frequency_penalty: must be a number in [-2, 2] (got 3)", "frequency_penalty"),
-        (_completion, {"repetition_penalty": 0}, "repetition_penalty: must be a number in (0, 10] (got 0)", "repetition_penalty"),
+        (_completion, {"repetition_penalty": 0}, "repetition_penalty: must be a number in [0.01, 10] (got 0)", "repetition_penalty"),
         (_completion, {"stream_options": {"include_usage": True}}, "stream_options is only allowed when stream is true", None),
         (_completion, {"best_of": 3}, "best_of: not supported", None),
         (_completion, {"logit_bias": {"5": 101}}, "logit_bias: logit_bias values must be in [-100, 100] (got 101", "logit_bias"),

@@ -14,6 +14,7 @@ validator would escape FastAPI's request parsing as a 500.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import uuid
@@ -46,6 +47,8 @@ MAX_STOP_TOKEN_IDS = 64
 # item by item. The router's real cap is the LoRA replicas' max_num_seqs (router/limits.py);
 # this one is EngineConfig's upper bound of max_num_seqs.
 MAX_PROMPTS_PER_REQUEST = 4096
+# Choices per prompt (``n``); n x prompts is also held to the router's prompts-per-request limit.
+MAX_N = 128
 
 # Every integer the engine turns into a tensor must fit its dtype: a top_k or a token ID
 # beyond int64 raised inside the batched sampler (or the embedding) and failed the whole
@@ -195,7 +198,11 @@ class _SamplingRequest(BaseModel):
     n: int = Field(
         default=1,
         ge=1,
-        description="Number of choices to generate. Only 1 is supported.",
+        le=MAX_N,
+        description=f"Choices to generate per prompt, in [1, {MAX_N}]; each is its own sequence in the "
+        "engine (choice j of a request with a `seed` samples with seed + j, so the choices differ and "
+        "are reproducible). Usage counts every choice; n x prompts counts against the prompts per "
+        "request limit.",
     )
     stream: bool = Field(
         default=False,
@@ -289,6 +296,7 @@ class _SamplingRequest(BaseModel):
         "frequency_penalty",
         "repetition_penalty",
         "min_tokens",
+        "n",
         "max_tokens",
         "max_completion_tokens",
         mode="wrap",
@@ -327,15 +335,6 @@ class _SamplingRequest(BaseModel):
                 if name in data and data[name] not in noop_values:
                     raise _unsupported(f"{name}: not supported by this server")
         return data
-
-    @field_validator("n")
-    @classmethod
-    def _only_one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise _unsupported(
-                f"only n=1 is supported (got {v}); send {v} requests with different seeds instead"
-            )
-        return v
 
     @field_validator("stop", mode="wrap")
     @classmethod
@@ -421,6 +420,16 @@ class _SamplingRequest(BaseModel):
 
     def _max_tokens(self, default_max_tokens: int) -> int:
         raise NotImplementedError
+
+    def choice_params(self, params: SamplingParams) -> list[SamplingParams]:
+        """One SamplingParams per choice (``n``): choice j samples with ``seed + j`` (int64 wrap)."""
+        if self.n == 1:
+            return [params]
+        if params.seed is None:
+            return [params] * self.n
+        span = _INT64_MAX - _INT64_MIN + 1
+        return [dataclasses.replace(params, seed=(params.seed + j - _INT64_MIN) % span + _INT64_MIN)
+                for j in range(self.n)]
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """Engine sampling parameters; ``default_max_tokens`` applies when none was given.

@@ -276,6 +276,9 @@ class Router:
         # Before the adapter is looked up: the answer must not depend on whether it exists.
         self.auth.authorize(principal, adapter_id)
         counts = await self.limiter.count_prompts(body)  # 400 first if it holds more than max_num_seqs prompts
+        if body.n > 1:  # every choice is its own sequence: n x prompts against the same limits
+            counts = [c for c in counts for _ in range(body.n)]
+            self.limiter.check_prompt_count(len(counts))
         max_tokens = body.to_sampling_params(self.default_max_tokens).max_tokens
         # The lease's tenant keys the limits and the engine's fair admission (GenerateRequest.tenant):
         # the API key's tenant, so its adapters and its base-model requests share one share; with
@@ -448,12 +451,12 @@ class Router:
         self, request: CompletionRequest, header: str | None, tenant: str | None = None
     ) -> tuple[str, CompletionResponse]:
         adapter_id, path = self._resolve(request.model, header)
-        params = request.to_sampling_params(self.default_max_tokens)
+        choices = request.choice_params(request.to_sampling_params(self.default_max_tokens))
         tenant = tenant or header or request.model
         t0 = time.perf_counter()
-        outs = await asyncio.gather(
-            *(self._generate(adapter_id, path, GenerateRequest(params=params, prompt=p, tenant=tenant))
-              for p in request.prompts())
+        outs = await asyncio.gather(  # choice index = prompt index * n + j, as OpenAI orders them
+            *(self._generate(adapter_id, path, GenerateRequest(params=cp, prompt=p, tenant=tenant))
+              for p in request.prompts() for cp in choices)
         )
         metrics.LATENCY.observe(time.perf_counter() - t0, tags={"path": path})
         return path, CompletionResponse(
@@ -467,7 +470,7 @@ class Router:
 
     def _completions_stream(self, request: CompletionRequest, header: str | None, tenant: str | None = None):
         adapter_id, path = self._resolve(request.model, header)
-        params = request.to_sampling_params(self.default_max_tokens)
+        choices = request.choice_params(request.to_sampling_params(self.default_max_tokens))
         model = header or request.model
         tenant = tenant or model
         cid = random_id("cmpl")
@@ -475,8 +478,8 @@ class Router:
         async def chunks() -> AsyncIterator[CompletionStreamResponse]:
             usage = [0, 0]
             streams = [
-                self._generate_stream(adapter_id, path, GenerateRequest(params=params, prompt=p, tenant=tenant))
-                for p in request.prompts()
+                self._generate_stream(adapter_id, path, GenerateRequest(params=cp, prompt=p, tenant=tenant))
+                for p in request.prompts() for cp in choices
             ]
             async for i, out in _merge(streams):
                 if out.text or out.finished:
@@ -492,58 +495,60 @@ class Router:
 
         return path, chunks()
 
-    def _chat_request(self, request: ChatCompletionRequest, tenant: str) -> GenerateRequest:
-        return GenerateRequest(
-            params=request.to_sampling_params(self.default_max_tokens),
-            messages=[m.model_dump() for m in request.messages],
-            tenant=tenant,
-        )
+    def _chat_requests(self, request: ChatCompletionRequest, tenant: str) -> list[GenerateRequest]:
+        """One engine request per choice (``n``)."""
+        messages = [m.model_dump() for m in request.messages]
+        return [GenerateRequest(params=cp, messages=messages, tenant=tenant)
+                for cp in request.choice_params(request.to_sampling_params(self.default_max_tokens))]
 
     async def _chat(
         self, request: ChatCompletionRequest, header: str | None, tenant: str | None = None
     ) -> tuple[str, ChatCompletionResponse]:
         adapter_id, path = self._resolve(request.model, header)
         t0 = time.perf_counter()
-        out = await self._generate(adapter_id, path, self._chat_request(request, tenant or header or request.model))
+        outs = await asyncio.gather(*(self._generate(adapter_id, path, r)
+                                      for r in self._chat_requests(request, tenant or header or request.model)))
         metrics.LATENCY.observe(time.perf_counter() - t0, tags={"path": path})
         return path, ChatCompletionResponse(
             model=header or request.model,
             choices=[
                 ChatCompletionResponseChoice(
-                    index=0, message=ChatResponseMessage(content=out.text), finish_reason=out.finish_reason
+                    index=j, message=ChatResponseMessage(content=out.text), finish_reason=out.finish_reason
                 )
+                for j, out in enumerate(outs)
             ],
-            usage=UsageInfo.of(out.prompt_tokens, out.completion_tokens),
+            usage=UsageInfo.of(outs[0].prompt_tokens * len(outs), sum(o.completion_tokens for o in outs)),
         )
 
     def _chat_stream(self, request: ChatCompletionRequest, header: str | None, tenant: str | None = None):
         adapter_id, path = self._resolve(request.model, header)
         model = header or request.model
-        gen_request = self._chat_request(request, tenant or model)
+        gen_requests = self._chat_requests(request, tenant or model)
         cid = random_id("chatcmpl")
 
-        def chunk(delta: DeltaMessage, finish_reason=None) -> ChatCompletionStreamResponse:
+        def chunk(j: int, delta: DeltaMessage, finish_reason=None) -> ChatCompletionStreamResponse:
             return ChatCompletionStreamResponse(
                 id=cid, model=model,
-                choices=[ChatCompletionResponseStreamChoice(index=0, delta=delta, finish_reason=finish_reason)],
+                choices=[ChatCompletionResponseStreamChoice(index=j, delta=delta, finish_reason=finish_reason)],
             )
 
         async def chunks() -> AsyncIterator[ChatCompletionStreamResponse]:
-            first = True
-            async for out in self._generate_stream(adapter_id, path, gen_request):
-                if first:
-                    # OpenAI's first chunk carries the role; sent once the request is accepted.
-                    yield chunk(DeltaMessage(role="assistant", content=""))
-                    first = False
+            started: set[int] = set()
+            usage = [0, 0]
+            streams = [self._generate_stream(adapter_id, path, r) for r in gen_requests]
+            async for j, out in _merge(streams):
+                if j not in started:
+                    # OpenAI's first chunk of a choice carries the role; sent once it is accepted.
+                    yield chunk(j, DeltaMessage(role="assistant", content=""))
+                    started.add(j)
                 if out.text:
-                    yield chunk(DeltaMessage(content=out.text))
+                    yield chunk(j, DeltaMessage(content=out.text))
                 if out.finished:
-                    yield chunk(DeltaMessage(), out.finish_reason)
-                    if request.include_usage:
-                        yield ChatCompletionStreamResponse(
-                            id=cid, model=model, choices=[],
-                            usage=UsageInfo.of(out.prompt_tokens, out.completion_tokens),
-                        )
+                    yield chunk(j, DeltaMessage(), out.finish_reason)
+                    usage[0] += out.prompt_tokens
+                    usage[1] += out.completion_tokens
+            if request.include_usage:
+                yield ChatCompletionStreamResponse(id=cid, model=model, choices=[], usage=UsageInfo.of(*usage))
 
         return path, chunks()
 

@@ -429,8 +429,9 @@ BAD_REQUESTS = [
      (400,)),
     ("over-max-model-len-chat", CHAT, {"model": "base", "messages": MSGS, "max_tokens": 4096}, (400,)),
     ("token-id-out-of-vocab", CMPL, {"model": "base", "prompt": [1, 99999], "max_tokens": 2}, (400,)),
-    ("n-2", CMPL, {"model": "base", "prompt": "x", "n": 2}, (400,)),
-    ("n-2-chat", CHAT, {"model": "base", "messages": MSGS, "n": 2}, (400,)),
+    ("n-129", CMPL, {"model": "base", "prompt": "x", "n": 129}, (400,)),
+    ("n-0-chat", CHAT, {"model": "base", "messages": MSGS, "n": 0}, (400,)),
+    ("n-times-prompts-over-the-cap", CMPL, {"model": "base", "prompt": ["x"] * 8, "n": 128}, (400,)),
     ("empty-messages", CHAT, {"model": "base", "messages": []}, (400,)),
     ("empty-prompt-list", CMPL, {"model": "base", "prompt": []}, (400,)),
     ("temperature-too-high", CMPL, {"model": "base", "prompt": "x", "temperature": 5}, (400,)),
@@ -551,6 +552,55 @@ def test_stop_seed_and_top_k_are_accepted(http, refs):
     choice = r.json()["choices"][0]
     assert choice["message"]["content"] == full_chat[: full_chat.find(chat_stop)], (choice, full_chat, chat_stop)
     assert choice["finish_reason"] == "stop"
+
+
+def test_n_choices_are_seeded_reproducible_and_counted(http, refs):
+    """n choices: choice j of a seeded request is the single request with seed + j; the same
+    request gives the same choices; greedy choices all equal PEFT's greedy text; usage counts
+    every choice; streamed choices (by index) equal the non-streamed ones; completions order
+    choices prompt-major (index = prompt * n + j)."""
+    body = {"model": "tenant-2", "prompt": PROMPTS[1], "max_tokens": 10, "temperature": 1.0, "seed": 41,
+            "ignore_eos": True}
+    r = http.post(CMPL, json={**body, "n": 3})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    texts = [c["text"] for c in sorted(got["choices"], key=lambda c: c["index"])]
+    assert [c["index"] for c in got["choices"]] == [0, 1, 2]
+    singles = [http.post(CMPL, json={**body, "seed": 41 + j}).json()["choices"][0]["text"] for j in range(3)]
+    assert texts == singles, (texts, singles)
+    assert len(set(texts)) > 1, f"seeded choices should differ: {texts}"
+    assert got["usage"]["completion_tokens"] == 30
+    r, payloads, done = post_stream(http, CMPL, {**body, "n": 3})
+    assert r.status_code == 200 and done
+    streamed = {0: "", 1: "", 2: ""}
+    for p in payloads:
+        for c in p["choices"]:
+            streamed[c["index"]] += c["text"]
+    assert [streamed[j] for j in range(3)] == texts
+
+    two = http.post(CMPL, json={**greedy("tenant-3", 8, prompt=PROMPTS[:2]), "n": 2}).json()
+    want = [refs.text("tenant-3", PROMPTS[0], 8)] * 2 + [refs.text("tenant-3", PROMPTS[1], 8)] * 2
+    assert [c["text"] for c in sorted(two["choices"], key=lambda c: c["index"])] == want
+    assert two["usage"]["completion_tokens"] == 32
+
+    chat = {"model": "tenant-2", "messages": MSGS, "max_tokens": 8, "temperature": 1.0, "seed": 5, "n": 2,
+            "ignore_eos": True}
+    r = http.post(CHAT, json=chat)
+    assert r.status_code == 200, r.text
+    contents = [c["message"]["content"] for c in sorted(r.json()["choices"], key=lambda c: c["index"])]
+    single = http.post(CHAT, json={**chat, "n": 1, "seed": 6}).json()["choices"][0]["message"]["content"]
+    assert len(contents) == 2 and contents[1] == single, (contents, single)
+    assert r.json()["usage"]["completion_tokens"] == 16
+    r, payloads, done = post_stream(http, CHAT, {**chat, "stream_options": {"include_usage": True}})
+    assert r.status_code == 200 and done
+    parts, roles = {0: "", 1: ""}, []
+    for p in payloads:
+        for c in p["choices"]:
+            parts[c["index"]] += c["delta"].get("content") or ""
+            if c["delta"].get("role"):
+                roles.append(c["index"])
+    assert [parts[0], parts[1]] == contents and sorted(roles) == [0, 1]
+    assert payloads[-1]["usage"]["completion_tokens"] == 16
 
 
 def test_server_still_serves_after_errors(http, refs):

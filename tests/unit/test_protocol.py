@@ -67,8 +67,8 @@ def _error_of(make, **kw) -> dict:
     [
         (_completion, {"max_tokens": 0}, "max_tokens: must be an integer in [1, 2147483647] (got 0)", "max_tokens"),
         (_completion, {"max_tokens": -5}, "max_tokens: must be an integer in [1, 2147483647] (got -5)", "max_tokens"),
-        (_completion, {"n": 2}, "n: only n=1 is supported (got 2)", "n"),
-        (_completion, {"n": 0}, "n: Input should be greater than or equal to 1", "n"),
+        (_completion, {"n": 129}, "n: must be an integer in [1, 128] (got 129)", "n"),
+        (_completion, {"n": 0}, "n: must be an integer in [1, 128] (got 0)", "n"),
         (_completion, {"temperature": 2.5}, "temperature: must be a number in [0, 2] (got 2.5)", "temperature"),
         (_completion, {"temperature": -0.1}, "temperature: must be a number in [0, 2] (got -0.1)", "temperature"),
         (_completion, {"temperature": float("nan")}, "temperature: must be a number in [0, 2] (got nan)", "temperature"),
@@ -113,7 +113,7 @@ def _error_of(make, **kw) -> dict:
         (_chat, {"max_tokens": 0}, "max_tokens: must be an integer in [1, 2147483647] (got 0)", "max_tokens"),
         (_chat, {"max_completion_tokens": 0}, "max_completion_tokens: must be an integer in [1, 2147483647] (got 0)", "max_completion_tokens"),
         (_chat, {"max_tokens": 5, "max_completion_tokens": 6}, "disagree (5 vs 6); set only one", None),
-        (_chat, {"n": 4}, "n: only n=1 is supported", "n"),
+        (_chat, {"n": 200}, "n: must be an integer in [1, 128] (got 200)", "n"),
         (_chat, {"logprobs": True}, "logprobs: not supported", "logprobs"),
         (_chat, {"top_logprobs": 3}, "top_logprobs: not supported", "top_logprobs"),
         (_chat, {"response_format": {"type": "json_object"}}, "response_format: only", None),
@@ -471,7 +471,7 @@ def test_error_body_and_status():
     assert "CUDA" not in json.dumps(error_body(crash))
     assert error_body(crash)["error"]["type"] == "internal_error" and error_status(crash) == 500
     with pytest.raises(ValidationError) as ei:
-        _completion(n=3)
+        _completion(n=300)
     assert error_status(ei.value) == 400
     assert error_body(ei.value) == validation_error_body(ei.value)
 

@@ -34,7 +34,13 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from serve_app.api.sampling_params import MAX_LOGIT_BIAS, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, SamplingParams
+from serve_app.api.sampling_params import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_REPETITION_PENALTY,
+    MIN_REPETITION_PENALTY,
+    SamplingParams,
+)
 from serve_app.errors import InvalidRequestError, ServeAppError
 
 # OpenAI caps stop sequences at 4; matching every one after each token is per-row
@@ -479,7 +485,12 @@ class CompletionRequest(_SamplingRequest):
     )
     logprobs: int | None = Field(
         default=None,
-        description="Return log probabilities of the top tokens. Not supported: must be null.",
+        ge=0,
+        le=MAX_LOGPROBS,
+        description=f"In [0, {MAX_LOGPROBS}]: return each generated token's log probability and the "
+        "this-many most likely alternatives (`choices[].logprobs`: tokens, token_logprobs, "
+        "top_logprobs, text_offset). Raw model logprobs: before temperature, penalties and "
+        "logit_bias, as vLLM reports them. `echo` with logprobs is not supported yet.",
     )
 
     @field_validator("echo", mode="before")
@@ -534,12 +545,13 @@ class CompletionRequest(_SamplingRequest):
             raise _unsupported("not supported (must be false)")
         return v
 
-    @field_validator("logprobs")
+    @field_validator("logprobs", mode="wrap")
     @classmethod
-    def _no_logprobs(cls, v: int | None) -> int | None:
-        if v is not None:
-            raise _unsupported("not supported (must be null or omitted)")
-        return v
+    def _logprobs_range(cls, v: Any, handler, info: ValidationInfo) -> Any:
+        return _check_range(cls, v, handler, info)
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        return dataclasses.replace(super().to_sampling_params(default_max_tokens), logprobs=self.logprobs)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a batch: each item is one text or one token-ID list."""
@@ -627,13 +639,14 @@ class ChatCompletionRequest(_SamplingRequest):
     )
     logprobs: bool | None = Field(
         default=None,
-        description="Return log probabilities of output tokens. Not supported: must be false "
-        "or null.",
+        description="Return each output token's log probability (`choices[].logprobs.content`); raw "
+        "model logprobs, before temperature, penalties and logit_bias, as vLLM reports them.",
     )
     top_logprobs: int | None = Field(
         default=None,
-        description="Number of most likely tokens to return per position. Not supported: "
-        "must be 0 or null.",
+        ge=0,
+        le=MAX_LOGPROBS,
+        description=f"With logprobs true: the this-many most likely tokens per position, in [0, {MAX_LOGPROBS}].",
     )
 
     @model_validator(mode="before")
@@ -645,19 +658,20 @@ class ChatCompletionRequest(_SamplingRequest):
                 raise _unsupported("response_format: only {\"type\": \"text\"} is supported")
         return data
 
-    @field_validator("logprobs")
+    @field_validator("top_logprobs", mode="wrap")
     @classmethod
-    def _no_logprobs(cls, v: bool | None) -> bool | None:
-        if v:
-            raise _unsupported("not supported (must be false, null or omitted)")
-        return v
+    def _top_logprobs_range(cls, v: Any, handler, info: ValidationInfo) -> Any:
+        return _check_range(cls, v, handler, info)
 
-    @field_validator("top_logprobs")
-    @classmethod
-    def _no_top_logprobs(cls, v: int | None) -> int | None:
-        if v:
-            raise _unsupported("not supported (must be 0, null or omitted)")
-        return v
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self):
+        if self.top_logprobs and not self.logprobs:  # OpenAI's rule
+            raise PydanticCustomError("top_logprobs", "top_logprobs needs logprobs set to true")
+        return self
+
+    def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
+        params = super().to_sampling_params(default_max_tokens)
+        return dataclasses.replace(params, logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
     @model_validator(mode="after")
     def _one_max_tokens(self):
@@ -695,10 +709,57 @@ class UsageInfo(BaseModel):
         )
 
 
+def _lp(v: float) -> float:
+    return max(v, -9999.0)  # JSON has no -inf (vLLM's floor too)
+
+
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape: one entry per generated token."""
+
+    tokens: list[str] = Field(description="Each generated token, decoded on its own.")
+    token_logprobs: list[float] = Field(description="Each token's log probability.")
+    top_logprobs: list[dict[str, float]] = Field(
+        description="Per token, the requested number of most likely tokens -> their log probability.")
+    text_offset: list[int] = Field(description="Each token's character offset in the choice's text.")
+
+    @classmethod
+    def of(cls, entries: list[Any], offset: int = 0) -> CompletionLogprobs:
+        """From the engine's TokenLogprob entries (api/wire.py); ``offset``: text already sent."""
+        offsets = []
+        for e in entries:
+            offsets.append(offset)
+            offset += len(e.token)
+        return cls(tokens=[e.token for e in entries], token_logprobs=[_lp(e.logprob) for e in entries],
+                   top_logprobs=[{t: _lp(v) for t, _, v in e.top} for e in entries], text_offset=offsets)
+
+
+class ChatTopLogprob(BaseModel):
+    token: str = Field(description="The token, decoded on its own.")
+    logprob: float = Field(description="Its log probability.")
+    bytes: list[int] = Field(description="The token's UTF-8 bytes.")
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob] = Field(description="The requested number of most likely tokens here.")
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] = Field(description="One entry per generated token.")
+
+    @classmethod
+    def of(cls, entries: list[Any]) -> ChatLogprobs:
+        return cls(content=[
+            ChatTokenLogprob(token=e.token, logprob=_lp(e.logprob), bytes=list(e.token.encode("utf-8", "replace")),
+                             top_logprobs=[ChatTopLogprob(token=t, logprob=_lp(v), bytes=list(t.encode("utf-8", "replace")))
+                                           for t, _, v in e.top])
+            for e in entries
+        ])
+
+
 class CompletionResponseChoice(BaseModel):
     index: int = Field(description="Position of this choice (the prompt's index in a batch).")
     text: str = Field(description="Generated text.")
-    logprobs: None = Field(default=None, description="Always null: logprobs are not supported.")
+    logprobs: CompletionLogprobs | None = Field(default=None, description="With `logprobs` in the request: the tokens' log probabilities.")
     finish_reason: FinishReason = Field(
         description="'stop' for EOS or a stop sequence, 'length' for max_tokens."
     )
@@ -720,7 +781,7 @@ class CompletionResponse(BaseModel):
 class CompletionResponseStreamChoice(BaseModel):
     index: int = Field(description="Position of this choice (the prompt's index in a batch).")
     text: str = Field(description="Text generated since the previous chunk.")
-    logprobs: None = Field(default=None, description="Always null: logprobs are not supported.")
+    logprobs: CompletionLogprobs | None = Field(default=None, description="With `logprobs` in the request: the tokens' log probabilities.")
     finish_reason: FinishReason | None = Field(
         default=None, description="Null until the choice's last chunk."
     )
@@ -763,7 +824,7 @@ class ChatResponseMessage(BaseModel):
 class ChatCompletionResponseChoice(BaseModel):
     index: int = Field(description="Position of this choice.")
     message: ChatResponseMessage = Field(description="The generated message.")
-    logprobs: None = Field(default=None, description="Always null: logprobs are not supported.")
+    logprobs: ChatLogprobs | None = Field(default=None, description="With `logprobs: true` in the request: the tokens' log probabilities.")
     finish_reason: FinishReason = Field(
         description="'stop' for EOS or a stop sequence, 'length' for max_tokens."
     )
@@ -800,7 +861,7 @@ class DeltaMessage(BaseModel):
 class ChatCompletionResponseStreamChoice(BaseModel):
     index: int = Field(description="Position of this choice.")
     delta: DeltaMessage = Field(description="What changed since the previous chunk.")
-    logprobs: None = Field(default=None, description="Always null: logprobs are not supported.")
+    logprobs: ChatLogprobs | None = Field(default=None, description="With `logprobs: true` in the request: the tokens' log probabilities.")
     finish_reason: FinishReason | None = Field(
         default=None, description="Null until the choice's last chunk."
     )

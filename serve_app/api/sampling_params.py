@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from serve_app.errors import InvalidRequestError
 
+MAX_LOGPROBS = 20  # alternatives per token (vLLM's default max_logprobs; OpenAI allows 20 on chat)
 MAX_LOGIT_BIAS = 1024  # entries of one request's logit_bias (each is a scatter into its row)
 # Seen tokens' positive logits are divided by the penalty: a tiny one would turn them into inf.
 MIN_REPETITION_PENALTY = 0.01
@@ -33,6 +34,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # vLLM/transformers: over prompt and output, divide (>0) or multiply (<0) logits
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # EOS and stop_token_ids cannot be generated before this many tokens
+    logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -59,6 +61,8 @@ class SamplingParams:
         for tok, bias in self.logit_bias.items():
             if not -100.0 <= bias <= 100.0:
                 raise InvalidRequestError(f"logit_bias for token {tok} is {bias}; biases must be in [-100, 100]")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidRequestError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {self.logprobs}")
         if not 0 <= self.min_tokens <= self.max_tokens:
             raise InvalidRequestError(
                 f"min_tokens must be in [0, max_tokens ({self.max_tokens})], got {self.min_tokens}")

@@ -37,6 +37,17 @@ def render_prompt(tokenizer, req: GenerateRequest) -> str | list[int]:
 
 
 @dataclass
+class TokenLogprob:
+    """One generated token's log-probability under the model (raw logits: before temperature,
+    penalties and logit_bias, as vLLM reports them), and the most likely alternatives."""
+
+    token: str  # the token decoded on its own
+    token_id: int
+    logprob: float
+    top: list[tuple[str, int, float]]  # (token, id, logprob), most likely first; the request's top-n
+
+
+@dataclass
 class RequestOutput:
     """What one step produced for one request: a text delta and the new token(s)."""
 
@@ -48,3 +59,4 @@ class RequestOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     error: ServeAppError | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token in ``token_ids``, when the request asked

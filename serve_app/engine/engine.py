@@ -40,7 +40,7 @@ from serve_app.engine.lora_manager import LoRABatch, LoRAManager, ResidentAdapte
 from serve_app.engine.lora_weights import AdapterSpec, LoRAWeights, load_adapter_tensors, parse_adapter_config
 from serve_app.engine.model import ModelRunner, base_shape, load_base_model, wrap_lora_layers
 from serve_app.engine.lora_layers import LoRAContext
-from serve_app.api.wire import RequestOutput
+from serve_app.api.wire import RequestOutput, TokenLogprob
 from serve_app.engine.sampling import LogitsRow, SamplingParams, apply_logits_processors, sample
 from serve_app.errors import InvalidRequestError, ServeAppError
 
@@ -65,6 +65,7 @@ class Completion:
     token_ids: list[int]
     finish_reason: str | None
     prompt_tokens: int
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(eq=False)
@@ -405,6 +406,7 @@ class LoRAEngine:
                     token_ids=[t for o in outs for t in o.token_ids],
                     finish_reason=outs[-1].finish_reason,
                     prompt_tokens=len(req.prompt_ids),
+                    logprobs=None if req.params.logprobs is None else [lp for o in outs for lp in (o.logprobs or [])],
                 )
             )
         return completions
@@ -596,11 +598,17 @@ class LoRAEngine:
         self._finish(req, None, error=err)
 
     def _append_tokens(self, rows: list[Request], logits: torch.Tensor, lora: LoRABatch | None = None) -> None:
+        asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+        raw_lp = None
+        if asked:  # raw model logprobs, before penalties and temperature (vLLM's default)
+            with torch.inference_mode():
+                raw_lp = torch.log_softmax(logits[torch.tensor(asked, device=logits.device)].float(), dim=-1)
         processed = [LogitsRow(i, r.params, r.prompt_ids, r.output_ids, r.stop_ids)
                      for i, r in enumerate(rows) if r.params.processes_logits]
         failed = apply_logits_processors(logits, processed) if processed else {}
         picked, errors = sample(logits, [r.params for r in rows], [r.generator for r in rows])
         errors.update(failed)
+        token_lp = self._token_logprobs(asked, raw_lp, rows, picked) if asked else {}
         if lora is not None and lora.poisoned:
             for i, req in enumerate(rows):
                 if req.adapter is not None and req.adapter.load_id in lora.poisoned:
@@ -614,8 +622,9 @@ class LoRAEngine:
                 continue
             req.output_ids.append(token)
             n_out = len(req.output_ids)
+            lp = token_lp.get(i)
             if token in req.stop_ids:
-                self._finish(req, "stop", new_ids=[token])
+                self._finish(req, "stop", new_ids=[token], logprobs=lp)
                 continue
             try:
                 delta, hit_stop = req.assembler.add_token(token)
@@ -623,11 +632,26 @@ class LoRAEngine:
                 self._fail(req, e, "detokenization")
                 continue
             if hit_stop:
-                self._finish(req, "stop", delta, [token])
+                self._finish(req, "stop", delta, [token], logprobs=lp)
             elif n_out >= req.params.max_tokens or len(req.prompt_ids) + n_out >= self.max_model_len:
-                self._finish(req, "length", delta, [token])
+                self._finish(req, "length", delta, [token], logprobs=lp)
             else:
-                self._emit(req, RequestOutput(req.request_id, delta, [token]))
+                self._emit(req, RequestOutput(req.request_id, delta, [token], logprobs=lp))
+
+    def _token_logprobs(self, asked: list[int], raw_lp, rows: list[Request], picked: list[int]) -> dict:
+        """Row index -> [TokenLogprob] of its sampled token: its logprob and its top-k alternatives."""
+        out = {}
+        k_max = max(rows[i].params.logprobs for i in asked)
+        top_v, top_i = (raw_lp.topk(k_max, dim=-1) if k_max else (None, None))  # [A, k_max]
+        chosen = raw_lp.gather(1, torch.tensor([[picked[i]] for i in asked], device=raw_lp.device))[:, 0]  # [A]
+        chosen, top_v = chosen.tolist(), (top_v.tolist() if k_max else None)
+        top_i = top_i.tolist() if k_max else None
+        decode = self.tokenizer.decode
+        for j, i in enumerate(asked):
+            k = rows[i].params.logprobs
+            top = [(decode([t]), t, v) for t, v in zip(top_i[j][:k], top_v[j][:k])] if k else []
+            out[i] = [TokenLogprob(decode([picked[i]]), picked[i], chosen[j], top)]
+        return out
 
     def _finish(
         self,
@@ -636,6 +660,7 @@ class LoRAEngine:
         delta: str = "",
         new_ids: list[int] | None = None,
         error: ServeAppError | None = None,
+        logprobs: list | None = None,
     ) -> bool:
         if req.done:
             return True
@@ -655,6 +680,7 @@ class LoRAEngine:
             RequestOutput(
                 req.request_id, delta, new_ids or [], finished=True, finish_reason=reason,
                 prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids), error=error,
+                logprobs=logprobs,
             ),
         )
         return True
@@ -765,6 +791,7 @@ def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
         finish_reason=last.finish_reason,
         prompt_tokens=last.prompt_tokens,
         completion_tokens=last.completion_tokens,
+        logprobs=None if all(o.logprobs is None for o in outs) else [lp for o in outs for lp in (o.logprobs or [])],
     )
 
 

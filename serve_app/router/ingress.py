@@ -36,7 +36,9 @@ from serve_app.api.protocol import (
     ChatCompletionResponseChoice,
     ChatCompletionResponseStreamChoice,
     ChatCompletionStreamResponse,
+    ChatLogprobs,
     ChatResponseMessage,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
     CompletionResponseChoice,
@@ -345,7 +347,11 @@ class Router:
         try:
             for attempt in range(REPLICA_RETRIES + 1):
                 try:
-                    async for out in self.streams.stream(self._handle(adapter_id, path, stream=False), path, req):
+                    if req.params.logprobs is not None:  # per-token data: the request's own stream, not a channel
+                        source = self._direct_stream(adapter_id, path, req)
+                    else:
+                        source = self.streams.stream(self._handle(adapter_id, path, stream=False), path, req)
+                    async for out in source:
                         if first:
                             metrics.TTFT.observe(time.perf_counter() - t0, tags={"path": path})
                             first = False
@@ -365,6 +371,13 @@ class Router:
             raise unwrap(e) from None
         finally:
             metrics.LATENCY.observe(time.perf_counter() - t0, tags={"path": path})
+
+    async def _direct_stream(self, adapter_id: str | None, path: str, req: GenerateRequest) -> AsyncIterator[StreamOutput]:
+        """One Serve message per engine step's output: for requests that need each token's data
+        (logprobs), which the channels (text only) do not carry."""
+        async for out in self._handle(adapter_id, path, stream=True).generate_stream.remote(req):
+            yield StreamOutput(out.text, out.finished, out.finish_reason, out.prompt_tokens, out.completion_tokens,
+                               out.logprobs)
 
     # ---- the API, for HTTP routes and Python handles alike --------------------------------------
 
@@ -462,7 +475,10 @@ class Router:
         return path, CompletionResponse(
             model=header or request.model,
             choices=[
-                CompletionResponseChoice(index=i, text=o.text, finish_reason=o.finish_reason)
+                CompletionResponseChoice(
+                    index=i, text=o.text, finish_reason=o.finish_reason,
+                    logprobs=None if o.logprobs is None else CompletionLogprobs.of(o.logprobs),
+                )
                 for i, o in enumerate(outs)
             ],
             usage=UsageInfo.of(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs)),
@@ -481,11 +497,15 @@ class Router:
                 self._generate_stream(adapter_id, path, GenerateRequest(params=cp, prompt=p, tenant=tenant))
                 for p in request.prompts() for cp in choices
             ]
+            sent: dict[int, int] = {}  # choice -> characters sent (logprobs' text_offset)
             async for i, out in _merge(streams):
-                if out.text or out.finished:
+                if out.text or out.finished or out.logprobs:
+                    lp = None if out.logprobs is None else CompletionLogprobs.of(out.logprobs, sent.get(i, 0))
+                    sent[i] = sent.get(i, 0) + len(out.text)
                     yield CompletionStreamResponse(
                         id=cid, model=model,
-                        choices=[CompletionResponseStreamChoice(index=i, text=out.text, finish_reason=out.finish_reason)],
+                        choices=[CompletionResponseStreamChoice(index=i, text=out.text, finish_reason=out.finish_reason,
+                                                                logprobs=lp)],
                     )
                 if out.finished:
                     usage[0] += out.prompt_tokens
@@ -513,7 +533,8 @@ class Router:
             model=header or request.model,
             choices=[
                 ChatCompletionResponseChoice(
-                    index=j, message=ChatResponseMessage(content=out.text), finish_reason=out.finish_reason
+                    index=j, message=ChatResponseMessage(content=out.text), finish_reason=out.finish_reason,
+                    logprobs=None if out.logprobs is None else ChatLogprobs.of(out.logprobs),
                 )
                 for j, out in enumerate(outs)
             ],
@@ -526,10 +547,13 @@ class Router:
         gen_requests = self._chat_requests(request, tenant or model)
         cid = random_id("chatcmpl")
 
-        def chunk(j: int, delta: DeltaMessage, finish_reason=None) -> ChatCompletionStreamResponse:
+        def chunk(j: int, delta: DeltaMessage, finish_reason=None, logprobs=None) -> ChatCompletionStreamResponse:
             return ChatCompletionStreamResponse(
                 id=cid, model=model,
-                choices=[ChatCompletionResponseStreamChoice(index=j, delta=delta, finish_reason=finish_reason)],
+                choices=[ChatCompletionResponseStreamChoice(
+                    index=j, delta=delta, finish_reason=finish_reason,
+                    logprobs=None if logprobs is None else ChatLogprobs.of(logprobs),
+                )],
             )
 
         async def chunks() -> AsyncIterator[ChatCompletionStreamResponse]:
@@ -541,10 +565,12 @@ class Router:
                     # OpenAI's first chunk of a choice carries the role; sent once it is accepted.
                     yield chunk(j, DeltaMessage(role="assistant", content=""))
                     started.add(j)
-                if out.text:
-                    yield chunk(j, DeltaMessage(content=out.text))
+                # A step whose text the detokenizer holds back (half a UTF-8 character) still sends its logprobs.
+                body = bool(out.text) or (bool(out.logprobs) and not out.finished)
+                if body:
+                    yield chunk(j, DeltaMessage(content=out.text), logprobs=out.logprobs)
                 if out.finished:
-                    yield chunk(j, DeltaMessage(), out.finish_reason)
+                    yield chunk(j, DeltaMessage(), out.finish_reason, logprobs=None if body else out.logprobs)
                     usage[0] += out.prompt_tokens
                     usage[1] += out.completion_tokens
             if request.include_usage:

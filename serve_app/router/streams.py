@@ -53,6 +53,7 @@ class StreamOutput:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    logprobs: list | None = None  # TokenLogprob entries of this chunk's tokens (api/wire.py), when asked
 
 
 class _Mailbox:

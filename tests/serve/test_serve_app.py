@@ -603,6 +603,43 @@ def test_n_choices_are_seeded_reproducible_and_counted(http, refs):
     assert payloads[-1]["usage"]["completion_tokens"] == 16
 
 
+def test_logprobs_over_http_streamed_equal_non_streamed(serve_env, http):
+    """Completions ``logprobs`` and chat ``logprobs``/``top_logprobs`` in OpenAI's shapes; the
+    streamed entries equal the non-streamed ones; the official client parses them."""
+    body = greedy("tenant-1", 10, prompt=PROMPTS[0], logprobs=2)
+    r = http.post(CMPL, json=body)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    lp = choice["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(lp["text_offset"]) == 10
+    assert all(v <= 0 for v in lp["token_logprobs"]) and lp["text_offset"] == sorted(lp["text_offset"])
+    for tok, v, top in zip(lp["tokens"], lp["token_logprobs"], lp["top_logprobs"]):
+        assert 1 <= len(top) <= 2 and max(top.values()) == pytest.approx(v, abs=1e-5), (tok, v, top)  # greedy: the top one
+    r, payloads, done = post_stream(http, CMPL, body)
+    assert r.status_code == 200 and done
+    toks, vals = [], []
+    for p in payloads:
+        for c in p["choices"]:
+            if c.get("logprobs"):
+                toks += c["logprobs"]["tokens"]
+                vals += c["logprobs"]["token_logprobs"]
+    assert toks == lp["tokens"] and vals == pytest.approx(lp["token_logprobs"], abs=1e-6)
+    assert r.status_code == 200 and http.post(CMPL, json={**body, "logprobs": None}).json()["choices"][0]["logprobs"] is None
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=serve_env.url + "/v1", api_key="unused", max_retries=0)
+    resp = client.chat.completions.create(model="tenant-1", messages=MSGS, max_tokens=6, temperature=0,
+                                          logprobs=True, top_logprobs=3, extra_body={"ignore_eos": True})
+    content = resp.choices[0].logprobs.content
+    assert len(content) == 6 and all(len(t.top_logprobs) == 3 and t.logprob <= 0 for t in content)
+    assert all(t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-5) for t in content)
+    stream = client.chat.completions.create(model="tenant-1", messages=MSGS, max_tokens=6, temperature=0,
+                                            logprobs=True, top_logprobs=3, stream=True, extra_body={"ignore_eos": True})
+    streamed = [t for ch in stream for c in ch.choices if c.logprobs and c.logprobs.content for t in c.logprobs.content]
+    assert [(t.token, round(t.logprob, 5)) for t in streamed] == [(t.token, round(t.logprob, 5)) for t in content]
+
+
 def test_server_still_serves_after_errors(http, refs):
     r = http.post(CMPL, json=greedy("tenant-1", 5, prompt=PROMPTS[2]))
     assert r.status_code == 200, r.text

@@ -82,8 +82,8 @@ def _error_of(make, **kw) -> dict:
         (_completion, {"stop_token_ids": [-1]}, "stop_token_ids: token IDs must be >= 0", "stop_token_ids"),
         (_completion, {"seed": 2**64}, "seed: must be an integer in [-9223372036854775808, 9223372036854775807]", "seed"),
         (_completion, {"echo": True}, "echo: not supported", "echo"),
-        (_completion, {"logprobs": 1}, "logprobs: not supported", "logprobs"),
-        (_completion, {"logprobs": 0}, "logprobs: not supported", "logprobs"),
+        (_completion, {"logprobs": 21}, "logprobs: must be an integer in [0, 20] (got 21)", "logprobs"),
+        (_completion, {"logprobs": -1}, "logprobs: must be an integer in [0, 20] (got -1)", "logprobs"),
         (_completion, {"presence_penalty": -2.5}, "presence_penalty: must be a number in [-2, 2] (got -2.5)", "presence_penalty"),
         (_completion, {"frequency_penalty": 3}, "frequency_penalty: must be a number in [-2, 2] (got 3)", "frequency_penalty"),
         (_completion, {"repetition_penalty": 0}, "repetition_penalty: must be a number in [0.01, 10] (got 0)", "repetition_penalty"),
@@ -114,8 +114,8 @@ def _error_of(make, **kw) -> dict:
         (_chat, {"max_completion_tokens": 0}, "max_completion_tokens: must be an integer in [1, 2147483647] (got 0)", "max_completion_tokens"),
         (_chat, {"max_tokens": 5, "max_completion_tokens": 6}, "disagree (5 vs 6); set only one", None),
         (_chat, {"n": 200}, "n: must be an integer in [1, 128] (got 200)", "n"),
-        (_chat, {"logprobs": True}, "logprobs: not supported", "logprobs"),
-        (_chat, {"top_logprobs": 3}, "top_logprobs: not supported", "top_logprobs"),
+        (_chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs: must be an integer in [0, 20] (got 21)", "top_logprobs"),
+        (_chat, {"top_logprobs": 3}, "top_logprobs needs logprobs set to true", None),
         (_chat, {"response_format": {"type": "json_object"}}, "response_format: only", None),
         (_chat, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools: not supported", None),
         (_chat, {"stream_options": {"include_usage": True}}, "stream_options is only allowed when stream is true", None),
@@ -207,6 +207,11 @@ def test_null_means_default_and_unknown_fields_are_ignored():
     assert not hasattr(req, "some_vendor_knob")
     assert _chat(response_format={"type": "text"}, tools=[], logprobs=False, top_logprobs=0).n == 1
     assert _completion(min_tokens=64, max_tokens=64, ignore_eos=True).ignore_eos
+    assert _completion(logprobs=3).to_sampling_params(16).logprobs == 3
+    assert _completion().to_sampling_params(16).logprobs is None
+    assert _chat(logprobs=True, top_logprobs=4).to_sampling_params(16).logprobs == 4
+    assert _chat(logprobs=True).to_sampling_params(16).logprobs == 0
+    assert _chat(logprobs=False, top_logprobs=0).to_sampling_params(16).logprobs is None
     # Supported since the logits processors: accepted and passed on (tests/unit/test_logits_processors.py).
     p = _completion(presence_penalty=0.5, frequency_penalty=-1, logit_bias={"5": 10}, min_tokens=8,
                     max_tokens=16).to_sampling_params(16)

@@ -189,6 +189,7 @@ class LoRAEngine:
         self.runner = self._make_runner()
         self.lora = LoRAManager(self.base_shape, dtype=self.dtype, device=self.device)
         self.vocab_size = model.config.vocab_size
+        self._token_texts: dict[int, str] = {}  # token id -> its text alone (logprobs), filled as seen
         self.eos_ids = self._eos_ids()
         logger.info(
             "engine ready in %.1fs: %s on %s (%s%s), max_model_len=%d",
@@ -599,16 +600,15 @@ class LoRAEngine:
 
     def _append_tokens(self, rows: list[Request], logits: torch.Tensor, lora: LoRABatch | None = None) -> None:
         asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        raw_lp = None
+        raw = None
         if asked:  # raw model logprobs, before penalties and temperature (vLLM's default)
-            with torch.inference_mode():
-                raw_lp = torch.log_softmax(logits[torch.tensor(asked, device=logits.device)].float(), dim=-1)
+            raw = logits[torch.tensor(asked, device=logits.device)].float()  # [A, vocab], a copy
         processed = [LogitsRow(i, r.params, r.prompt_ids, r.output_ids, r.stop_ids)
                      for i, r in enumerate(rows) if r.params.processes_logits]
         failed = apply_logits_processors(logits, processed) if processed else {}
         picked, errors = sample(logits, [r.params for r in rows], [r.generator for r in rows])
         errors.update(failed)
-        token_lp = self._token_logprobs(asked, raw_lp, rows, picked) if asked else {}
+        token_lp = self._token_logprobs(asked, raw, rows, picked) if asked else {}
         if lora is not None and lora.poisoned:
             for i, req in enumerate(rows):
                 if req.adapter is not None and req.adapter.load_id in lora.poisoned:
@@ -638,20 +638,31 @@ class LoRAEngine:
             else:
                 self._emit(req, RequestOutput(req.request_id, delta, [token], logprobs=lp))
 
-    def _token_logprobs(self, asked: list[int], raw_lp, rows: list[Request], picked: list[int]) -> dict:
-        """Row index -> [TokenLogprob] of its sampled token: its logprob and its top-k alternatives."""
+    def _token_logprobs(self, asked: list[int], raw, rows: list[Request], picked: list[int]) -> dict:
+        """Row index -> [TokenLogprob] of its sampled token: its logprob and its top-k alternatives.
+        ``raw``: [A, vocab] raw logits of the rows that asked; logprob = logit - logsumexp (no
+        [A, vocab] log-softmax is written)."""
         out = {}
         k_max = max(rows[i].params.logprobs for i in asked)
-        top_v, top_i = (raw_lp.topk(k_max, dim=-1) if k_max else (None, None))  # [A, k_max]
-        chosen = raw_lp.gather(1, torch.tensor([[picked[i]] for i in asked], device=raw_lp.device))[:, 0]  # [A]
-        chosen, top_v = chosen.tolist(), (top_v.tolist() if k_max else None)
-        top_i = top_i.tolist() if k_max else None
-        decode = self.tokenizer.decode
+        lse = torch.logsumexp(raw, dim=-1, keepdim=True)  # [A, 1]
+        chosen = (raw.gather(1, torch.tensor([[picked[i]] for i in asked], device=raw.device)) - lse)[:, 0].tolist()
+        top_v = top_i = None
+        if k_max:
+            top_v, top_i = raw.topk(k_max, dim=-1)  # [A, k_max]
+            top_v, top_i = (top_v - lse).tolist(), top_i.tolist()
+        decode = self._token_text
         for j, i in enumerate(asked):
             k = rows[i].params.logprobs
-            top = [(decode([t]), t, v) for t, v in zip(top_i[j][:k], top_v[j][:k])] if k else []
-            out[i] = [TokenLogprob(decode([picked[i]]), picked[i], chosen[j], top)]
+            top = [(decode(t), t, v) for t, v in zip(top_i[j][:k], top_v[j][:k])] if k else []
+            out[i] = [TokenLogprob(decode(picked[i]), picked[i], chosen[j], top)]
         return out
+
+    def _token_text(self, token_id: int) -> str:
+        """One token decoded on its own (logprobs' token strings), cached: it never changes."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def _finish(
         self,

@@ -108,9 +108,12 @@ def apply_logits_processors(logits: torch.Tensor, rows: list[LogitsRow]) -> dict
         return errors
 
 
-def _padded(seqs: list[list[int]], pad: int, device) -> torch.Tensor:
+def _padded(seqs: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """([S, W] long ids, each row padded with its own first id (or 0), [S, W] bool: real)."""
     width = max(1, max(len(q) for q in seqs))
-    return torch.tensor([q + [pad] * (width - len(q)) for q in seqs], dtype=torch.long, device=device)  # [S, W]
+    ids = torch.tensor([q + [q[0] if q else 0] * (width - len(q)) for q in seqs], dtype=torch.long, device=device)
+    lens = torch.tensor([len(q) for q in seqs], device=device)
+    return ids, torch.arange(width, device=device)[None, :] < lens[:, None]
 
 
 @torch.inference_mode()  # the step's logits are inference tensors: written in place only under it
@@ -124,29 +127,31 @@ def _apply(logits: torch.Tensor, rows: list[LogitsRow]) -> None:
 
 
 def _processors(logits: torch.Tensor, rows: list[LogitsRow]) -> None:
-    """``logits`` [S, vocab]: row j is ``rows[j]``'s."""
+    """``logits`` [S, vocab]: row j is ``rows[j]``'s. Sparse: each op touches only the tokens a
+    row has seen (gather, change, scatter back), never a [S, vocab] mask."""
     device, vocab = logits.device, logits.shape[-1]
     pos = {id(r): j for j, r in enumerate(rows)}
     rep = [r for r in rows if r.params.repetition_penalty != 1.0]
     if rep:
         idx = torch.tensor([pos[id(r)] for r in rep], device=device)
-        # [S, vocab + 1]: column ``vocab`` takes the padding and is dropped.
-        seen = torch.zeros(len(rep), vocab + 1, dtype=torch.bool, device=device)
-        seen.scatter_(1, _padded([r.prompt_ids + r.output_ids for r in rep], vocab, device), True)
-        seen = seen[:, :vocab]
+        seen, _ = _padded([r.prompt_ids + r.output_ids for r in rep], device)  # [R, W]; pads repeat a seen id
+        sub = logits[idx]  # [R, vocab]
+        vals = sub.gather(1, seen)  # [R, W]
         pen = torch.tensor([r.params.repetition_penalty for r in rep], dtype=logits.dtype, device=device)[:, None]
-        sub = logits[idx]  # [S, vocab]
-        logits[idx] = torch.where(seen, torch.where(sub > 0, sub / pen, sub * pen), sub)
+        # Each seen token once, whatever its count: duplicates write the same value.
+        sub.scatter_(1, seen, torch.where(vals > 0, vals / pen, vals * pen))
+        logits[idx] = sub
     fp = [r for r in rows if (r.params.frequency_penalty or r.params.presence_penalty) and r.output_ids]
     if fp:
         idx = torch.tensor([pos[id(r)] for r in fp], device=device)
-        counts = torch.zeros(len(fp), vocab + 1, dtype=logits.dtype, device=device)
-        out = _padded([r.output_ids for r in fp], vocab, device)  # [S, W]
-        counts.scatter_add_(1, out, torch.ones_like(out, dtype=logits.dtype))
-        counts = counts[:, :vocab]
+        sub = logits[idx]  # [F, vocab]
+        out, real = _padded([r.output_ids for r in fp], device)  # [F, W]
         freq = torch.tensor([r.params.frequency_penalty for r in fp], dtype=logits.dtype, device=device)[:, None]
+        sub.scatter_add_(1, out, -freq * real.to(logits.dtype))  # once per occurrence: frequency * count
+        uniq, _ = _padded([list(dict.fromkeys(r.output_ids)) for r in fp], device)  # [F, U]
         pres = torch.tensor([r.params.presence_penalty for r in fp], dtype=logits.dtype, device=device)[:, None]
-        logits[idx] -= freq * counts + pres * (counts > 0).to(logits.dtype)
+        sub.scatter_(1, uniq, sub.gather(1, uniq) - pres)  # once per distinct token: presence
+        logits[idx] = sub
     bias_rows, bias_toks, bias_vals = [], [], []
     for j, r in enumerate(rows):
         for tok, b in r.params.logit_bias.items():

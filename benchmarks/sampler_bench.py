@@ -1,0 +1,72 @@
+"""What the per-row sampler features cost: logprobs and logits processors on W1, in one run.
+
+W1 (64 prompts x 32 tokens, 64 new, 8 adapters round-robin, all in flight) through the engine
+(``generate_batch``, torch_threads 2), once per variant, interleaved over ``--reps`` rounds after a
+warm-up; median tok/s and the ratio to the plain row. Variants: plain greedy; ``logprobs=5`` on
+every row; ``repetition_penalty`` + ``frequency_penalty`` + a 16-entry ``logit_bias`` on every
+row; both. The issue's target: logprobs=5 on every row costs <= 10% tok/s.
+
+    python -m benchmarks.sampler_bench --reps 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+from benchmarks.engine_bench import SEED, make_prompts, quiet_libraries
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    args = ap.parse_args()
+    quiet_libraries()
+
+    from serve_app.api.sampling_params import SamplingParams
+    from serve_app.demo import build_demo_assets
+    from serve_app.engine.config import EngineConfig
+    from serve_app.engine.engine import LoRAEngine
+
+    assets = build_demo_assets()
+    ids = list(assets.adapter_ids)
+    eng = LoRAEngine(EngineConfig(model=str(assets.base), torch_threads=2, max_num_seqs=64))
+    for aid in ids:
+        eng.load_adapter(aid, str(assets.adapters_dir / aid))
+    prompts = make_prompts(64, 32, eng.vocab_size, SEED)
+    n = args.new_tokens
+    base = dict(max_tokens=n, temperature=0.0, ignore_eos=True)
+    procs = dict(repetition_penalty=1.1, frequency_penalty=0.2, logit_bias={t: -1.0 for t in range(100, 116)})
+    variants = {
+        "plain greedy": SamplingParams(**base),
+        "logprobs=5 on every row": SamplingParams(**base, logprobs=5),
+        "penalties + logit_bias on every row": SamplingParams(**base, **procs),
+        "both": SamplingParams(**base, **procs, logprobs=5),
+    }
+
+    def run(params) -> float:
+        t = time.perf_counter()
+        outs = eng.generate_batch([(p, params, ids[i % len(ids)]) for i, p in enumerate(prompts)])
+        assert all(len(o.token_ids) == n for o in outs)
+        return len(prompts) * n / (time.perf_counter() - t)
+
+    for params in variants.values():  # warm-up
+        run(params)
+    tps: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.reps):
+        for name, params in variants.items():
+            tps[name].append(run(params))
+    eng.shutdown()
+    plain = statistics.median(tps["plain greedy"])
+    print(f"== sampler_bench: W1 engine, 64 x 32 in / {n} out, 8 adapters round-robin; median of {args.reps}")
+    for name, xs in tps.items():
+        m = statistics.median(xs)
+        print(f"  {name:<38} {m:>7,.0f} tok/s  {m / plain:.2f}x")
+    lp = statistics.median(tps["logprobs=5 on every row"]) / plain
+    print(f"Target: logprobs=5 on every row >= 0.90x plain: {lp:.2f}x {'OK' if lp >= 0.90 else 'MISS'}")
+
+
+if __name__ == "__main__":
+    main()

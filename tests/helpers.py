@@ -56,6 +56,26 @@ def reference_greedy(model, prompt_ids: list[int], max_new_tokens: int) -> list[
 
 
 @torch.inference_mode()
+def reference_steps(model, prompt_ids: list[int], max_new_tokens: int, procs=None, stops=()) -> list[tuple[int, torch.Tensor]]:
+    """Plain-transformers greedy decoding on the scores as ``procs`` (a transformers
+    LogitsProcessorList, or None) leave them, ending after a token in ``stops``: per step, the
+    token and the step's raw logits [vocab]."""
+    ids = list(prompt_ids)
+    out = model(input_ids=torch.tensor([ids]), use_cache=True)
+    steps = []
+    for _ in range(max_new_tokens):
+        raw = out.logits[0, -1].float()
+        scores = procs(torch.tensor([ids]), raw[None].clone())[0] if procs else raw
+        token = int(scores.argmax())
+        steps.append((token, raw))
+        ids.append(token)
+        if token in stops:
+            break
+        out = model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+    return steps
+
+
+@torch.inference_mode()
 def reference_logits(model, prompt_ids: list[int]) -> torch.Tensor:
     return model(input_ids=torch.tensor([prompt_ids])).logits[0, -1].float()
 

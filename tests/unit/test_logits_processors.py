@@ -26,7 +26,7 @@ from serve_app.engine.config import EngineConfig
 from serve_app.engine.engine import LoRAEngine
 from serve_app.engine.sampling import LogitsRow, apply_logits_processors
 from serve_app.errors import InvalidRequestError
-from tests.helpers import peft_model
+from tests.helpers import peft_model, reference_steps
 
 VOCAB = 512
 
@@ -100,22 +100,6 @@ def test_a_row_whose_processing_breaks_fails_alone():
     assert torch.equal(logits[2], before[2])
 
 
-@torch.inference_mode()
-def reference_processed_greedy(model, prompt: list[int], n: int, procs: LogitsProcessorList, eos: set[int]) -> list[int]:
-    """Plain-transformers greedy decoding with ``procs`` on each step's scores; stops at EOS."""
-    ids = list(prompt)
-    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
-    tokens: list[int] = []
-    for _ in range(n):
-        scores = procs(torch.tensor([ids]), out.logits[:, -1].float().clone())
-        tokens.append(int(scores[0].argmax()))
-        ids.append(tokens[-1])
-        if tokens[-1] in eos:
-            break
-        out = model(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-    return tokens
-
-
 @pytest.fixture(scope="module")
 def engine(tiny_assets):
     eng = LoRAEngine(EngineConfig(model=str(tiny_assets.base), max_lora_rank=32, max_num_seqs=16))
@@ -148,10 +132,10 @@ def test_engine_greedy_with_processors_equals_transformers_in_a_mixed_batch(engi
     for (aid, params), prompt, out in zip(cases, prompts, outs):
         model = peft_model(tiny_assets.base, None if aid is None else tiny_assets.adapters_dir / aid)
         stops = set() if params.ignore_eos else set(eos)
-        want = reference_processed_greedy(model, prompt, n, hf_processors(params, len(prompt), eos), stops)
+        want = [t for t, _ in reference_steps(model, prompt, n, hf_processors(params, len(prompt), eos), stops)]
         assert out.token_ids == want, f"{aid} {params}: {out.token_ids} != transformers {want}"
         if params.processes_logits:  # the case is a real one: without the processors the output differs
-            plain = reference_processed_greedy(model, prompt, n, LogitsProcessorList(), stops)
+            plain = [t for t, _ in reference_steps(model, prompt, n, None, stops)]
             assert plain != want, f"{params} does not change this prompt's greedy output"
     last = outs[-1]
     assert len(last.token_ids) == 6 and last.token_ids[-1] == eos[0] and last.finish_reason == "stop"

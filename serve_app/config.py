@@ -24,8 +24,9 @@ __all__ = ["LORA_TARGET_KINDS", "AppConfig", "AuthConfig", "EngineConfig", "Limi
 
 class AppConfig(EngineArgs):
     """Arguments of ``build_app`` (serve_config.yaml's ``args``); the engine's shared fields
-    (dtype, quantization, max_lora_rank, max_num_seqs, max_model_len, max_num_batched_tokens)
-    and their checks come from ``EngineArgs``."""
+    (dtype, quantization, max_lora_rank, max_num_seqs, max_model_len, max_num_batched_tokens,
+    the KV cache's block_size / kv_cache_memory_* / enable_prefix_caching) and their checks come
+    from ``EngineArgs``."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -136,12 +137,7 @@ class AppConfig(EngineArgs):
         cpus = self.lora_num_cpus if num_cpus is None else num_cpus
         return EngineConfig(
             model=base_path,
-            dtype=self.dtype,
-            quantization=self.quantization,
-            max_lora_rank=self.max_lora_rank,
-            max_num_seqs=self.max_num_seqs,
-            max_model_len=self.max_model_len,
-            max_num_batched_tokens=self.max_num_batched_tokens,
+            **self.model_dump(include=set(EngineArgs.model_fields)),
             torch_threads=self.torch_threads or max(1, math.ceil(cpus)),
             max_adapter_bytes=self.store.max_adapter_bytes,
         )

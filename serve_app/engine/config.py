@@ -51,6 +51,29 @@ class EngineArgs(BaseModel):
         "at least max_num_seqs.",
     )
 
+    block_size: int = Field(
+        default=16, ge=1, le=1024,
+        description="Tokens per KV-cache block. Memory is handed out in blocks, so a sequence wastes at "
+        "most one partly filled block; the prefix cache shares whole blocks.",
+    )
+    kv_cache_memory_bytes: int | None = Field(
+        default=None, ge=1,
+        description="Size of the KV-cache pool in bytes (the log says how many tokens it holds). Default: "
+        "on CUDA, kv_cache_memory_fraction of the device memory free after loading; on CPU, room for "
+        "max_num_seqs x 512 tokens (at least max_model_len).",
+    )
+    kv_cache_memory_fraction: float = Field(
+        default=0.6, gt=0, le=0.95,
+        description="On CUDA without kv_cache_memory_bytes: the share of the device memory free after the "
+        "base model is loaded that goes to the KV pool; the rest is left for activations and adapters.",
+    )
+    enable_prefix_caching: bool = Field(
+        default=True,
+        description="Reuse the KV of full blocks of an earlier prompt that starts the same way under the same "
+        "adapter version (a tenant's shared system prompt is computed once). Never shared across adapters, "
+        "versions, or with the base model.",
+    )
+
     @model_validator(mode="after")
     def _check_engine_args(self) -> "EngineArgs":
         if self.quantization != "none" and self.dtype == "float16":

@@ -1,16 +1,24 @@
 """The engine: one base model, many adapters, one iteration-level batching loop.
 
-A background thread owns the model. Each iteration it admits waiting requests (prefill, in
-one padded batch), then runs one decode step for every running sequence, whatever adapter
-each uses. A request joins at the next iteration and leaves the moment it finishes; its slot
-is refilled by compaction. Outputs go back per step: to asyncio queues (one wake-up per event
-loop per step, not per token) or to plain callbacks.
+A background thread owns the model. Each iteration schedules one step within a token budget
+(``max_num_batched_tokens``): one token for every decoding sequence first, whatever adapter
+each uses, then the rest of prompts being prefilled in chunks, then new prompts; all of it is
+one forward. A request joins at the next iteration and leaves the moment it finishes. Outputs
+go back per step: to asyncio queues (one wake-up per event loop per step, not per token) or to
+plain callbacks.
+
+KV memory is paged (kv_cache.py): a sequence takes blocks as it grows and a new request starts
+from the blocks of its longest cached prefix (same adapter version only). When the pool runs
+out, the newest running sequence is preempted: its blocks are freed and it waits at the head
+of its tenant's queue, to be recomputed from its prompt and the tokens it already produced
+(its output so far is kept and never re-sent). A request is never failed for lack of KV
+memory; one that could never fit is refused with a 400 when it arrives.
 
 Fair admission: when more requests wait than the batch has free rows, they are admitted
 round-robin across tenants (adapter IDs; the base model counts as one tenant), FIFO within a
 tenant (``FairQueue``). One tenant's 100 queued requests then delay another tenant's single
-request by one admission, not by 100. Running rows are never preempted; every running row gets
-one token per decode step, whoever owns it.
+request by one admission, not by 100. Every running row gets one token per step, whoever owns
+it.
 
 Why our own loop and not transformers' continuous-batching manager: on the shared workload
 the manager ran at 0.42-0.46x of a plain batched ``generate`` (design/WORKLOAD.md); this loop
@@ -38,7 +46,8 @@ from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenizer import TextAssembler
 from serve_app.engine.lora_manager import LoRABatch, LoRAManager, ResidentAdapter
 from serve_app.engine.lora_weights import AdapterSpec, LoRAWeights, load_adapter_tensors, parse_adapter_config
-from serve_app.engine.model import ModelRunner, base_shape, load_base_model, wrap_lora_layers
+from serve_app.engine.kv_cache import ROOT
+from serve_app.engine.model import ModelRunner, SeqChunk, base_shape, load_base_model, wrap_lora_layers
 from serve_app.engine.lora_layers import LoRAContext
 from serve_app.api.wire import RequestOutput, TokenLogprob
 from serve_app.engine.sampling import LogitsRow, SamplingParams, apply_logits_processors, sample
@@ -79,11 +88,29 @@ class Request:
     stop_ids: frozenset[int]
     generator: torch.Generator | None = None
     tenant: str | None = None  # fair-admission key; None: the adapter ID
-    prefilled: int = 0  # prompt tokens already in the KV cache (chunked prefill)
+    cache_key: tuple[str, int] | None = None  # prefix-cache key: (adapter id@vN, load id); None: base
     output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens (prompt, then output) whose KV is in ``blocks``
+    blocks: list[int] = field(default_factory=list)  # block table
+    nodes: list[int] = field(default_factory=list)  # prefix-cache keys of its full blocks, in order
+    running: bool = False  # holds blocks and is scheduled each step
+    preemptions: int = 0
     aborted: bool = False
     done: bool = False
     arrival: float = field(default_factory=time.monotonic)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    def tokens(self, a: int, b: int) -> list[int]:
+        """Tokens ``a:b`` of prompt + output, without building the whole list."""
+        p = len(self.prompt_ids)
+        if b <= p:
+            return self.prompt_ids[a:b]
+        if a >= p:
+            return self.output_ids[a - p : b - p]
+        return self.prompt_ids[a:] + self.output_ids[: b - p]
 
 
 class FairQueue:
@@ -111,6 +138,15 @@ class FairQueue:
         if q is None:
             q = self._queues[k] = deque()
         q.append(req)
+        self._len += 1
+
+    def appendleft(self, req: Request) -> None:
+        """Put a preempted request back first: the head of its tenant's queue, its tenant next."""
+        q = self._queues.get(k := self.key(req))
+        if q is None:
+            q = self._queues[k] = deque()
+        q.appendleft(req)
+        self._queues.move_to_end(k, last=False)
         self._len += 1
 
     def peek(self) -> Request:
@@ -159,9 +195,8 @@ class LoRAEngine:
         self.config = config
         self._cv = threading.Condition()
         self._waiting = FairQueue()  # round-robin across tenants (see FairQueue)
-        self._running: list[Request] = []  # decoding; index == KV-cache slot
-        self._partial: Request | None = None  # a long prompt being prefilled in chunks (last slot)
-        self._chunk_take = 0  # prompt tokens of ``_partial`` this step's forward prefills
+        self._running: list[Request] = []  # holding KV blocks, oldest first (decoding or mid-prefill)
+        self.preemptions = 0
         self._tasks: deque[tuple[Callable, tuple, Future]] = deque()  # run on the engine thread
         self._outbox: list[tuple[Request, RequestOutput]] = []
         self._stopped = False
@@ -218,10 +253,28 @@ class LoRAEngine:
             self._cv.notify()
         return fut.result()
 
-    def _make_runner(self):
-        return ModelRunner(
-            self.model, max_num_seqs=self.config.max_num_seqs, max_model_len=self.max_model_len, ctx=self._ctx
+    def _make_runner(self) -> ModelRunner:
+        cfg = self.config
+        per_token = ModelRunner.bytes_per_token(self.model, self.dtype)
+        budget = cfg.kv_cache_memory_bytes
+        if budget is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = int(free * cfg.kv_cache_memory_fraction)
+        elif budget is None:  # CPU: what the dense cache this replaced held at its usual size
+            budget = per_token * max(cfg.max_num_seqs * min(512, self.max_model_len), self.max_model_len)
+        num_blocks = budget // (per_token * cfg.block_size)
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory_bytes {budget} holds no block of {cfg.block_size} tokens "
+                f"({per_token * cfg.block_size} bytes for this model); raise kv_cache_memory_bytes"
+            )
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%d bytes per token); prefix caching %s",
+            num_blocks, cfg.block_size, num_blocks * cfg.block_size, num_blocks * cfg.block_size * per_token / 2**20,
+            per_token, "on" if cfg.enable_prefix_caching else "off",
         )
+        return ModelRunner(self.model, num_blocks=num_blocks, block_size=cfg.block_size,
+                           max_model_len=self.max_model_len, ctx=self._ctx, prefix_caching=cfg.enable_prefix_caching)
 
     def _eos_ids(self) -> frozenset[int]:
         ids = set()
@@ -311,6 +364,13 @@ class LoRAEngine:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) is more than "
                 f"max_model_len {self.max_model_len}; shorten the prompt or lower max_tokens"
             )
+        pool = self.runner.blocks if self.runner is not None else None  # None: generate() keeps its own cache
+        if pool is not None and pool.blocks_for(len(prompt_ids) + params.max_tokens) > pool.num_blocks:
+            raise InvalidRequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) needs more KV memory than "
+                f"this replica has ({pool.num_blocks} blocks of {pool.block_size} tokens = "
+                f"{pool.num_blocks * pool.block_size} tokens); shorten the prompt or lower max_tokens"
+            )
         bad = self._out_of_vocab(params.logit_bias)
         if bad:
             raise InvalidRequestError(
@@ -331,6 +391,7 @@ class LoRAEngine:
             stop_ids=stop_ids,
             generator=generator,
             tenant=tenant,
+            cache_key=None if resident is None else (resident.adapter_id, resident.load_id),
         )
         with self._cv:
             if self._stopped:
@@ -419,14 +480,18 @@ class LoRAEngine:
 
     def stats(self) -> dict:
         with self._cv:
+            prefilling = sum(1 for r in self._running if r.length - r.num_computed > 1)
             return {
-                "running": len(self._running),
-                "prefilling": int(self._partial is not None),
+                "running": len(self._running) - prefilling,
+                "prefilling": prefilling,
                 "waiting": len(self._waiting),
                 "waiting_tenants": self._waiting.tenants(),
                 "steps": self.steps,
                 "generated_tokens": self.generated_tokens,
                 "lora": self.lora.stats(),
+                **({} if self.runner is None else {"kv": {
+                    **self.runner.blocks.stats(), "preemptions": self.preemptions,
+                    "decode_reads": dict(self.runner.decode_paths)}}),
             }
 
     def is_alive(self) -> bool:
@@ -453,146 +518,170 @@ class LoRAEngine:
     def _loop(self) -> None:
         while True:
             with self._cv:
-                while (not self._stopped and not self._waiting and not self._running and self._partial is None
-                       and not self._tasks):
+                while not self._stopped and not self._waiting and not self._running and not self._tasks:
                     self._cv.wait()
                 if self._stopped:
                     break
                 tasks = list(self._tasks)
                 self._tasks.clear()
-                admitted = self._admit_waiting()
             for fn, args, fut in tasks:
                 try:
                     fut.set_result(fn(*args))
                 except BaseException as e:
                     fut.set_exception(e)
+            with self._cv:
+                sched = self._schedule()
             try:
-                self._step(admitted)
+                self._step(sched)
             except Exception as e:  # a bug or OOM must fail these requests, not kill the loop
-                logger.exception("engine step failed; failing %d requests", len(self._running) + len(admitted))
+                logger.exception("engine step failed; failing %d requests", len(self._running))
                 # The client gets a generic message; the details are in the log above.
                 err = e if isinstance(e, ServeAppError) else EngineError("engine step failed; see the replica log")
-                for req in {*self._running, *admitted, *([self._partial] if self._partial else [])}:
+                for req in list(self._running):
                     if not req.done:
                         self._finish(req, None, error=err)
                 self._running = []
-                self._partial = None
             self._flush()
         # Shutting down: nothing more will run.
         for _, _, fut in self._tasks:
             fut.set_exception(EngineError("engine shut down"))
-        for req in [*self._running, *self._waiting, *([self._partial] if self._partial else [])]:
+        for req in [*self._running, *self._waiting]:
             if not req.done:
                 self._finish(req, None, error=EngineError("engine shut down"))
         self._flush()
 
-    def _admit_waiting(self) -> list[Request]:
-        """Pick this step's new prompts (called under the lock): the per-step token budget.
+    def _schedule(self) -> list[tuple[Request, int]]:
+        """This step's work, ``(request, tokens to compute)``, decode rows first (under the lock).
 
-        Decode rows come first (one token each), then the prompt being chunked continues, then
-        waiting prompts (fair order) are admitted whole while they fit in what is left of
-        ``max_num_batched_tokens``. The first one that does not fit starts a chunked prefill
-        if none is running: a long prompt is spread over steps while every running row keeps
-        getting a token per step, so one tenant's long prompt never stalls the others.
+        The per-step token budget (``max_num_batched_tokens``): one token for each decoding
+        row, then more of each prompt being prefilled in chunks, then waiting prompts (fair
+        order), whole while they fit and the first one that does not in chunks. A long prompt is
+        spread over steps while every running row keeps getting a token per step, so one
+        tenant's long prompt never stalls the others. A row that needs a block when the pool is
+        empty takes one from the newest running row not yet scheduled (preemption); when there
+        is none, it is preempted itself.
         """
         cfg = self.config
-        budget = cfg.max_num_batched_tokens - len(self._running)
-        p = self._partial
-        self._chunk_take = 0
-        if p is not None:
-            self._chunk_take = min(len(p.prompt_ids) - p.prefilled, max(budget, 0))
-            budget -= self._chunk_take
-        room = cfg.max_num_seqs - len(self._running) - (p is not None)
-        admitted: list[Request] = []
-        while self._waiting and len(admitted) < room and budget > 0:
-            n = len(self._waiting.peek().prompt_ids)
-            if n <= budget:
-                admitted.append(self._waiting.popleft())
-                budget -= n
-            elif self._partial is None and budget >= _MIN_CHUNK:
-                self._partial = self._waiting.popleft()
-                self._chunk_take = budget
-                break
-            else:
-                break
-        return admitted
-
-    def _step(self, admitted: list[Request]) -> None:
+        pool = self.runner.blocks
         for req in self._running:
             if req.aborted and not req.done:
                 self._finish(req, "abort")
-        p = self._partial
-        if p is not None and p.aborted:
-            self._finish(p, "abort")
-            self._partial = p = None
-        admitted = [r for r in admitted if not (r.aborted and self._finish(r, "abort"))]
-        self._compact()
-        take = self._chunk_take if p is not None else 0
-        if self._running or admitted or take:
-            rows = list(self._running)
+        self._running = [r for r in self._running if not r.done]
+        budget = cfg.max_num_batched_tokens
+        sched: dict[Request, int] = {}
+        decoding = [r for r in self._running if r.length - r.num_computed == 1]
+        prefilling = [r for r in self._running if r.length - r.num_computed > 1]
+        for req in [*decoding, *prefilling]:
+            if budget <= 0:
+                break
+            if not req.running:  # preempted by a row before it
+                continue
+            take = min(req.length - req.num_computed, budget)
+            if self._grow(req, take, sched):
+                sched[req] = take
+                budget -= take
+            else:
+                self._preempt(req)
+        watermark = max(1, pool.num_blocks // 100)  # left free for the running rows' next blocks
+        while self._waiting and len(self._running) < cfg.max_num_seqs and budget > 0:
+            req = self._waiting.peek()
+            if req.aborted:
+                self._finish(self._waiting.popleft(), "abort")
+                continue
+            limit = req.length - 1  # at least one token is computed: its logits are the next token's
+            hits, nodes = pool.lookup(req.cache_key, req.tokens(0, limit), limit)
+            computed = len(hits) * pool.block_size
+            remaining = req.length - computed
+            take = min(remaining, budget)
+            need = pool.blocks_for(computed + take) - len(hits)
+            if (take < remaining and take < _MIN_CHUNK) or need > pool.num_free - (watermark if self._running else 0):
+                pool.free(hits)
+                break
+            self._waiting.popleft()
+            pool.prefix.add(req.cache_key and req.cache_key[0], limit // pool.block_size * pool.block_size, computed)
+            req.blocks = hits + [pool.allocate() for _ in range(need)]
+            req.nodes, req.num_computed, req.running = nodes, computed, True
+            self._running.append(req)
+            sched[req] = take
+            budget -= take
+        return list(sched.items())
+
+    def _grow(self, req: Request, take: int, sched: dict) -> bool:
+        """Give ``req`` the blocks for ``take`` more tokens, preempting newer unscheduled rows."""
+        pool = self.runner.blocks
+        need = pool.blocks_for(req.num_computed + take) - len(req.blocks)
+        while need > 0:
+            block = pool.allocate()
+            if block is None:
+                victim = next((r for r in reversed(self._running) if r is not req and r not in sched), None)
+                if victim is None:
+                    return False
+                self._preempt(victim)
+                continue
+            req.blocks.append(block)
+            need -= 1
+        return True
+
+    def _preempt(self, req: Request) -> None:
+        """Free a running row's blocks; it waits first in line and is recomputed when readmitted."""
+        self.runner.blocks.free(req.blocks)
+        req.blocks, req.nodes, req.num_computed, req.running = [], [], 0, False
+        self._running.remove(req)
+        self._waiting.appendleft(req)
+        self.preemptions += 1
+        req.preemptions += 1
+        logger.debug("preempted %s (%d tokens so far) for lack of KV blocks", req.request_id, req.length)
+
+    def _step(self, sched: list[tuple[Request, int]]) -> None:
+        num_decode = next((i for i, (r, take) in enumerate(sched) if r.length - r.num_computed != 1), len(sched))
+        if sched:
             try:
-                self._forward(rows, admitted, take)
+                self._forward(sched, num_decode)
             except Exception as e:
-                if not admitted and not take:
+                if num_decode == len(sched):
                     raise  # a decode-only step: nothing to tell apart, the loop fails it
-                # A new prompt (or the chunk) broke the step: run the parts apart, so only the
-                # request that breaks its own forward fails; the KV written meanwhile is the same.
-                logger.warning("engine step with new prompts failed (%r); running its parts separately", e)
-                self._running = rows
-                if rows:
-                    self._forward(rows, [], 0)
-                for req in admitted:
-                    before = list(self._running)
+                # A prompt (or a chunk) broke the step: run the parts apart, so only the request
+                # that breaks its own forward fails; the KV written meanwhile is the same.
+                logger.warning("engine step with prompts failed (%r); running its parts separately", e)
+                if num_decode:
+                    self._forward(sched[:num_decode], num_decode)
+                for item in sched[num_decode:]:
                     try:
-                        self._forward([], [req], 0)
+                        self._forward([item], 0)
                     except Exception as e1:
-                        self._running = before
-                        self._fail(req, e1, "prefill")
-                if take and self._partial is not None:
-                    try:
-                        self._forward([], [], take)
-                    except Exception as e2:
-                        failed, self._partial = self._partial, None
-                        self._fail(failed, e2, "prefill")
+                        self._fail(item[0], e1, "prefill")
         self.steps += 1
 
-    def _forward(self, rows: list[Request], fresh: list[Request], take: int) -> None:
-        """One forward: a token for each decode row (``rows`` is all of ``_running`` or empty),
-        whole prompts for ``fresh`` (the slots after the running rows), and ``take`` more prompt
-        tokens of the chunked prompt (the last slot)."""
-        D = len(rows)
-        base = len(self._running)  # fresh prompts take the slots after every running row
-        self._running.extend(fresh)
-        p = self._partial if take else None
-        chunk = None
-        per_token = [r.adapter for r in rows]
-        for r in fresh:
-            per_token += [r.adapter] * len(r.prompt_ids)
-        if p is not None:
-            chunk = (self._partial_slot, p.prefilled, p.prompt_ids[p.prefilled : p.prefilled + take])
-            per_token += [p.adapter] * take
+    def _forward(self, sched: list[tuple[Request, int]], num_decode: int) -> None:
+        """One forward over ``sched`` (decode rows first), then the tokens it produced."""
+        rows, per_token = [], []
+        for r, take in sched:
+            rows.append(SeqChunk(r.tokens(r.num_computed, r.num_computed + take), r.num_computed, r.blocks))
+            per_token += [r.adapter] * take
         lora = self.lora.prepare(per_token)
-        logits = self.runner.step(
-            [r.output_ids[-1] for r in rows],
-            [len(r.prompt_ids) + len(r.output_ids) - 1 for r in rows],
-            [(base + i, r.prompt_ids) for i, r in enumerate(fresh)],
-            chunk,
-            lora,
-        )  # [D + W (+1)]
-        out_rows = [*rows, *fresh]
-        if p is not None:
-            p.prefilled += take
-            if p.prefilled == len(p.prompt_ids):  # the whole prompt is in: it decodes from now on
-                self.runner.move_slot(self._partial_slot, len(self._running), length=p.prefilled)
-                self._running.append(p)
-                self._partial = None
-                out_rows.append(p)
-        self._append_tokens(out_rows, logits[: len(out_rows)], lora)
-        self._compact()
+        logits = self.runner.step(rows, num_decode, lora)  # [len(sched), vocab]
+        ready, at = [], []
+        for j, (r, take) in enumerate(sched):
+            r.num_computed += take
+            self._register_blocks(r)
+            if r.num_computed == r.length:  # a whole sequence is in: its last logits give a token
+                ready.append(r)
+                at.append(j)
+        if ready:
+            if len(ready) < len(sched):
+                logits = logits[torch.tensor(at, device=logits.device)]
+            self._append_tokens(ready, logits, lora)
 
-    @property
-    def _partial_slot(self) -> int:
-        return self.config.max_num_seqs - 1
+    def _register_blocks(self, req: Request) -> None:
+        """Index the blocks ``req`` just filled in the prefix cache."""
+        pool = self.runner.blocks
+        if not pool.prefix_caching:
+            return
+        bs = pool.block_size
+        while len(req.nodes) < req.num_computed // bs:
+            i = len(req.nodes)
+            parent = req.nodes[-1] if req.nodes else ROOT
+            req.nodes.append(pool.register(parent, req.cache_key, tuple(req.tokens(i * bs, (i + 1) * bs)), req.blocks[i]))
 
     def _fail(self, req: Request, exc: BaseException, where: str) -> None:
         """Fail one request, whatever the others in its step do."""
@@ -683,6 +772,9 @@ class LoRAEngine:
         req.done = True
         with self._cv:
             self._inflight -= 1
+        if req.blocks:
+            self.runner.blocks.free(req.blocks)
+            req.blocks, req.running = [], False
         if req.adapter is not None:
             self.lora.release(req.adapter)
             req.adapter = None
@@ -700,21 +792,6 @@ class LoRAEngine:
             ),
         )
         return True
-
-    def _compact(self) -> None:
-        """Drop finished rows, moving the last running row into each hole (and its KV slot)."""
-        rows = self._running
-        i = 0
-        while i < len(rows):
-            if rows[i].done:
-                last = len(rows) - 1
-                if i != last:
-                    moved = rows[last]
-                    self.runner.move_slot(last, i, length=len(moved.prompt_ids) + len(moved.output_ids))
-                    rows[i] = rows[last]
-                rows.pop()
-            else:
-                i += 1
 
     def _emit(self, req: Request, out: RequestOutput) -> None:
         self._outbox.append((req, out))

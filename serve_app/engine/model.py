@@ -1,4 +1,4 @@
-"""Base model loading and the forward pass with a per-slot KV cache.
+"""Base model loading and the forward pass over a paged KV cache.
 
 We load the Hugging Face model as it is (so bitsandbytes quantization, weight formats and
 rotary scaling come from transformers) but run our own decoder loop over its modules:
@@ -6,14 +6,17 @@ transformers' generic forward builds masks and cache objects per call, and canno
 row of a batch its own position, which iteration-level batching needs. The loop calls the
 model's own submodules (norms, projections, MLP, rotary embedding), so numerics match.
 
-KV cache: per layer ``k, v: [max_num_seqs, n_kv_heads, capacity, head_dim]``. Running
-sequences occupy slots 0..B-1 (the engine keeps them compact), so attention reads a plain
-view of the cache; capacity grows by doubling up to max_model_len.
+KV cache: one pool of fixed-size blocks for every layer, ``kv: [layers, 2, num_blocks, n_kv,
+block_size, head_dim]``, sized from a memory budget; each sequence reads and writes it through
+its block table (kv_cache.py keeps the books). Attention is plain torch on every device: one
+batched SDPA for new prompts, SDPA over a gathered block table for chunks that continue a
+sequence, and block-wise batched matmuls for decode rows (``_decode_plan``).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from serve_app.engine.config import EngineConfig
+from serve_app.engine.kv_cache import BlockPool
 from serve_app.engine.lora_layers import LoRAContext, LoRALinear
 from serve_app.engine.lora_manager import LoRABatch
 from serve_app.engine.lora_weights import BaseShape
@@ -28,8 +32,6 @@ from serve_app.engine.lora_weights import BaseShape
 logger = logging.getLogger(__name__)
 
 _ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
-_LONG_ROWS = 4  # decode rows that may attend alone over a span much longer than the others'
-_SOLO_COST = 1024  # a solo row's overhead, in key-rows read (a few extra small ops per layer)
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -103,10 +105,44 @@ def wrap_lora_layers(model: nn.Module, kinds: tuple[str, ...], ctx: LoRAContext)
             setattr(parent, kind, LoRALinear(getattr(parent, kind), kind, i, ctx))
 
 
-class ModelRunner:
-    """Prefill and decode over the model's own modules with a slot-indexed KV cache."""
+_MAX_RANGES = 4  # pool ranges a decode step reads in place (a matmul pair per range and layer)
+_MIN_GAP = 48  # blocks: a smaller gap is read through (a range costs about as much as 48 blocks of attention)
 
-    def __init__(self, model: nn.Module, *, max_num_seqs: int, max_model_len: int, ctx: LoRAContext):
+
+def _cover(blocks: list[int]) -> list[tuple[int, int]]:
+    """At most ``_MAX_RANGES`` ranges [lo, hi) covering sorted ``blocks``, split at the widest gaps."""
+    if not blocks:
+        return []
+    gaps = sorted(((blocks[i + 1] - blocks[i], i) for i in range(len(blocks) - 1) if blocks[i + 1] - blocks[i] > _MIN_GAP),
+                  reverse=True)[: _MAX_RANGES - 1]
+    cuts = sorted(i for _, i in gaps)
+    out, lo = [], blocks[0]
+    for i in cuts:
+        out.append((lo, blocks[i] + 1))
+        lo = blocks[i + 1]
+    out.append((lo, blocks[-1] + 1))
+    return out
+
+
+@dataclass(slots=True)
+class SeqChunk:
+    """One sequence's share of a step: ``tokens`` at positions ``start ..``, its KV written into
+    ``blocks`` (its block table, covering every position up to the chunk's last)."""
+
+    tokens: list[int]
+    start: int
+    blocks: list[int]
+
+
+class ModelRunner:
+    """Forward passes over the model's own modules, reading and writing a paged KV cache.
+
+    The pool is one tensor ``kv: [layers, 2, num_blocks, n_kv, block_size, head_dim]``; the
+    bookkeeping (who holds which block, the prefix cache) is ``self.blocks``, a BlockPool.
+    """
+
+    def __init__(self, model: nn.Module, *, num_blocks: int, block_size: int, max_model_len: int, ctx: LoRAContext,
+                 prefix_caching: bool = True):
         cfg = model.config
         self.model = model
         self.ctx = ctx
@@ -117,15 +153,23 @@ class ModelRunner:
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads
         self.scale = getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5)
         self.gqa = self.n_kv != self.n_heads
-        self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
         self.device = next(model.parameters()).device
         self.dtype = model.model.embed_tokens.weight.dtype
         self._rope_table(cfg)
-        self.capacity = 0
-        self.k: list[torch.Tensor] = []
-        self.v: list[torch.Tensor] = []
-        self._ensure_capacity(min(256, max_model_len))
+        self.block_size = block_size
+        self.blocks = BlockPool(num_blocks, block_size, prefix_caching=prefix_caching)
+        with torch.inference_mode():  # the cache is written only under inference mode; allocate it there too
+            self.kv = torch.zeros(len(self.layers), 2, num_blocks, self.n_kv, block_size, self.head_dim,
+                                  dtype=self.dtype, device=self.device)
+        self.decode_paths = {"inplace": 0, "mixed": 0, "gather": 0}  # how decode steps read the pool (stats)
+
+    @staticmethod
+    def bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
+        cfg = model.config
+        n_kv = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return 2 * len(model.model.layers) * n_kv * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def _rope_table(self, cfg) -> None:
         """cos/sin for every position, computed once with the model's own rotary module.
@@ -143,182 +187,235 @@ class ModelRunner:
             cos, sin = self.inner.rotary_emb(probe, pos)  # [1, max_len, head_dim]
         self.cos, self.sin = cos[0], sin[0]
 
-    @torch.inference_mode()  # the cache is written only under inference mode; allocate it there too
-    def _ensure_capacity(self, length: int) -> None:
-        if length <= self.capacity:
-            return
-        new = min(self.max_model_len, max(length, 2 * self.capacity))
-        shape = (self.max_num_seqs, self.n_kv, new, self.head_dim)
-        for cache in (self.k, self.v):
-            for i in range(len(self.layers)):
-                fresh = torch.zeros(shape, dtype=self.dtype, device=self.device)
-                if i < len(cache):
-                    fresh[:, :, : self.capacity] = cache[i]
-                    cache[i] = fresh
-                else:
-                    cache.append(fresh)
-        self.capacity = new
-
-    @torch.inference_mode()
-    def move_slot(self, src: int, dst: int, length: int | None = None) -> None:
-        """Copy slot ``src``'s KV into slot ``dst`` (its first ``length`` positions: the live ones)."""
-        n = self.capacity if length is None else min(length, self.capacity)
-        for cache in (self.k, self.v):
-            for c in cache:
-                c[dst, :, :n] = c[src, :, :n]
-
-    def prefill(self, prompts: list[list[int]], first_slot: int, lora: LoRABatch | None) -> torch.Tensor:
-        """Prefill whole prompts into slots first_slot.. through ``step`` (the served path);
-        returns last-token logits [B, vocab]. ``lora`` is prepared per token, or per row when
-        every prompt has the same length (tests and benchmarks call it that way)."""
+    def prefill(self, prompts: list[list[int]], lora: LoRABatch | None) -> torch.Tensor:
+        """Whole prompts from position 0 in scratch blocks, freed after (tests and benchmarks
+        compare logits this way; the served path goes through ``step``): last-token logits
+        [B, vocab]. ``lora`` is prepared per token, or per row when every prompt has one length."""
         if lora is not None and len({len(p) for p in prompts}) > 1 and lora.rows == len(prompts) and not lora.uniform:
             raise ValueError("a per-row LoRABatch needs prompts of one length; prepare it per token")
-        return self.step([], [], [(first_slot + i, p) for i, p in enumerate(prompts)], None, lora)
+        tables = []
+        try:
+            for p in prompts:
+                table = [self.blocks.allocate() for _ in range(self.blocks.blocks_for(len(p)))]
+                tables.append([b for b in table if b is not None])
+                if len(tables[-1]) < len(table):
+                    raise RuntimeError("the KV pool is too small for these prompts")
+            return self.step([SeqChunk(p, 0, t) for p, t in zip(prompts, tables)], 0, lora)
+        finally:
+            for t in tables:
+                self.blocks.free(t)
 
-    def _decode_plan(self, positions: list[int]) -> tuple:
-        """How one step's decode rows read the cache: (S, mask [D, 1, 1, S], long rows).
+    def _decode_plan(self, rows: list[SeqChunk]) -> tuple:
+        """How one step's decode rows read the pool, shared by every layer.
 
-        Rows 0..D-1 attend in one batched matmul over the first S positions of their slots. A
-        dense batch reads max(span) keys for every row, so one long sequence among short ones
-        would multiply every row's attention traffic; instead up to ``_LONG_ROWS`` outliers
-        attend on their own over their full span, and S is the longest span of the others
-        (chosen by the keys read, counting a solo row as ``_SOLO_COST`` key-rows of overhead).
+        Each row's keys are its blocks ``0 .. pos // block_size``. Attention is scored per
+        (row, block) pair, so a row reads its own blocks only and one long sequence among short
+        ones costs its own span (a dense batch would read the longest span for every row).
+
+        Copying a step's blocks out of the pool costs more than the attention itself on these
+        CPUs, so blocks are read where they are: the pool's blocks in a few ranges ``[lo, hi)``
+        that cover the distinct blocks in use (the allocator hands out low blocks first, so one
+        or two ranges usually do), each scored by one batched matmul. A block in a range that no
+        decode row reads is scored against row 0's query and its result is sent to a dummy
+        output row. Pairs that read a block already taken by another row (a shared prefix), and
+        every pair when the ranges would cover more than twice the blocks in use, read a copy
+        (``index_select``) instead.
+
+        Returns (m, nb, S, ranges, extra blocks, mask, q_owner, o_owner, read, write): ``m``
+        rows of the score matrix (the ranges' blocks, then the copied ones), each row's ``nb``
+        padded blocks (``S = nb * block_size`` keys), and the index maps between them.
         """
-        D = len(positions)
-        spans = [p + 1 for p in positions]
-        order = sorted(range(D), key=lambda i: -spans[i])
-        best_k, best_cost = 0, None
-        for k in range(min(_LONG_ROWS, D - 1) + 1):
-            cost = D * spans[order[k]] + sum(spans[order[j]] for j in range(k)) + k * _SOLO_COST
-            if best_cost is None or cost < best_cost:
-                best_k, best_cost = k, cost
-        long_rows = [(i, spans[i]) for i in order[:best_k]]
-        S = spans[order[best_k]]
-        pos = torch.tensor(positions, dtype=torch.long, device=self.device)
-        # Additive mask: row b sees its own positions 0..pos[b] only (a long row's batched
-        # result is garbage, finite, and replaced by its solo result).
-        mask = torch.zeros(D, 1, 1, S, dtype=self.dtype, device=self.device).masked_fill_(
-            torch.arange(S, device=self.device)[None, None, None, :] > pos[:, None, None, None], float("-inf")
-        )  # [D, 1, 1, S]
-        return S, mask, long_rows
+        dev, bs = self.device, self.block_size
+        D = len(rows)
+        n_blk = [r.start // bs + 1 for r in rows]
+        pair_blocks = [b for r, n in zip(rows, n_blk) for b in r.blocks[:n]]
+        pair_rows = [i for i, n in enumerate(n_blk) for _ in range(n)]
+        distinct = sorted(set(pair_blocks))
+        ranges = _cover(distinct)
+        if sum(hi - lo for lo, hi in ranges) > 2 * len(distinct):
+            ranges = []
+        where: dict[int, int] = {}  # block -> its score-matrix row, for blocks read in place
+        m = 0
+        spans = []
+        for lo, hi in ranges:
+            for blk in range(lo, hi):
+                where[blk] = m + blk - lo
+            spans.append((lo, hi, m))
+            m += hi - lo
+        m_inplace = m
+        src: list[int] = []
+        extra: list[int] = []
+        taken: set[int] = set()
+        for blk in pair_blocks:
+            if blk in where and blk not in taken:
+                taken.add(blk)
+                src.append(where[blk])
+            else:
+                src.append(m)
+                extra.append(blk)
+                m += 1
+        q_owner = [0] * m
+        o_owner = [D] * m  # dummy output row
+        for j, i in zip(src, pair_rows):
+            q_owner[j] = o_owner[j] = i
+        nb = max(n_blk)
+        S = nb * bs
+        # [D * nb]: score-matrix row of row i's t-th block; padding reads row 0 (masked) and
+        # writes into the spare row m of the probability matrix.
+        read: list[int] = []
+        write: list[int] = []
+        k = 0
+        for n in n_blk:
+            seg = src[k : k + n]
+            read += seg + [0] * (nb - n)
+            write += seg + [m] * (nb - n)
+            k += n
+        pos = torch.tensor([r.start for r in rows], dtype=torch.long, device=dev)
+        masked = torch.arange(S, device=dev)[None, None, None, :] > pos[:, None, None, None]  # [D, 1, 1, S]
+        self.decode_paths["inplace" if not extra else "mixed" if spans else "gather"] += 1
+        t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        return (m, m_inplace, nb, S, spans, t(extra) if extra else None, masked,
+                t(q_owner), t(o_owner), t(read), t(write))
 
     def _decode_attention(self, li: int, qg: torch.Tensor, plan: tuple) -> torch.Tensor:
-        """qg: [D, KV, G, hd], one query per decode row (slots 0..D-1) -> [D, KV, G, hd]."""
-        S, mask, long_rows = plan
-        D = qg.shape[0]
-        kc, vc = self.k[li], self.v[li]
-        # One query token per row: plain matmuls beat SDPA's kernel launch at this size, and
-        # grouping query heads per KV head handles GQA without copying K/V.
-        keys, values = kc[:D, :, :S], vc[:D, :, :S]  # [D, KV, S, hd] views
-        scores = torch.matmul(qg, keys.transpose(-1, -2)).mul_(self.scale).add_(mask)  # [D, KV, G, S]
-        probs = scores.softmax(dim=-1) if self.dtype == torch.float32 else scores.float().softmax(dim=-1).to(self.dtype)
-        out = torch.matmul(probs, values)  # [D, KV, G, hd]
-        for i, span in long_rows:
-            sc = torch.matmul(qg[i], kc[i, :, :span].transpose(-1, -2)).mul_(self.scale)  # [KV, G, span]
-            pr = sc.softmax(dim=-1) if self.dtype == torch.float32 else sc.float().softmax(dim=-1).to(self.dtype)
-            out[i] = torch.matmul(pr, vc[i, :, :span])
-        return out
+        """qg: [D, KV, G, hd], one query per decode row -> [D, KV, G, hd]."""
+        m, m_in, nb, S, spans, extra, masked, q_owner, o_owner, read, write = plan
+        D, KV, G, hd = qg.shape
+        bs = self.block_size
+        kc, vc = self.kv[li, 0], self.kv[li, 1]  # [num_blocks, KV, bs, hd]
+        if extra is not None:
+            ke, ve = kc.index_select(0, extra), vc.index_select(0, extra)  # [m - m_in, KV, bs, hd] copies
+        # Plain batched matmuls: one query token per row, so SDPA's kernel launch costs more than
+        # it saves; grouping query heads per KV head handles GQA without copying K/V.
+        qb = qg.index_select(0, q_owner)  # [m, KV, G, hd]
+        scores = qg.new_empty(m, KV, G, bs)
+        for lo, hi, o in spans:
+            torch.matmul(qb[o : o + hi - lo], kc[lo:hi].transpose(-1, -2), out=scores[o : o + hi - lo])
+        if extra is not None:
+            torch.matmul(qb[m_in:], ke.transpose(-1, -2), out=scores[m_in:])
+        rows = scores.index_select(0, read).view(D, nb, KV, G, bs).permute(0, 2, 3, 1, 4).reshape(D, KV, G, S)
+        rows = rows.mul_(self.scale).masked_fill_(masked, float("-inf"))  # [D, KV, G, S]
+        probs = rows.softmax(dim=-1) if self.dtype == torch.float32 else rows.float().softmax(dim=-1).to(self.dtype)
+        per_block = probs.view(D, KV, G, nb, bs).permute(0, 3, 1, 2, 4).reshape(D * nb, KV, G, bs)
+        pb = qg.new_empty(m + 1, KV, G, bs)
+        pb.index_copy_(0, write, per_block)  # [m + 1, KV, G, bs]: row m takes the padding
+        out = qg.new_zeros(D + 1, KV, G, hd)  # row D takes the dummy blocks' results
+        for lo, hi, o in spans:
+            out.index_add_(0, o_owner[o : o + hi - lo], torch.matmul(pb[o : o + hi - lo], vc[lo:hi]))
+        if extra is not None:
+            out.index_add_(0, o_owner[m_in:], torch.matmul(pb[m_in:m], ve))
+        return out[:D]
 
     @torch.inference_mode()
-    def step(
-        self,
-        dec_tokens: list[int],
-        dec_positions: list[int],
-        fresh: list[tuple[int, list[int]]],
-        chunk: tuple[int, int, list[int]] | None,
-        lora: LoRABatch | None,
-    ) -> torch.Tensor:
+    def step(self, rows: list[SeqChunk], num_decode: int, lora: LoRABatch | None) -> torch.Tensor:
         """One forward for a whole engine step, every token of it flattened into one sequence.
 
-        - decode: one token for each of slots 0..D-1 at its own position (``dec_*``);
-        - fresh: whole prompts ``(slot, token ids)`` prefilled from position 0;
-        - chunk: ``(slot, start, token ids)``, a slice of a long prompt whose first ``start``
-          tokens are already in the slot's cache (chunked prefill).
+        ``rows[:num_decode]`` are decode rows (one token each at its own position); the rest
+        are prefill chunks: from position 0 (a new prompt, attending to itself) or from
+        ``start > 0`` (the rest of a chunked prompt, or after a prefix-cache hit: attending to
+        the KV already in its blocks). Every token's K/V is written into its row's blocks.
 
         The projections, norms and MLP run once over all N tokens (on these CPUs per-op overhead
         dominates, so one forward beats a prefill forward plus a decode forward); attention runs
-        per kind of segment. Returns float logits ``[D + len(fresh) + (1 if chunk)]``: each decode
-        row, each fresh prompt's last token, the chunk's last token -- in that order.
+        per kind of row. ``lora`` is per flattened token in this order. Returns float logits
+        ``[len(rows), vocab]``: each row's last token.
         """
-        D = len(dec_tokens)
-        lens = [len(t) for _, t in fresh]
-        ids: list[int] = list(dec_tokens)
-        positions: list[int] = list(dec_positions)
-        for _, toks in fresh:
-            ids += toks
-            positions += range(len(toks))
-        c0 = len(ids)
-        if chunk is not None:
-            c_slot, c_start, c_toks = chunk
-            ids += c_toks
-            positions += range(c_start, c_start + len(c_toks))
-        n = len(ids)
-        self._ensure_capacity(max(positions) + 1)
-        dev = self.device
+        dev, bs = self.device, self.block_size
+        dirty = self.blocks.take_dirty()
+        if dirty:  # blocks new to their sequence: no stale value of an earlier owner survives
+            self.kv.index_fill_(2, torch.tensor(dirty, dtype=torch.long, device=dev), 0)
+        D = num_decode
+        ids: list[int] = []
+        positions: list[int] = []
+        slot_block: list[int] = []
+        slot_off: list[int] = []
+        last: list[int] = []
+        for r in rows:
+            n = len(r.tokens)
+            ids += r.tokens
+            span = range(r.start, r.start + n)
+            positions += span
+            slot_block += [r.blocks[p // bs] for p in span]
+            slot_off += [p % bs for p in span]
+            last.append(len(ids) - 1)
+        if any(len(r.tokens) != 1 for r in rows[:D]):
+            raise ValueError("decode rows carry one token each")
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)[None]  # [1, N]
         pos_t = torch.tensor(positions, dtype=torch.long, device=dev)  # [N]
+        blk_t = torch.tensor(slot_block, dtype=torch.long, device=dev)  # [N]
+        off_t = torch.tensor(slot_off, dtype=torch.long, device=dev)  # [N]
         group = self.n_heads // self.n_kv
 
-        if D:
-            dec_rows = torch.arange(D, device=dev)
-            dec_pos = pos_t[:D]
-            plan = self._decode_plan(dec_positions)
+        plan = self._decode_plan(rows[:D]) if D else None
+        fresh = [(i, r) for i, r in enumerate(rows[D:], D) if r.start == 0 and len(r.tokens) > 1]
+        cont = [(i, r) for i, r in enumerate(rows[D:], D) if not (r.start == 0 and len(r.tokens) > 1)]
+        offsets = [0]
+        for r in rows:
+            offsets.append(offsets[-1] + len(r.tokens))
         if fresh:
+            lens = [len(r.tokens) for _, r in fresh]
             w, tmax = len(fresh), max(lens)
             # [W, Tmax] flat index of each prompt's tokens, right-padded with its own last token.
             f_idx = torch.empty(w, tmax, dtype=torch.long)
-            start = D
-            for i, ln in enumerate(lens):
-                f_idx[i, :ln] = torch.arange(start, start + ln)
-                f_idx[i, ln:] = start + ln - 1
-                start += ln
+            for j, ((i, _), ln) in enumerate(zip(fresh, lens)):
+                f_idx[j, :ln] = torch.arange(offsets[i], offsets[i] + ln)
+                f_idx[j, ln:] = offsets[i] + ln - 1
             f_idx = f_idx.to(dev)
             f_valid = (torch.arange(tmax)[None, :] < torch.tensor(lens)[:, None]).to(dev)  # [W, Tmax]
-            f_slots = torch.tensor([slot for slot, _ in fresh], dtype=torch.long, device=dev)
-        if chunk is not None:
-            c_len = len(c_toks)
-            c_end = c_start + c_len
-            c_mask = None
-            if c_start:
-                # Query i (absolute position c_start + i) sees keys 0..c_start + i.
-                c_mask = torch.arange(c_end, device=dev)[None, :] <= torch.arange(c_start, c_end, device=dev)[:, None]
+            f_out = f_idx[f_valid]  # [sum(lens)] flat positions of the real tokens
+        if cont:
+            # Rows that continue a sequence attend to the KV already in their blocks: one padded
+            # batch, keys gathered through the block tables [C, nbmax] (padding reads block 0,
+            # masked). Query j of row i (position start_i + j) sees keys 0 .. start_i + j.
+            c_lens = [len(r.tokens) for _, r in cont]
+            c_ends = [r.start + n for (_, r), n in zip(cont, c_lens)]
+            c, lmax = len(cont), max(c_lens)
+            c_nb = self.blocks.blocks_for(max(c_ends))
+            tables: list[int] = []
+            for (_, r), e in zip(cont, c_ends):
+                nb_i = self.blocks.blocks_for(e)
+                tables += r.blocks[:nb_i] + [0] * (c_nb - nb_i)
+            c_tables = torch.tensor(tables, dtype=torch.long, device=dev)  # [C * nbmax]
+            c_idx = torch.empty(c, lmax, dtype=torch.long)
+            for j, ((i, _), n) in enumerate(zip(cont, c_lens)):
+                c_idx[j, :n] = torch.arange(offsets[i], offsets[i] + n)
+                c_idx[j, n:] = offsets[i] + n - 1
+            c_idx = c_idx.to(dev)
+            c_valid = (torch.arange(lmax)[None, :] < torch.tensor(c_lens)[:, None]).to(dev)  # [C, Lmax]
+            c_out = c_idx[c_valid]
+            q_pos = torch.tensor([r.start for _, r in cont], device=dev)[:, None] + torch.arange(lmax, device=dev)
+            c_mask = (torch.arange(c_nb * bs, device=dev)[None, None, :] <= q_pos[:, :, None])[:, None]  # [C, 1, Lmax, E]
+
+        def gather_keys(li):  # -> [C, KV, E, hd] each (a copy of the blocks the rows read)
+            out = []
+            for cache in (self.kv[li, 0], self.kv[li, 1]):
+                g = cache.index_select(0, c_tables).view(c, c_nb, self.n_kv, bs, self.head_dim)
+                out.append(g.transpose(1, 2).reshape(c, self.n_kv, c_nb * bs, self.head_dim))
+            return out
 
         def attend(li, q, k, v):  # q: [1, H, N, hd], k/v: [1, KV, N, hd]
-            kc, vc = self.k[li], self.v[li]
             qt, kt, vt = q[0], k[0], v[0]
+            self.kv[li, 0, blk_t, :, off_t] = kt.transpose(0, 1)  # [N, KV, hd] into their blocks
+            self.kv[li, 1, blk_t, :, off_t] = vt.transpose(0, 1)
             out = torch.empty_like(qt)  # [H, N, hd]
             if D:
-                kc[dec_rows, :, dec_pos] = kt[:, :D].transpose(0, 1)  # [D, KV, hd]
-                vc[dec_rows, :, dec_pos] = vt[:, :D].transpose(0, 1)
                 qg = qt[:, :D].transpose(0, 1).reshape(D, self.n_kv, group, self.head_dim)  # [D, KV, G, hd]
                 o = self._decode_attention(li, qg, plan)  # [D, KV, G, hd]
                 out[:, :D] = o.reshape(D, self.n_heads, self.head_dim).transpose(0, 1)
             if fresh:
                 qf = qt[:, f_idx].transpose(0, 1)  # [W, H, Tmax, hd]
                 kf, vf = kt[:, f_idx].transpose(0, 1), vt[:, f_idx].transpose(0, 1)  # [W, KV, Tmax, hd]
-                kc[f_slots, :, :tmax] = kf
-                vc[f_slots, :, :tmax] = vf
                 # Right padding + causal mask: real tokens never see the pad tokens after them.
                 of = F.scaled_dot_product_attention(qf, kf, vf, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
-                out[:, D:c0] = of.transpose(0, 1)[:, f_valid]  # [H, sum(lens), hd]
-            if chunk is not None:
-                kc[c_slot, :, c_start:c_end] = kt[:, c0:]
-                vc[c_slot, :, c_start:c_end] = vt[:, c0:]
-                oc = F.scaled_dot_product_attention(
-                    qt[None, :, c0:], kc[c_slot : c_slot + 1, :, :c_end], vc[c_slot : c_slot + 1, :, :c_end],
-                    attn_mask=c_mask, is_causal=c_mask is None, scale=self.scale, enable_gqa=self.gqa,
-                )  # [1, H, c_len, hd]
-                out[:, c0:] = oc[0]
+                out[:, f_out] = of.transpose(0, 1)[:, f_valid]  # [H, sum(lens), hd]
+            if cont:
+                kr, vr = gather_keys(li)  # [C, KV, E, hd]
+                qc = qt[:, c_idx].transpose(0, 1)  # [C, H, Lmax, hd]
+                oc = F.scaled_dot_product_attention(qc, kr, vr, attn_mask=c_mask, scale=self.scale, enable_gqa=self.gqa)
+                out[:, c_out] = oc.transpose(0, 1)[:, c_valid]  # [H, sum(lens), hd]
             return out[None]
 
         hidden = self._forward(ids_t, pos_t[None], attend, lora)  # [1, N, hidden]
-        last = list(range(D))
-        end = D
-        for ln in lens:
-            end += ln
-            last.append(end - 1)
-        if chunk is not None:
-            last.append(n - 1)
         return self._logits(hidden[0, torch.tensor(last, device=dev)])
 
     def _forward(self, ids, positions, attend, lora: LoRABatch | None) -> torch.Tensor:

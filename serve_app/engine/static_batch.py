@@ -1,7 +1,7 @@
 """Static batches through ``model.generate``, for models our decoder loop cannot drive.
 
 DeepSpeed's kernel injection replaces each decoder layer with a fused module that keeps its
-own KV cache, so the per-slot cache of model.py does not apply. This engine admits a batch,
+own KV cache, so the paged cache of model.py does not apply. This engine admits a batch,
 runs it to completion with ``generate`` and streams every step. A logits processor makes the
 choice of each token ours (same sampler, seeds, stop strings, EOS and max_tokens rules as the
 iteration-level engine), so the output is the same; only the batching is coarser.
@@ -18,8 +18,8 @@ class GenerateEngine(LoRAEngine):
     def _make_runner(self):
         return None  # generate() keeps its own cache
 
-    def _admit_waiting(self) -> list[Request]:
-        """A static batch takes whole prompts only (generate() has no chunked prefill)."""
+    def _schedule(self) -> list[Request]:
+        """A static batch takes whole prompts only (generate() has no chunked prefill or blocks)."""
         admitted = []
         while self._waiting and len(admitted) < self.config.max_num_seqs:
             admitted.append(self._waiting.popleft())

@@ -39,9 +39,12 @@ def engine(tiny_assets):
     calls = []
     real = eng.runner.step
 
-    def step(dec_tokens, dec_positions, fresh, chunk, lora):
-        calls.append((len(dec_tokens), sum(len(t) for _, t in fresh), 0 if chunk is None else len(chunk[2])))
-        return real(dec_tokens, dec_positions, fresh, chunk, lora)
+    def step(rows, num_decode, lora):
+        # (decode rows, tokens of prompts from position 0, tokens of chunks that continue a prompt)
+        prefill = rows[num_decode:]
+        calls.append((num_decode, sum(len(r.tokens) for r in prefill if r.start == 0),
+                      sum(len(r.tokens) for r in prefill if r.start > 0)))
+        return real(rows, num_decode, lora)
 
     eng.runner.step = step
     eng.calls = calls

@@ -294,10 +294,10 @@ def test_a_prefill_that_raises_fails_only_its_request(engine, refs, monkeypatch)
     poison = [1, 13, 13, 13, 13, 13]
     real = engine.runner.step
 
-    def step(dec_tokens, dec_positions, fresh, chunk, lora):
-        if any(toks == poison for _, toks in fresh):
+    def step(rows, num_decode, lora):
+        if any(r.tokens == poison for r in rows):
             raise RuntimeError("kernel failure on this prompt")
-        return real(dec_tokens, dec_positions, fresh, chunk, lora)
+        return real(rows, num_decode, lora)
 
     monkeypatch.setattr(engine.runner, "step", step)
     results = run_all(engine, [*good_batch(), (poison, GREEDY, "tenant-4")])

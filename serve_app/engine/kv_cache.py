@@ -1,0 +1,173 @@
+"""Paged KV cache bookkeeping: which block holds what. Pure Python; the tensors are in model.py.
+
+Why blocks: a dense ``[max_num_seqs, capacity]`` cache reserves every slot for the longest
+sequence, so memory follows max_num_seqs x the longest prompt instead of the live tokens. Here
+one pool of fixed-size blocks (``block_size`` tokens each) is shared by every sequence; a
+sequence holds a block table (a list of block IDs) that grows as it does, and gives its blocks
+back when it finishes or is preempted. Waste is at most one partly filled block per sequence.
+
+Prefix cache: a FULL block is keyed by ``(parent key, adapter key, its token ids)``, where the
+parent key identifies the content of every block before it (a chain) and the adapter key is
+the adapter's ``id@vN`` together with the identity of its load (``ResidentAdapter.load_id``),
+or ``None`` for the base model. KV computed under one adapter, or one version or load of it, is
+never found by a request under another: the bug class of vllm#30931. Keys are compared by
+equality, not by a hash alone, so a tenant who crafts colliding token ids gets a miss, never
+another tenant's KV (vLLM moved to sha256 chains for the same reason).
+
+Blocks nobody references but that hold a cached prefix stay in an LRU (``evictable``) and are
+reused on a hit; a fresh allocation takes the lowest-numbered never-cached free block first
+(decode attention on CPU reads the pool's low blocks in place, see model.py), then evicts the
+least recently used cached one. Every block handed out for writing is listed in ``dirty`` and
+zeroed by the runner before its first use, so no stale value of an earlier owner (even a
+non-finite one) ever meets another tenant's attention weights.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+ROOT = 0  # the parent key of a sequence's first block
+AdapterKey = tuple[str, int] | None  # (adapter id@vN, load id), None for the base model
+
+
+@dataclass
+class PrefixStats:
+    """Prompt tokens looked up in / found in the prefix cache, per adapter (None: base)."""
+
+    queried: dict[str | None, int] = field(default_factory=dict)
+    hit: dict[str | None, int] = field(default_factory=dict)
+
+    def add(self, adapter: str | None, queried: int, hit: int) -> None:
+        self.queried[adapter] = self.queried.get(adapter, 0) + queried
+        self.hit[adapter] = self.hit.get(adapter, 0) + hit
+
+
+class BlockPool:
+    """Reference-counted KV blocks, their free lists and the prefix cache index."""
+
+    def __init__(self, num_blocks: int, block_size: int, *, prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"the KV pool needs at least one block, got {num_blocks}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.prefix_caching = prefix_caching
+        self.ref = [0] * num_blocks
+        self._free = list(range(num_blocks))  # min-heap of never-cached free blocks
+        self._evictable: OrderedDict[int, None] = OrderedDict()  # free, holding a cached prefix; LRU first
+        self._index: dict[tuple, tuple[int, int]] = {}  # (parent, adapter key, tokens) -> (node, block)
+        self._key_of: dict[int, tuple] = {}  # block -> its index key (cached blocks only)
+        self._nodes = itertools.count(ROOT + 1)
+        self.dirty: list[int] = []  # handed out since the runner last zeroed
+        self.prefix = PrefixStats()
+        self.evictions = 0
+
+    # ---- counts --------------------------------------------------------------------------
+
+    @property
+    def num_free(self) -> int:
+        """Blocks an allocation can take now (never-cached ones and evictable cached ones)."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - self.num_free
+
+    @property
+    def num_cached(self) -> int:
+        """Blocks whose content is in the prefix index (in use or evictable)."""
+        return len(self._key_of)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- allocation ----------------------------------------------------------------------
+
+    def allocate(self) -> int | None:
+        """A block to write into (ref 1), or None when the pool is exhausted."""
+        if self._free:
+            block = heapq.heappop(self._free)
+        elif self._evictable:
+            block, _ = self._evictable.popitem(last=False)
+            del self._index[self._key_of.pop(block)]
+            self.evictions += 1
+        else:
+            return None
+        self.ref[block] = 1
+        self.dirty.append(block)
+        return block
+
+    def free(self, blocks: list[int]) -> None:
+        """Drop one reference to each block; tail blocks first, so they are evicted first."""
+        for block in reversed(blocks):
+            self.ref[block] -= 1
+            if self.ref[block] < 0:
+                raise RuntimeError(f"KV block {block} freed more often than taken")
+            if self.ref[block] == 0:
+                if block in self._key_of:
+                    self._evictable[block] = None
+                else:
+                    heapq.heappush(self._free, block)
+
+    def take_dirty(self) -> list[int]:
+        out, self.dirty = self.dirty, []
+        return out
+
+    # ---- prefix cache --------------------------------------------------------------------
+
+    def lookup(self, key: AdapterKey, tokens: list[int], limit: int) -> tuple[list[int], list[int]]:
+        """The longest cached run of full blocks that starts ``tokens``, over at most ``limit``
+        tokens: (blocks, their node keys). Each block returned has gained a reference."""
+        if not self.prefix_caching:
+            return [], []
+        bs = self.block_size
+        blocks, nodes = [], []
+        parent = ROOT
+        for i in range(limit // bs):
+            hit = self._index.get((parent, key, tuple(tokens[i * bs : (i + 1) * bs])))
+            if hit is None:
+                break
+            parent, block = hit
+            if self.ref[block] == 0:
+                del self._evictable[block]
+            self.ref[block] += 1
+            blocks.append(block)
+            nodes.append(parent)
+        return blocks, nodes
+
+    def register(self, parent: int, key: AdapterKey, tokens: tuple[int, ...], block: int) -> int:
+        """Index a block that just became full; returns its node key (the next block's parent).
+
+        When the same content is already indexed (another sequence computed it first), that
+        entry's node key is returned and this block stays private: freed, it is reused at once.
+        """
+        if not self.prefix_caching:
+            return ROOT
+        k = (parent, key, tokens)
+        hit = self._index.get(k)
+        if hit is not None:
+            return hit[0]
+        node = next(self._nodes)
+        self._index[k] = (node, block)
+        self._key_of[block] = k
+        return node
+
+    def stats(self) -> dict:
+        q, h = self.prefix.queried, self.prefix.hit
+        return {
+            "block_size": self.block_size,
+            "num_blocks": self.num_blocks,
+            "used_blocks": self.num_used,
+            "free_blocks": self.num_free,
+            "cached_blocks": self.num_cached,
+            "evictable_blocks": len(self._evictable),
+            "cache_evictions": self.evictions,
+            "prefix_caching": self.prefix_caching,
+            "prefix_query_tokens": sum(q.values()),
+            "prefix_hit_tokens": sum(h.values()),
+            "prefix_hit_rate_by_adapter": {
+                ("base" if a is None else a): round(h.get(a, 0) / n, 4) for a, n in q.items() if n
+            },
+        }

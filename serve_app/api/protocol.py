@@ -25,6 +25,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     TypeAdapter,
     ValidationInfo,
@@ -34,6 +35,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from serve_app.api import structured
 from serve_app.api.sampling_params import (
     MAX_LOGIT_BIAS,
     MAX_LOGPROBS,
@@ -290,6 +292,26 @@ class _SamplingRequest(BaseModel):
         description="vLLM extension: sample only from the k most likely tokens, in "
         f"[-1, {MAX_INT32}]; -1 or 0 disables it, and a k above the vocabulary keeps every token.",
     )
+    response_format: dict[str, Any] | None = Field(
+        default=None,
+        description="Structured output: {\"type\": \"text\"} (none), {\"type\": \"json_object\"} (the output "
+        "is one JSON object) or {\"type\": \"json_schema\", \"json_schema\": {\"name\": ..., \"schema\": {...}}} "
+        "(the output matches the schema). Enforced token by token with a grammar (xgrammar); compact JSON, "
+        "no free whitespace. A schema that is not a valid JSON Schema, or that the grammar compiler "
+        f"refuses, is a 400; at most {structured.MAX_SCHEMA_CHARS} characters. If max_tokens ends the "
+        "output first, finish_reason is 'length' and the JSON is incomplete (as OpenAI). Also on "
+        "/v1/completions (vLLM extension).",
+    )
+    guided_json: dict[str, Any] | str | None = Field(
+        default=None,
+        description="vLLM extension: a JSON schema (object or JSON text) the output must match; the same as "
+        "response_format json_schema. Set only one of the two.",
+    )
+    structured_outputs: dict[str, Any] | None = Field(
+        default=None,
+        description="vLLM extension: {\"json\": <schema>}, the same as guided_json.",
+    )
+    _json_schema: str | None = PrivateAttr(default=None)  # what the three above ask for (api/structured.py)
 
     # Every bounded number gets one message naming the field and its whole range. Fields
     # of the subclasses (max_tokens, max_completion_tokens) included, hence check_fields.
@@ -411,6 +433,14 @@ class _SamplingRequest(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _structured_output(self):
+        self._json_schema = structured.from_request({
+            "response_format": self.response_format, "guided_json": self.guided_json,
+            "structured_outputs": self.structured_outputs,
+        })
+        return self
+
+    @model_validator(mode="after")
     def _stream_options_need_stream(self):
         # Same rule as OpenAI and vLLM: silently ignoring it would hide a client bug.
         if self.stream_options is not None and not self.stream:
@@ -459,6 +489,7 @@ class _SamplingRequest(BaseModel):
             repetition_penalty=self.repetition_penalty,
             logit_bias={int(k): float(b) for k, b in (self.logit_bias or {}).items()},
             min_tokens=self.min_tokens,
+            json_schema=self._json_schema,
         )
 
 
@@ -648,15 +679,6 @@ class ChatCompletionRequest(_SamplingRequest):
         le=MAX_LOGPROBS,
         description=f"With logprobs true: the this-many most likely tokens per position, in [0, {MAX_LOGPROBS}].",
     )
-
-    @model_validator(mode="before")
-    @classmethod
-    def _refuse_chat_features(cls, data: Any) -> Any:
-        if isinstance(data, dict):
-            fmt = data.get("response_format")
-            if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
-                raise _unsupported("response_format: only {\"type\": \"text\"} is supported")
-        return data
 
     @field_validator("top_logprobs", mode="wrap")
     @classmethod

@@ -35,6 +35,10 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit
     min_tokens: int = 0  # EOS and stop_token_ids cannot be generated before this many tokens
     logprobs: int | None = None  # None: none; k: each token's logprob and its k most likely alternatives
+    # Structured output: the JSON schema the output must match, as JSON text (api/structured.py
+    # builds it from response_format / guided_json; json_object is '{"type":"object"}'). The
+    # engine compiles it once per distinct text (engine/structured.py) and masks the row's logits.
+    json_schema: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -51,6 +51,7 @@ from serve_app.engine.model import ModelRunner, SeqChunk, base_shape, load_base_
 from serve_app.engine.lora_layers import LoRAContext
 from serve_app.api.wire import RequestOutput, TokenLogprob
 from serve_app.engine.sampling import LogitsRow, SamplingParams, apply_logits_processors, sample
+from serve_app.engine.structured import GrammarCache, GrammarError, RowGrammar
 from serve_app.errors import InvalidRequestError, ServeAppError
 
 logger = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class Request:
     aborted: bool = False
     done: bool = False
     arrival: float = field(default_factory=time.monotonic)
+    grammar: RowGrammar | None = None  # structured output: the matcher, on the request (survives a re-run)
 
     @property
     def length(self) -> int:
@@ -349,6 +351,17 @@ class LoRAEngine:
             raise InvalidRequestError("prompt is empty; send at least one token")
         return ids
 
+    def grammars(self) -> GrammarCache:
+        """The engine's compiled structured-output grammars (built on first use, on the caller's
+        thread: compiling never runs in the engine's step)."""
+        cache = getattr(self, "_grammar_cache", None)
+        if cache is None:
+            with self._cv:
+                cache = getattr(self, "_grammar_cache", None)
+                if cache is None:
+                    cache = self._grammar_cache = GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids)
+        return cache
+
     def add_request(
         self,
         prompt: str | list[int],
@@ -376,6 +389,7 @@ class LoRAEngine:
             raise InvalidRequestError(
                 f"logit_bias token id {bad[0]!r} is out of range; ids must be integers in [0, {self.vocab_size})"
             )
+        grammar = self.grammars().row(params.json_schema) if params.json_schema is not None else None
         resident = self.lora.acquire(adapter) if adapter is not None else None
         generator = None
         if params.seed is not None and not params.greedy:
@@ -392,6 +406,7 @@ class LoRAEngine:
             generator=generator,
             tenant=tenant,
             cache_key=None if resident is None else (resident.adapter_id, resident.load_id),
+            grammar=grammar,
         )
         with self._cv:
             if self._stopped:
@@ -697,9 +712,13 @@ class LoRAEngine:
         raw = None
         if asked:  # raw model logprobs, before penalties and temperature (vLLM's default)
             raw = logits[torch.tensor(asked, device=logits.device)].float()  # [A, vocab], a copy
-        processed = [LogitsRow(i, r.params, r.prompt_ids, r.output_ids, r.stop_ids)
+        # min_tokens does not hold EOS back on a constrained row: its grammar decides where it ends.
+        processed = [LogitsRow(i, r.params, r.prompt_ids, r.output_ids, r.stop_ids if r.grammar is None else frozenset())
                      for i, r in enumerate(rows) if r.params.processes_logits]
         failed = apply_logits_processors(logits, processed) if processed else {}
+        constrained = [(i, r.grammar, r.output_ids) for i, r in enumerate(rows) if r.grammar is not None]
+        if constrained:  # after the processors, so a bias cannot lift a token the grammar forbids
+            failed.update(self.grammars().mask_rows(logits, constrained))
         picked, errors = sample(logits, [r.params for r in rows], [r.generator for r in rows])
         errors.update(failed)
         token_lp = self._token_logprobs(asked, raw, rows, picked) if asked else {}
@@ -717,6 +736,10 @@ class LoRAEngine:
             req.output_ids.append(token)
             n_out = len(req.output_ids)
             lp = token_lp.get(i)
+            if req.grammar is not None and not req.grammar.accept(token):
+                self._fail(req, GrammarError("the sampled token broke the request's response_format; it was stopped"),
+                           "sampling")
+                continue
             if token in req.stop_ids:
                 self._finish(req, "stop", new_ids=[token], logprobs=lp)
                 continue
@@ -725,7 +748,7 @@ class LoRAEngine:
             except Exception as e:  # detokenizing / stop matching of this request only
                 self._fail(req, e, "detokenization")
                 continue
-            if hit_stop:
+            if hit_stop or (req.grammar is not None and req.grammar.terminated):  # (ignore_eos: the grammar ended it)
                 self._finish(req, "stop", delta, [token], logprobs=lp)
             elif n_out >= req.params.max_tokens or len(req.prompt_ids) + n_out >= self.max_model_len:
                 self._finish(req, "length", delta, [token], logprobs=lp)

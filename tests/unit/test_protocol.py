@@ -116,7 +116,12 @@ def _error_of(make, **kw) -> dict:
         (_chat, {"n": 200}, "n: must be an integer in [1, 128] (got 200)", "n"),
         (_chat, {"logprobs": True, "top_logprobs": 21}, "top_logprobs: must be an integer in [0, 20] (got 21)", "top_logprobs"),
         (_chat, {"top_logprobs": 3}, "top_logprobs needs logprobs set to true", None),
-        (_chat, {"response_format": {"type": "json_object"}}, "response_format: only", None),
+        (_chat, {"response_format": {"type": "xml"}}, "response_format.type must be 'text', 'json_object' or 'json_schema'", None),
+        (_chat, {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}},
+         "response_format.json_schema.schema: not a valid JSON Schema at type", None),
+        (_completion, {"guided_json": "{not json"}, "guided_json: the schema is not valid JSON", None),
+        (_completion, {"guided_json": {"type": "object"}, "response_format": {"type": "json_object"}},
+         "set only one of response_format, guided_json and structured_outputs", None),
         (_chat, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools: not supported", None),
         (_chat, {"stream_options": {"include_usage": True}}, "stream_options is only allowed when stream is true", None),
         # Every integer that becomes a tensor fits int32 (beyond int64 it failed the engine's whole step).

@@ -1,0 +1,193 @@
+"""Structured output (response_format json_object / json_schema): outputs parse and validate,
+constrained rows share a batch with free rows (which stay bit-identical) and adapters, greedy
+constrained decoding equals a plain-transformers / PEFT loop masked by the same grammar, bad
+schemas are 400s, compiled grammars are cached, and the matcher survives a re-run."""
+
+from __future__ import annotations
+
+import json
+
+import jsonschema
+import pytest
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from serve_app.api.protocol import ChatCompletionRequest, CompletionRequest
+from serve_app.api.sampling_params import SamplingParams
+from serve_app.api.structured import JSON_OBJECT_SCHEMA, schema_text
+from serve_app.engine.structured import RowGrammar, apply_bitmask
+from serve_app.errors import InvalidRequestError
+from tests.helpers import peft_model, reference_steps
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "role": {"enum": ["admin", "user", "guest"]},
+        "tags": {"type": "array", "items": {"type": "string", "maxLength": 6}, "maxItems": 3},
+        "ok": {"type": "boolean"},
+    },
+    "required": ["name", "age", "role", "tags", "ok"],
+    "additionalProperties": False,
+}
+TEXT = schema_text(SCHEMA, "test")
+
+
+def _greedy(n: int, **kw) -> SamplingParams:
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, **kw)
+
+
+def test_json_schema_rows_validate_beside_free_rows_and_adapters(two_adapter_engine, tiny_assets):
+    eng = two_adapter_engine
+    a0, a1 = tiny_assets.adapter_ids[:2]
+    free = [("the river bank", _greedy(24), ad) for ad in (None, a0, a1)]
+    alone = eng.generate_batch(free)
+    constrained = []
+    for j, ad in enumerate((None, a0, a1)):
+        constrained += [
+            (f"hello {j}", SamplingParams(max_tokens=200, temperature=0.0, json_schema=TEXT), ad),
+            (f"hello {j}", SamplingParams(max_tokens=200, temperature=1.0, seed=7 + j, json_schema=TEXT), ad),
+            # ignore_eos: the grammar still ends the row when the document is complete.
+            (f"hi {j}", SamplingParams(max_tokens=200, temperature=0.8, seed=j, ignore_eos=True, json_schema=TEXT), ad),
+            # min_tokens does not hold EOS back on a constrained row (it would leave no token).
+            (f"hi {j}", SamplingParams(max_tokens=200, temperature=0.0, min_tokens=150, json_schema=TEXT), ad),
+        ]
+    mixed = eng.generate_batch(free + constrained)
+    for a, b in zip(alone, mixed[: len(free)]):
+        assert a.token_ids == b.token_ids  # the free rows are untouched by the masks beside them
+    for c in mixed[len(free):]:
+        assert c.finish_reason == "stop", c
+        doc = json.loads(c.text)
+        jsonschema.validate(doc, SCHEMA)
+    # Seeded constrained rows are reproducible.
+    again = eng.generate_batch(constrained[1:2])
+    assert again[0].token_ids == mixed[len(free) + 1].token_ids
+
+
+def test_json_object_rows_parse_as_objects(two_adapter_engine, tiny_assets):
+    eng = two_adapter_engine
+    # A random model's free-form object may never close its first key: lean towards closing.
+    close = {eng.tokenizer.convert_tokens_to_ids(t): 4.0 for t in ('"', "}")}
+    reqs = [(f"x {i}", SamplingParams(max_tokens=400, temperature=0.0, json_schema=JSON_OBJECT_SCHEMA,
+                                      logit_bias=close), ad)
+            for i, ad in enumerate([None, *tiny_assets.adapter_ids[:2]])]
+    reqs += [(f"x {i}", SamplingParams(max_tokens=400, temperature=1.0, seed=i, json_schema=JSON_OBJECT_SCHEMA,
+                                       logit_bias=close), ad)
+             for i, ad in enumerate([None, *tiny_assets.adapter_ids[:2]])]
+    docs = []
+    for c in eng.generate_batch(reqs):
+        assert c.finish_reason == "stop", c
+        docs.append(json.loads(c.text))
+        assert isinstance(docs[-1], dict), c.text
+    assert sum(len(d) for d in docs) >= 3, docs  # not just "{}"
+
+
+class GrammarProcessor(LogitsProcessor):
+    """The reference: the same schema's grammar (a separate xgrammar matcher) as a transformers
+    logits processor, masking disallowed tokens to -inf."""
+
+    def __init__(self, eng, prompt_len: int, schema: str):
+        import xgrammar as xgr
+
+        self.xgr = xgr
+        self.matcher = xgr.GrammarMatcher(eng.grammars().compiled(schema))
+        self.prompt_len = prompt_len
+        self.mask = xgr.allocate_token_bitmask(1, eng.vocab_size)
+        self.json_ok = eng.grammars()._json_ok
+
+    def __call__(self, input_ids, scores):
+        out = input_ids[0, self.prompt_len:].tolist()
+        if out:
+            assert self.matcher.accept_token(out[-1])
+        self.matcher.fill_next_token_bitmask(self.mask, 0)
+        self.mask &= self.json_ok  # the engine's one addition to xgrammar's mask: no raw control characters
+        scores = scores.clone()
+        self.xgr.apply_token_bitmask_inplace(scores, self.mask)
+        return scores
+
+
+def test_greedy_constrained_rows_equal_a_peft_loop_masked_by_the_same_grammar(two_adapter_engine, tiny_assets):
+    eng = two_adapter_engine
+    a0, a1 = tiny_assets.adapter_ids[:2]
+    prompt = eng.tokenize("tenant adapter token")
+    ads = [None, a0, a1]
+    outs = eng.generate_batch([(prompt, SamplingParams(max_tokens=120, temperature=0.0, json_schema=TEXT), ad)
+                               for ad in ads] + [(prompt, _greedy(10), a0)])
+    for ad, c in zip(ads, outs):
+        model = peft_model(tiny_assets.base, None if ad is None else tiny_assets.adapters_dir / ad)
+        steps = reference_steps(model, prompt, 120, LogitsProcessorList([GrammarProcessor(eng, len(prompt), TEXT)]),
+                                stops=eng.eos_ids)
+        assert c.token_ids == [t for t, _ in steps], ad
+        assert steps[-1][0] in eng.eos_ids and c.finish_reason == "stop"
+
+
+def test_a_schema_the_compiler_refuses_is_a_400_at_submit_and_grammars_are_cached(two_adapter_engine):
+    eng = two_adapter_engine
+    bad = schema_text({"$ref": "#/$defs/nope"}, "t")  # a valid JSON Schema; a reference to nothing
+    with pytest.raises(InvalidRequestError, match="response_format: the JSON schema cannot be used"):
+        eng.add_request("x", SamplingParams(max_tokens=4, json_schema=bad), None, lambda out: None)
+    assert eng.stats()["running"] == 0 and eng.stats()["waiting"] == 0
+    cache = eng.grammars()
+    s = schema_text({"type": "object", "properties": {"k": {"type": "integer"}}}, "t")
+    before = cache.compiles
+    a = cache.compiled(s)
+    assert cache.compiles == before + 1 and cache.compiled(s) is a and cache.compiles == before + 1
+
+
+def test_the_matcher_survives_a_rerun_of_its_request(two_adapter_engine):
+    """A preempted request keeps its output_ids and is recomputed: the grammar state lives on the
+    request, and ``sync`` replays the output into a reset matcher when the count disagrees."""
+    eng = two_adapter_engine
+    cache = eng.grammars()
+    doc = json.dumps({"name": "ab", "age": 3, "role": "user", "tags": ["x"], "ok": True})
+    ids = eng.tokenizer(doc, add_special_tokens=False)["input_ids"]
+    live = cache.row(TEXT)
+    V = eng.vocab_size
+    for k, t in enumerate(ids):
+        out = ids[:k]
+        la, lb, lc = (torch.zeros(1, V) for _ in range(3))
+        cache.mask_rows(la, [(0, live, out)])
+        rerun = cache.row(TEXT)  # a matcher that saw none of it
+        cache.mask_rows(lb, [(0, rerun, out)])
+        stale = cache.row(TEXT)  # one that consumed more than the output now holds
+        for u in ids[: k + 2]:
+            stale.accept(u)
+        cache.mask_rows(lc, [(0, stale, out)])
+        assert torch.equal(la, lb) and torch.equal(la, lc), k
+        assert la[0, t] == 0  # the document's next token is allowed
+        assert live.accept(t)
+    assert live.accept(sorted(eng.eos_ids)[0]) and live.terminated
+
+
+def test_apply_bitmask_equals_xgrammars_kernel():
+    import xgrammar as xgr
+
+    g = torch.Generator().manual_seed(0)
+    for vocab in (512, 8192, 49152, 1000):
+        logits = torch.randn(6, vocab, generator=g)
+        mask = torch.randint(-(2**31), 2**31 - 1, (6, (vocab + 31) // 32), dtype=torch.int32, generator=g)
+        ours, ref = logits.clone(), logits.clone()
+        apply_bitmask(ours, torch.tensor([1, 4]), mask[[1, 4]])
+        xgr.apply_token_bitmask_inplace(ref, mask, vocab_size=vocab, indices=[1, 4])
+        assert torch.equal(ours, ref)
+        assert torch.equal(ours[[0, 2, 3, 5]], logits[[0, 2, 3, 5]])
+
+
+@pytest.mark.parametrize("cls,base", [(CompletionRequest, {"prompt": "x"}), (ChatCompletionRequest, {"messages": [{"role": "user", "content": "x"}]})])
+def test_request_forms_become_one_schema_text(cls, base):
+    def params(**kw):
+        return cls.model_validate({"model": "m", **base, **kw}).to_sampling_params(16).json_schema
+
+    assert params() is None and params(response_format={"type": "text"}) is None
+    assert params(response_format={"type": "json_object"}) == JSON_OBJECT_SCHEMA
+    rf = {"type": "json_schema", "json_schema": {"name": "P", "schema": SCHEMA, "strict": True}}
+    assert params(response_format=rf) == TEXT
+    assert params(guided_json=SCHEMA) == TEXT == params(guided_json=json.dumps(SCHEMA))
+    assert params(structured_outputs={"json": SCHEMA}) == TEXT
+    assert json.loads(TEXT) == SCHEMA and list(json.loads(TEXT)["properties"]) == list(SCHEMA["properties"])  # order kept
+    for bad in ({"type": "json_schema"}, {"type": "json_schema", "json_schema": {"schema": {"type": "nope"}}},
+                {"type": "yaml"}, "json"):
+        with pytest.raises(Exception) as e:
+            cls.model_validate({"model": "m", **base, "response_format": bad})
+        assert type(e.value).__name__ == "ValidationError"

@@ -167,7 +167,6 @@ class StreamOptions(BaseModel):
 # ``extra="ignore"`` would silently drop them); refuse them instead when set to
 # anything but their no-op value, so a client never gets a quietly different answer.
 _UNSUPPORTED_EXTRAS: dict[str, tuple[Any, ...]] = {
-    "best_of": (None, 1),
     "suffix": (None, ""),
     "tools": (None, []),
     "functions": (None, []),
@@ -325,6 +324,7 @@ class _SamplingRequest(BaseModel):
         "repetition_penalty",
         "min_tokens",
         "n",
+        "best_of",
         "max_tokens",
         "max_completion_tokens",
         mode="wrap",
@@ -457,15 +457,22 @@ class _SamplingRequest(BaseModel):
     def _max_tokens(self, default_max_tokens: int) -> int:
         raise NotImplementedError
 
+    @property
+    def sequences(self) -> int:
+        """Engine sequences per prompt: ``n`` (completions: ``best_of`` when larger)."""
+        return self.n
+
     def choice_params(self, params: SamplingParams) -> list[SamplingParams]:
-        """One SamplingParams per choice (``n``): choice j samples with ``seed + j`` (int64 wrap)."""
-        if self.n == 1:
+        """One SamplingParams per sequence (``sequences``): sequence j samples with ``seed + j``
+        (int64 wrap)."""
+        count = self.sequences
+        if count == 1:
             return [params]
         if params.seed is None:
-            return [params] * self.n
+            return [params] * count
         span = _INT64_MAX - _INT64_MIN + 1
         return [dataclasses.replace(params, seed=(params.seed + j - _INT64_MIN) % span + _INT64_MIN)
-                for j in range(self.n)]
+                for j in range(count)]
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
         """Engine sampling parameters; ``default_max_tokens`` applies when none was given.
@@ -512,7 +519,19 @@ class CompletionRequest(_SamplingRequest):
     )
     echo: bool = Field(
         default=False,
-        description="Prepend the prompt to the completion. Not supported: must be false.",
+        description="Prepend the prompt to each choice's text; with `logprobs`, the prompt's tokens come "
+        "first in `logprobs` too (the first one's logprob and top_logprobs are null, as OpenAI and vLLM "
+        "send), from a scoring forward of the prompt under the same model/adapter (raw logprobs). What "
+        "lm-eval's loglikelihood tasks use (`echo` + `logprobs` + max_tokens 1).",
+    )
+    best_of: int | None = Field(
+        default=None,
+        ge=1,
+        le=MAX_N,
+        description=f"Generate this many sequences per prompt (in [n, {MAX_N}]) and return the `n` with the "
+        "highest cumulative logprob (raw model logprobs of their tokens), best first. Usage counts every "
+        "sequence. Not with `stream` unless equal to `n` (OpenAI's rule). Sequence j of a request with a "
+        "`seed` samples with seed + j; greedy sequences are all the same.",
     )
     logprobs: int | None = Field(
         default=None,
@@ -520,8 +539,8 @@ class CompletionRequest(_SamplingRequest):
         le=MAX_LOGPROBS,
         description=f"In [0, {MAX_LOGPROBS}]: return each generated token's log probability and the "
         "this-many most likely alternatives (`choices[].logprobs`: tokens, token_logprobs, "
-        "top_logprobs, text_offset). Raw model logprobs: before temperature, penalties and "
-        "logit_bias, as vLLM reports them. `echo` with logprobs is not supported yet.",
+        "top_logprobs, text_offset). Raw model logprobs: before temperature, penalties, "
+        "logit_bias and response_format, as vLLM reports them. With `echo`, the prompt's tokens too.",
     )
 
     @field_validator("echo", mode="before")
@@ -569,12 +588,19 @@ class CompletionRequest(_SamplingRequest):
                 _check_token_ids(p)
         return v
 
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v: bool) -> bool:
-        if v:
-            raise _unsupported("not supported (must be false)")
-        return v
+    @model_validator(mode="after")
+    def _check_best_of(self):
+        if self.best_of is None:
+            return self
+        if self.best_of < self.n:
+            raise PydanticCustomError("best_of", "best_of ({b}) must be >= n ({n})", {"b": self.best_of, "n": self.n})
+        if self.stream and self.best_of > self.n:
+            raise PydanticCustomError("best_of_stream", "best_of > n cannot be streamed; drop stream or best_of")
+        return self
+
+    @property
+    def sequences(self) -> int:
+        return max(self.n, self.best_of or 1)
 
     @field_validator("logprobs", mode="wrap")
     @classmethod
@@ -582,7 +608,8 @@ class CompletionRequest(_SamplingRequest):
         return _check_range(cls, v, handler, info)
 
     def to_sampling_params(self, default_max_tokens: int) -> SamplingParams:
-        return dataclasses.replace(super().to_sampling_params(default_max_tokens), logprobs=self.logprobs)
+        return dataclasses.replace(super().to_sampling_params(default_max_tokens), logprobs=self.logprobs,
+                                   echo=self.echo)
 
     def prompts(self) -> list[str | list[int]]:
         """The prompt as a batch: each item is one text or one token-ID list."""
@@ -738,10 +765,12 @@ def _lp(v: float) -> float:
 class CompletionLogprobs(BaseModel):
     """OpenAI's legacy completions shape: one entry per generated token."""
 
-    tokens: list[str] = Field(description="Each generated token, decoded on its own.")
-    token_logprobs: list[float] = Field(description="Each token's log probability.")
-    top_logprobs: list[dict[str, float]] = Field(
-        description="Per token, the requested number of most likely tokens -> their log probability.")
+    tokens: list[str] = Field(description="Each generated token (with echo: the prompt's first), decoded on its own.")
+    token_logprobs: list[float | None] = Field(
+        description="Each token's log probability; null for the prompt's first token (echo).")
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="Per token, the requested number of most likely tokens -> their log probability; null "
+        "for the prompt's first token (echo).")
     text_offset: list[int] = Field(description="Each token's character offset in the choice's text.")
 
     @classmethod
@@ -751,8 +780,10 @@ class CompletionLogprobs(BaseModel):
         for e in entries:
             offsets.append(offset)
             offset += len(e.token)
-        return cls(tokens=[e.token for e in entries], token_logprobs=[_lp(e.logprob) for e in entries],
-                   top_logprobs=[{t: _lp(v) for t, _, v in e.top} for e in entries], text_offset=offsets)
+        return cls(tokens=[e.token for e in entries],
+                   token_logprobs=[None if e.logprob is None else _lp(e.logprob) for e in entries],
+                   top_logprobs=[None if e.top is None else {t: _lp(v) for t, _, v in e.top} for e in entries],
+                   text_offset=offsets)
 
 
 class ChatTopLogprob(BaseModel):

@@ -39,6 +39,9 @@ class SamplingParams:
     # builds it from response_format / guided_json; json_object is '{"type":"object"}'). The
     # engine compiles it once per distinct text (engine/structured.py) and masks the row's logits.
     json_schema: str | None = None
+    # echo (completions): the first output also carries the prompt's text and, with ``logprobs``,
+    # its tokens' logprobs (a scoring forward of the prompt on the engine thread).
+    echo: bool = False
 
     def __post_init__(self):
         if isinstance(self.stop, str):

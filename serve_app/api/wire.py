@@ -43,8 +43,8 @@ class TokenLogprob:
 
     token: str  # the token decoded on its own
     token_id: int
-    logprob: float
-    top: list[tuple[str, int, float]]  # (token, id, logprob), most likely first; the request's top-n
+    logprob: float | None  # None only for a prompt's first token (echo: nothing predicts it)
+    top: list[tuple[str, int, float]] | None  # (token, id, logprob), most likely first; the request's top-n
 
 
 @dataclass
@@ -60,3 +60,7 @@ class RequestOutput:
     completion_tokens: int = 0
     error: ServeAppError | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token in ``token_ids``, when the request asked
+    # echo (completions), on a request's first output only: the prompt as text, and with logprobs
+    # one entry per prompt token (the first one's logprob and top are None, as OpenAI and vLLM send).
+    prompt_text: str | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None

@@ -728,6 +728,14 @@ class LoRAEngine:
                     errors[i] = EngineError(
                         f"adapter '{req.adapter.adapter_id}' was found corrupted in device memory and unloaded; retry"
                     )
+        echo = {}  # id(request) -> (prompt text, prompt logprobs): on its first output
+        for i, r in enumerate(rows):
+            if r.params.echo and not r.output_ids and i not in errors:
+                try:
+                    echo[id(r)] = self._prompt_echo(r)
+                except Exception as e:
+                    errors[i] = e
+        first_out = len(self._outbox)
         self.generated_tokens += len(rows) - len(errors)
         for i, (req, token) in enumerate(zip(rows, picked)):
             if i in errors:
@@ -754,6 +762,42 @@ class LoRAEngine:
                 self._finish(req, "length", delta, [token], logprobs=lp)
             else:
                 self._emit(req, RequestOutput(req.request_id, delta, [token], logprobs=lp))
+        if echo:
+            for req, out in self._outbox[first_out:]:
+                if id(req) in echo and out.error is None:
+                    out.prompt_text, out.prompt_logprobs = echo[id(req)]
+
+    def _prompt_echo(self, req: Request) -> tuple[str, list[TokenLogprob] | None]:
+        """echo: the prompt decoded, and with logprobs each prompt token's raw logprob and top-k
+        (the first one None) from a scoring forward of the whole prompt (engine thread, no KV)."""
+        ids = req.prompt_ids
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        k = req.params.logprobs
+        if k is None:
+            return text, None
+        decode = self._token_text
+        entries = [TokenLogprob(decode(ids[0]), ids[0], None, None)]
+        if len(ids) == 1:
+            return text, entries
+        logits = self.score_prompt(ids, req.adapter)[:-1]  # [T-1, vocab]: position t predicts ids[t + 1]
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+        target = torch.tensor(ids[1:], device=logits.device)[:, None]
+        chosen = (logits.gather(1, target) - lse)[:, 0].tolist()
+        tops = [[] for _ in chosen]
+        if k:
+            top_v, top_i = logits.topk(k, dim=-1)
+            tops = [[(decode(t), t, v) for t, v in zip(ti, tv)]
+                    for ti, tv in zip(top_i.tolist(), (top_v - lse).tolist())]
+        entries += [TokenLogprob(decode(t), t, lp, top) for t, lp, top in zip(ids[1:], chosen, tops)]
+        return text, entries
+
+    @torch.inference_mode()
+    def score_prompt(self, ids: list[int], adapter: ResidentAdapter | None) -> torch.Tensor:
+        """Raw logits [T, vocab] at every position of ``ids`` under ``adapter`` (engine thread)."""
+        if self.runner is None:  # GenerateEngine: the (merged) model as it is
+            return self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
+        lora = self.lora.prepare([adapter] * len(ids)) if adapter is not None else None
+        return self.runner.score(ids, lora)
 
     def _token_logprobs(self, asked: list[int], raw, rows: list[Request], picked: list[int]) -> dict:
         """Row index -> [TokenLogprob] of its sampled token: its logprob and its top-k alternatives.
@@ -900,6 +944,8 @@ def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
     if len(outs) == 1:
         return last
     return RequestOutput(
+        prompt_text=outs[0].prompt_text,
+        prompt_logprobs=outs[0].prompt_logprobs,
         request_id=last.request_id,
         text="".join(o.text for o in outs),
         token_ids=[t for o in outs for t in o.token_ids],

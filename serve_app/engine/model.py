@@ -448,3 +448,18 @@ class ModelRunner:
 
     def _logits(self, last_hidden: torch.Tensor) -> torch.Tensor:  # [B, hidden] -> [B, vocab]
         return self.model.lm_head(self.inner.norm(last_hidden)).float()
+
+    @torch.inference_mode()
+    def score(self, ids: list[int], lora: LoRABatch | None) -> torch.Tensor:
+        """Logits [T, vocab] at every position of ``ids``: one scoring forward with plain causal
+        SDPA, no KV cache read or written (echo's prompt logprobs). ``lora``: prepared per token
+        (``len(ids)`` entries) or None for the base."""
+        dev = self.device
+        ids_t = torch.tensor(ids, dtype=torch.long, device=dev)[None]  # [1, T]
+        positions = torch.arange(len(ids), dtype=torch.long, device=dev)[None]  # [1, T]
+
+        def attend(li, q, k, v):  # q: [1, H, T, hd], k/v: [1, KV, T, hd]
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=self.gqa)
+
+        hidden = self._forward(ids_t, positions, attend, lora)  # [1, T, hidden]
+        return self._logits(hidden[0])

@@ -15,6 +15,7 @@ after Serve rewrites the methods' signatures.
 
 
 import asyncio
+import dataclasses
 import logging
 import time
 from typing import AsyncIterator
@@ -237,6 +238,21 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
             t.cancel()
 
 
+def _echoed(request: CompletionRequest, prompt, out) -> str:
+    """echo: the prompt text to put before a choice's first output (the client's own string, or the
+    engine's decoding of token IDs); "" without echo."""
+    if not request.echo:
+        return ""
+    return prompt if isinstance(prompt, str) else (out.prompt_text or "")
+
+
+def _echo_logprobs(request: CompletionRequest, out) -> list | None:
+    """A first output's logprob entries, the prompt's first with echo."""
+    if out.logprobs is None:
+        return None
+    return [*(out.prompt_logprobs or []), *out.logprobs] if request.echo else out.logprobs
+
+
 @serve.ingress(app)
 class Router:
     def __init__(self, lora: DeploymentHandle, merged: DeploymentHandle | None, app_config: dict):
@@ -278,8 +294,8 @@ class Router:
         # Before the adapter is looked up: the answer must not depend on whether it exists.
         self.auth.authorize(principal, adapter_id)
         counts = await self.limiter.count_prompts(body)  # 400 first if it holds more than max_num_seqs prompts
-        if body.n > 1:  # every choice is its own sequence: n x prompts against the same limits
-            counts = [c for c in counts for _ in range(body.n)]
+        if body.sequences > 1:  # every choice (best_of: candidate) is its own sequence: against the same limits
+            counts = [c for c in counts for _ in range(body.sequences)]
             self.limiter.check_prompt_count(len(counts))
         max_tokens = body.to_sampling_params(self.default_max_tokens).max_tokens
         # The lease's tenant keys the limits and the engine's fair admission (GenerateRequest.tenant):
@@ -347,7 +363,8 @@ class Router:
         try:
             for attempt in range(REPLICA_RETRIES + 1):
                 try:
-                    if req.params.logprobs is not None:  # per-token data: the request's own stream, not a channel
+                    if req.params.logprobs is not None or req.params.echo:  # per-token data / the prompt echoed:
+                        # the request's own stream, not a channel (text only)
                         source = self._direct_stream(adapter_id, path, req)
                     else:
                         source = self.streams.stream(self._handle(adapter_id, path, stream=False), path, req)
@@ -377,7 +394,7 @@ class Router:
         (logprobs), which the channels (text only) do not carry."""
         async for out in self._handle(adapter_id, path, stream=True).generate_stream.remote(req):
             yield StreamOutput(out.text, out.finished, out.finish_reason, out.prompt_tokens, out.completion_tokens,
-                               out.logprobs)
+                               out.logprobs, out.prompt_text, out.prompt_logprobs)
 
     # ---- the API, for HTTP routes and Python handles alike --------------------------------------
 
@@ -464,23 +481,36 @@ class Router:
         self, request: CompletionRequest, header: str | None, tenant: str | None = None
     ) -> tuple[str, CompletionResponse]:
         adapter_id, path = self._resolve(request.model, header)
-        choices = request.choice_params(request.to_sampling_params(self.default_max_tokens))
+        params = request.to_sampling_params(self.default_max_tokens)
+        k, n = request.sequences, request.n
+        if k > n and params.logprobs is None:  # best_of ranks by cumulative logprob: the engine reports them
+            params = dataclasses.replace(params, logprobs=0)
+        choices = request.choice_params(params)
         tenant = tenant or header or request.model
+        prompts = request.prompts()
         t0 = time.perf_counter()
         outs = await asyncio.gather(  # choice index = prompt index * n + j, as OpenAI orders them
             *(self._generate(adapter_id, path, GenerateRequest(params=cp, prompt=p, tenant=tenant))
-              for p in request.prompts() for cp in choices)
+              for p in prompts for cp in choices)
         )
         metrics.LATENCY.observe(time.perf_counter() - t0, tags={"path": path})
+        kept = []  # (prompt, output) of each returned choice
+        for pi, p in enumerate(prompts):
+            group = outs[pi * k : (pi + 1) * k]
+            if k > n:  # best_of: the n most likely sequences, best first
+                group = sorted(group, key=lambda o: -sum(e.logprob for e in o.logprobs or []))[:n]
+            kept += [(p, o) for o in group]
+        strip = request.logprobs is None  # logprobs the client did not ask for (best_of's ranking)
         return path, CompletionResponse(
             model=header or request.model,
             choices=[
                 CompletionResponseChoice(
-                    index=i, text=o.text, finish_reason=o.finish_reason,
-                    logprobs=None if o.logprobs is None else CompletionLogprobs.of(o.logprobs),
+                    index=i, text=_echoed(request, p, o) + o.text, finish_reason=o.finish_reason,
+                    logprobs=None if strip or o.logprobs is None else CompletionLogprobs.of(_echo_logprobs(request, o)),
                 )
-                for i, o in enumerate(outs)
+                for i, (p, o) in enumerate(kept)
             ],
+            # Usage counts every sequence generated, best_of's discarded ones too.
             usage=UsageInfo.of(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs)),
         )
 
@@ -493,18 +523,22 @@ class Router:
 
         async def chunks() -> AsyncIterator[CompletionStreamResponse]:
             usage = [0, 0]
+            prompts = request.prompts()
             streams = [
                 self._generate_stream(adapter_id, path, GenerateRequest(params=cp, prompt=p, tenant=tenant))
-                for p in request.prompts() for cp in choices
+                for p in prompts for cp in choices
             ]
             sent: dict[int, int] = {}  # choice -> characters sent (logprobs' text_offset)
             async for i, out in _merge(streams):
-                if out.text or out.finished or out.logprobs:
-                    lp = None if out.logprobs is None else CompletionLogprobs.of(out.logprobs, sent.get(i, 0))
-                    sent[i] = sent.get(i, 0) + len(out.text)
+                first = i not in sent
+                text = (_echoed(request, prompts[i // len(choices)], out) if first else "") + out.text
+                if text or out.finished or out.logprobs:
+                    entries = _echo_logprobs(request, out) if first else out.logprobs
+                    lp = None if entries is None else CompletionLogprobs.of(entries, sent.get(i, 0))
+                    sent[i] = sent.get(i, 0) + len(text)
                     yield CompletionStreamResponse(
                         id=cid, model=model,
-                        choices=[CompletionResponseStreamChoice(index=i, text=out.text, finish_reason=out.finish_reason,
+                        choices=[CompletionResponseStreamChoice(index=i, text=text, finish_reason=out.finish_reason,
                                                                 logprobs=lp)],
                     )
                 if out.finished:

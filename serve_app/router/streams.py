@@ -54,6 +54,8 @@ class StreamOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     logprobs: list | None = None  # TokenLogprob entries of this chunk's tokens (api/wire.py), when asked
+    prompt_text: str | None = None  # echo: on the first chunk (api/wire.py RequestOutput)
+    prompt_logprobs: list | None = None
 
 
 class _Mailbox:

@@ -433,6 +433,13 @@ BAD_REQUESTS = [
     ("n-0-chat", CHAT, {"model": "base", "messages": MSGS, "n": 0}, (400,)),
     ("n-times-prompts-over-the-cap", CMPL, {"model": "base", "prompt": ["x"] * 8, "n": 128}, (400,)),
     ("empty-messages", CHAT, {"model": "base", "messages": []}, (400,)),
+    # Structured output: a schema that is not a JSON Schema (the edge), one the grammar compiler refuses (the replica).
+    ("bad-json-schema", CHAT, {"model": "base", "messages": MSGS, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": 5}}}}, (400,)),
+    ("uncompilable-schema", CMPL, {"model": "tenant-1", "prompt": "x", "guided_json": {"$ref": "#/$defs/nope"}}, (400,)),
+    ("uncompilable-schema-stream", CHAT, {"model": "base", "messages": MSGS, "stream": True, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#/$defs/nope"}}}}, (400,)),
+    ("response-format-unknown", CMPL, {"model": "base", "prompt": "x", "response_format": {"type": "yaml"}}, (400,)),
     ("empty-prompt-list", CMPL, {"model": "base", "prompt": []}, (400,)),
     ("temperature-too-high", CMPL, {"model": "base", "prompt": "x", "temperature": 5}, (400,)),
     # Path-traversal and malformed IDs are refused before any lookup: 400 invalid_model, never a 404
@@ -638,6 +645,100 @@ def test_logprobs_over_http_streamed_equal_non_streamed(serve_env, http):
                                             logprobs=True, top_logprobs=3, stream=True, extra_body={"ignore_eos": True})
     streamed = [t for ch in stream for c in ch.choices if c.logprobs and c.logprobs.content for t in c.logprobs.content]
     assert [(t.token, round(t.logprob, 5)) for t in streamed] == [(t.token, round(t.logprob, 5)) for t in content]
+
+
+def test_structured_output_through_the_openai_clients_parse_helpers(serve_env, http, refs):
+    """json_schema outputs validate against the schema: the official client's ``parse`` with a
+    pydantic model (chat, per adapter and the base), guided_json on completions streamed and not,
+    json_object; free requests sent at the same time keep their exact PEFT tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+    from typing import Literal
+
+    import jsonschema
+    from openai import OpenAI
+    from pydantic import BaseModel, Field
+
+    class Person(BaseModel):
+        name: str = Field(max_length=10)
+        age: int = Field(ge=0, le=99)
+        role: Literal["admin", "user", "guest"]
+        tags: list[Literal["a", "b"]] = Field(max_length=3)
+
+    client = OpenAI(base_url=serve_env.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+    def parse(model):
+        return client.chat.completions.parse(model=model, messages=MSGS, response_format=Person, max_tokens=200,
+                                             temperature=0)
+
+    def free(model):
+        return model, http.post(CMPL, json=greedy(model, 12, prompt=PROMPTS[1])).json()["choices"][0]["text"]
+
+    models = ["base", "tenant-1", "tenant-2"]
+    with ThreadPoolExecutor(6) as pool:  # constrained and free requests in the same engine steps
+        parsed = list(pool.map(parse, models))
+        frees = list(pool.map(free, models))
+    for r in parsed:
+        assert r.choices[0].finish_reason == "stop" and isinstance(r.choices[0].message.parsed, Person), r
+        assert Person.model_validate_json(r.choices[0].message.content) == r.choices[0].message.parsed
+    for model, text in frees:
+        assert text == refs.text(model, PROMPTS[1], 12)
+
+    schema = {"type": "object", "properties": {"id": {"type": "integer", "minimum": 0, "maximum": 50},
+                                               "ok": {"type": "boolean"}},
+              "required": ["id", "ok"], "additionalProperties": False}
+    body = {"model": "tenant-1", "prompt": PROMPTS[0], "max_tokens": 60, "temperature": 0, "guided_json": schema}
+    r = http.post(CMPL, json=body)
+    assert r.status_code == 200, r.text
+    text = r.json()["choices"][0]["text"]
+    jsonschema.validate(json.loads(text), schema)
+    r, payloads, done = post_stream(http, CMPL, body)
+    assert r.status_code == 200 and done and stream_text(payloads) == (text, ["stop"])
+    rf = {"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}}
+    out = client.completions.create(model="base", prompt=PROMPTS[2], max_tokens=60, temperature=0.7, seed=3,
+                                    extra_body={"response_format": rf})
+    jsonschema.validate(json.loads(out.choices[0].text), schema)
+    close = {str(refs.tokenizer.convert_tokens_to_ids(t)): 4 for t in ('"', "}")}  # a random model's object: lean to closing
+    obj = client.chat.completions.create(model="tenant-2", messages=MSGS, max_tokens=300, temperature=0,
+                                         response_format={"type": "json_object"}, logit_bias=close)
+    assert obj.choices[0].finish_reason == "stop" and isinstance(json.loads(obj.choices[0].message.content), dict)
+
+
+def test_echo_and_best_of_over_http(http, refs):
+    """echo: the prompt before the text and, with logprobs, the prompt's tokens first (the first one
+    null) equal to PEFT's log-softmax; streamed the same. best_of: the n most likely of best_of
+    sequences (the same ones n=best_of with that seed returns), best first; usage counts all."""
+    import torch
+
+    body = greedy("tenant-1", 4, prompt=PROMPTS[0], logprobs=1, echo=True)
+    r = http.post(CMPL, json=body)
+    assert r.status_code == 200, r.text
+    c = r.json()["choices"][0]
+    ids = refs.prompt_ids(PROMPTS[0])
+    assert c["text"] == PROMPTS[0] + refs.text("tenant-1", PROMPTS[0], 4)
+    lp = c["logprobs"]
+    assert len(lp["tokens"]) == len(lp["token_logprobs"]) == len(lp["top_logprobs"]) == len(ids) + 4
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    full = ids + refs.tokens("tenant-1", ids, 4)
+    with torch.inference_mode():
+        ref = torch.log_softmax(refs._model("tenant-1")(input_ids=torch.tensor([full])).logits[0].float(), -1)
+    for t in range(1, len(full)):
+        assert lp["token_logprobs"][t] == pytest.approx(float(ref[t - 1, full[t]]), abs=1e-4), t
+    r, payloads, done = post_stream(http, CMPL, body)
+    assert r.status_code == 200 and done
+    streamed = [v for p in payloads for ch in p["choices"] if ch.get("logprobs") for v in ch["logprobs"]["token_logprobs"]]
+    assert stream_text(payloads)[0] == c["text"] and streamed == lp["token_logprobs"]
+    r = http.post(CMPL, json=greedy("base", 2, prompt=[5, 6, 7], echo=True))  # token IDs: the decoded prompt
+    assert r.json()["choices"][0]["text"] == refs.decode([5, 6, 7]) + refs.decode(refs.tokens("base", [5, 6, 7], 2))
+
+    sampled = {"model": "tenant-2", "prompt": PROMPTS[1], "max_tokens": 6, "temperature": 1.0, "seed": 11,
+               "ignore_eos": True, "logprobs": 0}
+    four = http.post(CMPL, json={**sampled, "n": 4}).json()["choices"]
+    score = {c["text"]: sum(c["logprobs"]["token_logprobs"]) for c in four}
+    best = http.post(CMPL, json={**sampled, "n": 2, "best_of": 4}).json()
+    assert [c["text"] for c in best["choices"]] == sorted(score, key=lambda t: -score[t])[:2]
+    assert [c["index"] for c in best["choices"]] == [0, 1] and best["usage"]["completion_tokens"] == 4 * 6
+    plain = http.post(CMPL, json={**sampled, "n": 1, "best_of": 4, "logprobs": None}).json()
+    assert plain["choices"][0]["text"] == max(score, key=score.get) and plain["choices"][0]["logprobs"] is None
 
 
 def test_server_still_serves_after_errors(http, refs):

@@ -529,10 +529,12 @@ class Router:
                 for p in prompts for cp in choices
             ]
             sent: dict[int, int] = {}  # choice -> characters sent (logprobs' text_offset)
+            seen: set[int] = set()  # choices whose first output arrived (echo rides on it)
             async for i, out in _merge(streams):
-                first = i not in sent
+                first = i not in seen
+                seen.add(i)
                 text = (_echoed(request, prompts[i // len(choices)], out) if first else "") + out.text
-                if text or out.finished or out.logprobs:
+                if text or out.finished or out.logprobs or (first and request.echo):
                     entries = _echo_logprobs(request, out) if first else out.logprobs
                     lp = None if entries is None else CompletionLogprobs.of(entries, sent.get(i, 0))
                     sent[i] = sent.get(i, 0) + len(text)

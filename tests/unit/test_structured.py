@@ -191,3 +191,31 @@ def test_request_forms_become_one_schema_text(cls, base):
         with pytest.raises(Exception) as e:
             cls.model_validate({"model": "m", **base, "response_format": bad})
         assert type(e.value).__name__ == "ValidationError"
+
+
+@pytest.mark.smollm2
+def test_json_schema_on_the_real_model_per_tenant():
+    """SmolLM2-135M-Instruct (vocab 49152, real BPE) and its trained tenants, chat-templated:
+    every output parses and validates; a free row in the same batch keeps its tokens."""
+    from serve_app.api.protocol import chat_prompt_ids
+    from serve_app.engine.config import EngineConfig
+    from serve_app.engine.engine import LoRAEngine
+    from tests.helpers import smollm2_assets
+
+    assets = smollm2_assets()
+    eng = LoRAEngine(EngineConfig(model=str(assets.base), max_lora_rank=64, max_num_seqs=8))
+    try:
+        for aid in assets.adapter_ids:
+            eng.load_adapter(aid, str(assets.adapters_dir / aid))
+        prompt = chat_prompt_ids(eng.tokenizer, [{"role": "user", "content": "Describe a person as JSON."}])
+        free = (prompt, _greedy(16), assets.adapter_ids[0])
+        alone = eng.generate_batch([free])[0]
+        reqs = [(prompt, SamplingParams(max_tokens=120, temperature=t, seed=1, json_schema=TEXT), ad)
+                for ad in [None, *assets.adapter_ids] for t in (0.0, 0.9)]
+        outs = eng.generate_batch([free, *reqs])
+        assert outs[0].token_ids == alone.token_ids
+        for c in outs[1:]:
+            assert c.finish_reason == "stop", c
+            jsonschema.validate(json.loads(c.text), SCHEMA)
+    finally:
+        eng.shutdown()

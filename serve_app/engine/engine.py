@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 _ids = itertools.count()
 _MIN_CHUNK = 16  # a chunked prefill starts with at least this many tokens (or the whole prompt)
+_GRAMMAR_INIT = threading.Lock()  # LoRAEngine.grammars(): one GrammarCache per engine
 
 
 class EngineError(ServeAppError):
@@ -356,7 +357,7 @@ class LoRAEngine:
         thread: compiling never runs in the engine's step)."""
         cache = getattr(self, "_grammar_cache", None)
         if cache is None:
-            with self._cv:
+            with _GRAMMAR_INIT:  # not the engine's lock: building it takes 20-130 ms, once
                 cache = getattr(self, "_grammar_cache", None)
                 if cache is None:
                     cache = self._grammar_cache = GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids)

@@ -122,7 +122,8 @@ class GrammarCache:
         self.vocab_size = vocab_size
         self.max_entries = max_entries
         self._grammars: OrderedDict[str, object] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the LRU
+        self._compile_lock = threading.Lock()  # one compile at a time (and one per schema)
         self._mask = None  # [rows, words] int32, reused across steps (engine thread only)
         self._json_ok = _json_safe_words(info.decoded_vocab, vocab_size, stop_ids)  # [words] int32
         self.compiles = 0  # schemas compiled (a cache miss each)
@@ -133,18 +134,23 @@ class GrammarCache:
             if g is not None:
                 self._grammars.move_to_end(schema)
                 return g
-        try:
-            g = self._compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
-        except Exception as e:  # the client's schema: xgrammar says what it cannot express
-            msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-            raise InvalidRequestError(f"response_format: the JSON schema cannot be used for structured output: "
-                                      f"{msg.split(': ', 1)[-1][:300]}") from None
-        with self._lock:
-            self.compiles += 1
-            self._grammars[schema] = g
-            while len(self._grammars) > self.max_entries:
-                self._grammars.popitem(last=False)
-        return g
+        with self._compile_lock:
+            with self._lock:
+                g = self._grammars.get(schema)  # compiled while this thread waited
+            if g is not None:
+                return g
+            try:
+                g = self._compiler.compile_json_schema(schema, any_whitespace=False, strict_mode=True)
+            except Exception as e:  # the client's schema: xgrammar says what it cannot express
+                msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+                raise InvalidRequestError(f"response_format: the JSON schema cannot be used for structured output: "
+                                          f"{msg.split(': ', 1)[-1][:300]}") from None
+            with self._lock:
+                self.compiles += 1
+                self._grammars[schema] = g
+                while len(self._grammars) > self.max_entries:
+                    self._grammars.popitem(last=False)
+            return g
 
     def row(self, schema: str) -> RowGrammar:
         """A fresh matcher for one request (compiling the schema on a cache miss)."""

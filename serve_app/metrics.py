@@ -50,3 +50,13 @@ ADAPTER_CACHE = _Lazy(
 ADAPTER_LOAD = _Lazy(
     "histogram", "serve_app_adapter_load_seconds", "Adapter load latency per source tier.", ("tier",), _LOAD_BUCKETS
 )
+KV_BLOCKS = _Lazy(
+    "gauge", "serve_app_kv_blocks", "KV-cache blocks of a LoRA replica per state: used, free, cached.", ("state",)
+)
+KV_PREEMPTIONS = _Lazy(
+    "gauge", "serve_app_kv_preemptions", "Sequences preempted for lack of KV blocks since the replica started."
+)
+PREFIX_HIT_RATE = _Lazy(
+    "gauge", "serve_app_prefix_cache_hit_rate", "Prompt tokens found in the prefix cache / looked up, per adapter.",
+    ("adapter",),
+)

@@ -251,6 +251,23 @@ class LoRADeployment(ChannelMixin):
     def _start_background(self) -> None:
         if self._reconciler is None or self._reconciler.done():
             self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
+        if getattr(self, "_kv_metrics", None) is None or self._kv_metrics.done():
+            self._kv_metrics = asyncio.get_running_loop().create_task(self._kv_metrics_loop())
+
+    async def _kv_metrics_loop(self, period: float = 5.0) -> None:
+        """Export the KV pool's state (blocks, preemptions, prefix hit rate per adapter)."""
+        while True:
+            try:
+                kv = self.engine.stats().get("kv")
+                if kv:
+                    for state, key in (("used", "used_blocks"), ("free", "free_blocks"), ("cached", "cached_blocks")):
+                        metrics.KV_BLOCKS.set(kv[key], tags={"state": state})
+                    metrics.KV_PREEMPTIONS.set(kv["preemptions"])
+                    for adapter, rate in kv["prefix_hit_rate_by_adapter"].items():
+                        metrics.PREFIX_HIT_RATE.set(rate, tags={"adapter": adapter})
+            except Exception:
+                logger.exception("exporting KV metrics failed")
+            await asyncio.sleep(period)
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -358,9 +375,10 @@ class LoRADeployment(ChannelMixin):
             raise RuntimeError("engine loop thread died")
 
     def __del__(self):
-        task = getattr(self, "_reconciler", None)
-        if task is not None:
-            task.cancel()
+        for name in ("_reconciler", "_kv_metrics"):
+            task = getattr(self, name, None)
+            if task is not None:
+                task.cancel()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

@@ -152,6 +152,7 @@ def test_corrupt_adapter_is_422_and_other_tenants_keep_being_served(fault_app, s
     assert "".join(p["choices"][0]["text"] for p in payloads if p["choices"]) == expected_long
     stats = lora_stats()
     assert stats["running"] == 0 and stats["lora"]["retired_pinned"] == 0, stats
+    assert stats["kv"]["used_blocks"] == 0, f"KV blocks still held after the faults: {stats['kv']}"
     assert not {"tenant-garbage", "tenant-truncated"} & set(stats["resident_adapters"]), stats
 
 

@@ -72,6 +72,9 @@ EXPECTED = {
     "ROUTER_PATH": ({"path": "lora"}, 6),
     "ADAPTER_CACHE": ({}, 1),  # tenant-4/-5 each hit or missed the adapter cache at least once
     "ADAPTER_LOAD": ({}, 1),  # at least one load of the session (count of observations)
+    "KV_BLOCKS": ({"state": "free"}, 1),  # gauges, set every 5 s by the LoRA replica
+    "KV_PREEMPTIONS": ({}, 0),  # none is implied: checked to be exported, below
+    "PREFIX_HIT_RATE": ({}, 0.01),  # the streamed request repeats the prompt: its full blocks hit
 }
 
 
@@ -82,7 +85,7 @@ def test_metrics_are_exported_with_values(serve_env):
     objs = app_metrics()
     with httpx.Client(timeout=60) as c:
         for model in ("tenant-4", "tenant-5", "base"):
-            body = {"model": model, "prompt": "metrics please", "max_tokens": N_TOKENS, "temperature": 0,
+            body = {"model": model, "prompt": "metrics please, " * 12, "max_tokens": N_TOKENS, "temperature": 0,
                     "ignore_eos": True}
             r = c.post(serve_env.url + "/v1/completions", json=body)
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == N_TOKENS, r.text
@@ -94,10 +97,12 @@ def test_metrics_are_exported_with_values(serve_env):
             samples = parse(c.get(f"http://127.0.0.1:{port}/metrics").text)
             got = {key: total(samples, exported_name(objs[key]), **labels) for key, (labels, _) in EXPECTED.items()}
             short = {k: (got[k], least) for k, (_, least) in EXPECTED.items() if got[k] < least}
-            if not short or time.monotonic() > deadline:
+            present = any(n == exported_name(metrics.KV_PREEMPTIONS) for n, _, _ in samples)
+            if (not short and present) or time.monotonic() > deadline:
                 break
             time.sleep(2)
     assert not short, f"metrics below what the traffic implies after 90 s (got, least): {short}"
+    assert present, "serve_app_kv_preemptions is not exported"
     # Histograms carry buckets whose +Inf bucket equals the count.
     for key in ("TTFT", "LATENCY", "ADAPTER_LOAD"):
         labels = EXPECTED[key][0]

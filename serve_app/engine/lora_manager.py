@@ -91,6 +91,16 @@ class GroupBatch:
     # per-row paths (loop / bmm / triton; None for masked)
     stack: StackedGroup | None = None  # adapter-major weights, spans: kind -> (s, e, B [L, n, e - s, out])
     layout: SegmentLayout | None = None  # this step's tokens of the group's members
+    # Per-layer views of the weights a forward reads (a_t's / the stack's, unbound once per gather)
+    a_layers: list[torch.Tensor] | None = None  # [L] of masked [in, R] or stacked [n, in, Rp]
+    b_layers: dict[str, list[torch.Tensor]] | None = None  # kind -> [L] of masked [r, out] or stacked [n, e - s, out]
+
+    def __post_init__(self) -> None:
+        if self.stack is not None:
+            self.a_layers, self.b_layers = self.stack.a_layers, self.stack.b_layers
+        elif self.a_layers is None:
+            self.a_layers = list(self.a_t.unbind(0))
+            self.b_layers = {k: list(b.unbind(0)) for k, (_, _, b) in self.spans.items()}
 
 
 @dataclass
@@ -104,6 +114,14 @@ class LoRABatch:
     uniform: bool = False  # one adapter for every row
     tok_adapter: list[int] | None = None  # [rows] index into the step's distinct adapters, -1: base
     costs: dict[str, float] | None = None  # the cost model's estimate per path (seconds), when it chose
+    # kind -> (its GroupBatch, first col, end col, B per layer): what a LoRALinear reads
+    kinds: dict[str, tuple] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.kinds:
+            for g in self.groups.values():
+                for kind, (s, e, _) in g.spans.items():
+                    self.kinds[kind] = (g, s, e, g.b_layers[kind])
 
     def per_token(self, n_tokens: int) -> LoRABatch:
         """The same batch for a forward of ``n_tokens`` tokens when it was prepared per row
@@ -150,6 +168,9 @@ class LoRAManager:
         self._retired_pinned: set[ResidentAdapter] = set()
         self._pool_version = 0  # bumps when pool tensors are reallocated; invalidates gathers
         self._gather_cache: OrderedDict[tuple, tuple[int, dict]] = OrderedDict()
+        # prepare()'s whole LoRABatch per (path asked, pool version, rows' load IDs); an entry is
+        # used only while the gather it was built from is still the cached one
+        self._batch_cache: OrderedDict[tuple, tuple] = OrderedDict()
         # "auto": the cost model picks per step; or one of PATHS, forced (benchmarks, tests).
         self.path = path or os.environ.get("SERVE_APP_LORA_PATH", "auto")
         self.last_path: str | None = None  # the path of the latest prepared batch
@@ -224,6 +245,7 @@ class LoRAManager:
         for kind, idx in res.rows.items():
             self._free[kind].extend(idx.tolist())
         self._gather_cache.clear()
+        self._batch_cache.clear()
 
     # ---- pinning --------------------------------------------------------------------------
 
@@ -264,13 +286,24 @@ class LoRAManager:
         Gathers each active adapter's rows once per distinct adapter set (and layout); in
         steady decoding the set does not change between steps, so the gather is cached.
         """
+        # Decode steps repeat the same rows step after step: the whole batch (path choice,
+        # layouts, masks) is cached under the rows' load IDs, valid while its gather is.
+        path = path or self.path
+        bkey = (path, self._pool_version, *[0 if r is None else r.load_id for r in row_adapters])
+        hit = self._batch_cache.get(bkey)
+        if hit is not None and self._gather_cache.get(hit[0]) is hit[1]:
+            self._batch_cache.move_to_end(bkey)
+            self._gather_cache.move_to_end(hit[0])
+            batch = hit[2]
+            self.last_path = batch.path
+            self.path_steps[batch.path] += 1
+            return batch
         index: dict[ResidentAdapter, int] = {}
         tok_adapter = [-1 if r is None else index.setdefault(r, len(index)) for r in row_adapters]  # [rows]
         distinct = list(index)
         if not distinct:
             return None
         uniform = len(distinct) == 1 and -1 not in tok_adapter
-        path = path or self.path
         costs = None
         if path == "auto":
             path, costs = self._choose(distinct, tok_adapter, uniform)
@@ -302,8 +335,12 @@ class LoRAManager:
             for group, st in gathered.items():
                 lay = build_layout(tok_adapter, st.member_of, st.a.shape[1], path, self.device)
                 groups[group] = GroupBatch(a_t=None, drop=None, spans=st.spans, stack=st, layout=lay)
-        return LoRABatch(groups=groups, poisoned=poisoned, path=path, rows=len(row_adapters), uniform=uniform,
-                         tok_adapter=tok_adapter, costs=costs)
+        batch = LoRABatch(groups=groups, poisoned=poisoned, path=path, rows=len(row_adapters), uniform=uniform,
+                          tok_adapter=tok_adapter, costs=costs)
+        self._batch_cache[bkey] = (key, cached, batch)
+        while len(self._batch_cache) > 16:
+            self._batch_cache.popitem(last=False)
+        return batch
 
     def _choose(self, distinct: list[ResidentAdapter], tok_adapter: list[int], uniform: bool) -> tuple[str, dict]:
         """The cheapest path for this step by the cost model (cost.py), and every estimate."""

@@ -78,10 +78,21 @@ def group_terms(
     rmax = {k: max(ranks[j].get(k, 0) for j in members) for k in kinds}
     rp = sum(rmax.values())
     slots = n * s_max
-    b_ops = 2 + len(kinds) * (2 + (1 if padded else 0))
+    mine = [(t0, t1) for t0, t1, j in runs if ranks[j]]
+    all_members = tok == n_tokens
+    # layout.py's cases: identity (views, no gather/scatter), every token a member (one gather
+    # of x, then per kind a gather back + add), else a gather of x, per kind a keep-gather when
+    # padded and a scatter-add
+    identity = all_members and not padded and len(mine) == n
+    if identity:
+        b_ops, moved = 1 + len(kinds), 0
+    elif all_members:
+        b_ops, moved = 2 + 3 * len(kinds), slots * in_f + sum(2 * n_tokens * outs[k] for k in kinds)
+    else:
+        b_ops = 2 + len(kinds) * (2 + (1 if padded else 0))
+        moved = slots * in_f + sum(slots * outs[k] + 2 * tok * outs[k] for k in kinds)
     b_flops = 2 * slots * in_f * rp + sum(2 * slots * rmax[k] * outs[k] for k in kinds)
-    b_bytes = elem * (n * (in_f * rp + sum(rmax[k] * outs[k] for k in kinds)) + slots * in_f
-                      + sum(slots * outs[k] + 2 * tok * outs[k] for k in kinds))
+    b_bytes = elem * (n * (in_f * rp + sum(rmax[k] * outs[k] for k in kinds)) + moved)
     # loop: one mm + one addmm per kind the adapter has, per contiguous run; each run reads its weights
     l_ops = l_flops = l_bytes = 0.0
     for t0, t1, j in runs:

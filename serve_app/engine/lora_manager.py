@@ -171,6 +171,10 @@ class LoRAManager:
         # prepare()'s whole LoRABatch per (path asked, pool version, rows' load IDs); an entry is
         # used only while the gather it was built from is still the cached one
         self._batch_cache: OrderedDict[tuple, tuple] = OrderedDict()
+        # per-adapter slices of the stacked groups (_piece), under (load ID, group, padded shape)
+        self._pieces: OrderedDict[tuple, tuple] = OrderedDict()
+        self._max_pieces = 1024
+        self._freed_since_gather = False
         # "auto": the cost model picks per step; or one of PATHS, forced (benchmarks, tests).
         self.path = path or os.environ.get("SERVE_APP_LORA_PATH", "auto")
         self.last_path: str | None = None  # the path of the latest prepared batch
@@ -246,6 +250,9 @@ class LoRAManager:
             self._free[kind].extend(idx.tolist())
         self._gather_cache.clear()
         self._batch_cache.clear()
+        for key in [k for k in self._pieces if k[0] == res.load_id]:
+            del self._pieces[key]
+        self._freed_since_gather = True
 
     # ---- pinning --------------------------------------------------------------------------
 
@@ -316,6 +323,10 @@ class LoRAManager:
         with self._lock:
             cached = self._gather_cache.get(key)
             if cached is None or cached[0] != self._pool_version:
+                if not self._gather_cache and not self._freed_since_gather:
+                    # emptied from outside (a forced re-gather): the pieces are re-checked too
+                    self._pieces.clear()
+                self._freed_since_gather = False
                 built = self._gather(distinct) if layout_kind == "masked" else self._gather_stacked(distinct)
                 cached = (self._pool_version, built)
                 self._gather_cache[key] = cached
@@ -391,7 +402,11 @@ class LoRAManager:
 
     def _gather_stacked(self, distinct: list[ResidentAdapter]) -> tuple[dict[str, StackedGroup], frozenset[int]]:
         """Per input group, the members' weights adapter-major (layout.py), and the load IDs of
-        adapters whose rows are not finite (left as zeros in the copy, retired)."""
+        adapters whose rows are not finite (left as zeros in the copy, retired).
+
+        Built from per-adapter pieces (``_piece``), each gathered and checked once: a new set of
+        adapters -- a prefill admitting requests chunk by chunk, requests finishing one by one --
+        then costs one stack per group and kind, not a gather of every member's rows again."""
         parts: dict[str, list] = {}
         for kind in self._a:
             users = [r for r in distinct if kind in r.rows]
@@ -400,42 +415,65 @@ class LoRAManager:
         position = {r: j for j, r in enumerate(distinct)}
         out = {}
         poisoned: set[int] = set()
-        L = self.shape.num_layers
         for group, kinds in parts.items():
             in_users = {r for _, users in kinds for r in users}
             members = [r for r in distinct if r in in_users]
             member_of = [-1] * len(distinct)
             for i, r in enumerate(members):
                 member_of[position[r]] = i
-            n = len(members)
-            rmax = {kind: max(len(r.rows[kind]) for r in users) for kind, users in kinds}
-            in_f = self._a[kinds[0][0]].shape[2]
-            a = torch.zeros(L, n, in_f, sum(rmax.values()), dtype=self.dtype, device=self.device)  # [L, n, in, Rp]
+            shape = tuple((kind, max(len(r.rows[kind]) for r in users)) for kind, users in kinds)
+            pieces = [self._piece(r, group, shape) for r in members]
+            for r, pc in zip(members, pieces):
+                if pc[3]:
+                    poisoned.add(r.load_id)
+            a = torch.stack([pc[0] for pc in pieces], dim=1)  # [L, n, in, Rp]
+            bs = [torch.stack([pc[1][k] for pc in pieces], dim=1) for k in range(len(shape))]  # [L, n, rk, out]
             spans: dict[str, tuple[int, int, torch.Tensor]] = {}
-            ranks: list[dict[str, int]] = [{} for _ in members]
             col = 0
-            for kind, users in kinds:
-                idx = torch.cat([r.rows[kind] for r in users])  # [r_kind]
-                a_sel = self._a[kind].index_select(1, idx)  # [L, r_kind, in]
-                b_sel = self._b[kind].index_select(1, idx)  # [L, r_kind, out]
-                good = torch.isfinite(a_sel).all(dim=2).all(dim=0) & torch.isfinite(b_sel).all(dim=2).all(dim=0)
-                b = torch.zeros(L, n, rmax[kind], b_sel.shape[2], dtype=self.dtype, device=self.device)  # [L, n, rk, out]
-                off = 0
-                for r in users:
-                    rk = len(r.rows[kind])
-                    i = member_of[position[r]]
-                    ranks[i][kind] = rk
-                    if bool(good[off : off + rk].all()):
-                        a[:, i, :, col : col + rk] = a_sel[:, off : off + rk].transpose(1, 2)
-                        b[:, i, :rk] = b_sel[:, off : off + rk]
-                    else:  # a broken adapter: its slice stays zero; only its own rows ever read it
-                        poisoned.add(r.load_id)
-                    off += rk
-                spans[kind] = (col, col + rmax[kind], b)
-                col += rmax[kind]
-            out[group] = StackedGroup(a=a, spans=spans, ranks=ranks, member_of=member_of)
+            for (kind, rk), b in zip(shape, bs):
+                spans[kind] = (col, col + rk, b)  # B [L, n, rk, out]
+                col += rk
+            out[group] = StackedGroup(a=a, spans=spans, ranks=[pc[2] for pc in pieces], member_of=member_of)
         self._retire_poisoned(distinct, poisoned)
         return out, frozenset(poisoned)
+
+    def _piece(self, r: ResidentAdapter, group: str, shape: tuple[tuple[str, int], ...]) -> tuple:
+        """One adapter's slice of a stacked group, padded to ``shape`` ((kind, rank) per kind, the
+        set's largest rank per kind): (A^T [L, in, Rp], per kind B [L, rk, out], {kind: its rank},
+        poisoned). A piece whose rows are not finite stays all zeros (only its own rows read it)."""
+        key = (r.load_id, group, shape)
+        pc = self._pieces.get(key)
+        if pc is not None:
+            self._pieces.move_to_end(key)
+            return pc
+        L = self.shape.num_layers
+        in_f = self._a[shape[0][0]].shape[2]
+        a = torch.zeros(L, in_f, sum(rk for _, rk in shape), dtype=self.dtype, device=self.device)  # [L, in, Rp]
+        bs, ranks, bad, col = [], {}, False, 0
+        for kind, rk in shape:
+            b = torch.zeros(L, rk, self._b[kind].shape[2], dtype=self.dtype, device=self.device)  # [L, rk, out]
+            idx = r.rows.get(kind)
+            if idx is not None:
+                own = len(idx)
+                ranks[kind] = own
+                a_sel = self._a[kind].index_select(1, idx)  # [L, own, in]
+                b_sel = self._b[kind].index_select(1, idx)  # [L, own, out]
+                if bool(torch.isfinite(a_sel).all()) and bool(torch.isfinite(b_sel).all()):
+                    a[:, :, col : col + own] = a_sel.transpose(1, 2)
+                    b[:, :own] = b_sel
+                else:
+                    bad = True
+            bs.append(b)
+            col += rk
+        if bad:  # a broken adapter: every slice stays zero
+            a.zero_()
+            for b in bs:
+                b.zero_()
+        pc = (a, bs, ranks, bad)
+        self._pieces[key] = pc
+        while len(self._pieces) > self._max_pieces:
+            self._pieces.popitem(last=False)
+        return pc
 
     def _retire_poisoned(self, distinct: list[ResidentAdapter], poisoned: set[int]) -> None:
         for res in distinct:

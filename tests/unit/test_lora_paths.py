@@ -416,3 +416,32 @@ def test_prepare_caches_the_batch_while_its_gather_is_valid(tiny_assets):
         assert eng.run_in_engine(after) >= 1
     finally:
         eng.shutdown()
+
+
+def test_stacked_gather_reuses_each_adapters_piece(tiny_assets):
+    """A set that grows (a prefill admitting requests chunk by chunk) re-stacks the members'
+    cached pieces instead of gathering every member's rows again; a freed adapter's pieces go."""
+    eng = LoRAEngine(EngineConfig(model=str(tiny_assets.base), max_lora_rank=32, max_num_seqs=32))
+    try:
+        folder = str(tiny_assets.adapters_dir / tiny_assets.adapter_ids[1])
+        names = ["same-0", "same-1", "same-2"]  # one folder, three loads: equal ranks, so equal piece shapes
+        for name in names:
+            eng.load_adapter(name, folder)
+
+        def run():
+            lm = eng.lora
+            res = [lm.current(a) for a in names]
+            lm.prepare([res[0], res[1]], path="bmm")
+            before = dict(lm._pieces)
+            lm.prepare([res[0], res[1], res[2]], path="bmm")
+            reused = [k for k in before if lm._pieces.get(k) is before[k]]
+            new = [k for k in lm._pieces if k not in before]
+            return res, reused, len(before), new
+
+        res, reused, n_before, new = eng.run_in_engine(run)
+        assert n_before and len(reused) == n_before
+        assert new and all(k[0] == res[2].load_id for k in new)  # only the new member was gathered
+        eng.unload_adapter(names[0])  # no request pins it: freed now
+        assert eng.run_in_engine(lambda: [k for k in eng.lora._pieces if k[0] == res[0].load_id]) == []
+    finally:
+        eng.shutdown()

@@ -17,11 +17,11 @@ else the Triton SGMV kernels.
 from __future__ import annotations
 
 # Fitted with benchmarks/lora_mix_bench.py --calibrate (see the module docstring) on a loaded
-# machine: OP_S 1.7e-5, FLOP_S 1/121e9, BYTE_S 1/21e9. OP_S was then raised to 3e-5 from the
-# engine runs (lora_mix_bench, rank 8, q/k/v/o, 8 distinct adapters: masked 0.96x of base, bmm
-# 0.87x, while the fitted constants picked bmm): the engine's ops cost more than the isolated
-# micro-benchmark's (cold caches between layers).
-OP_S = 3.0e-5  # seconds per torch op (dispatch + small-kernel overhead); see below
+# machine: OP_S 1.7e-5, FLOP_S 1/121e9, BYTE_S 1/21e9. OP_S was once raised to 3e-5 because the
+# engine's per-row steps also paid prepare()'s per-step layout and cost-model work in Python
+# (130-700 us a step, not in this model); prepare() now caches the whole batch across decode
+# steps, so the fitted value is back (rank 16 q/k/v/o, 8 distinct: bmm; rank 8, 8 distinct: masked).
+OP_S = 1.7e-5  # seconds per torch op (dispatch + small-kernel overhead)
 FLOP_S = 1.0 / 120e9  # seconds per fp32 GEMM flop
 BYTE_S = 1.0 / 21e9  # seconds per byte of weights read / rows copied
 

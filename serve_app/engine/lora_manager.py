@@ -91,6 +91,16 @@ class GroupBatch:
     # per-row paths (loop / bmm / triton; None for masked)
     stack: StackedGroup | None = None  # adapter-major weights, spans: kind -> (s, e, B [L, n, e - s, out])
     layout: SegmentLayout | None = None  # this step's tokens of the group's members
+    # Per-layer views of the weights a forward reads (a_t's / the stack's, unbound once per gather)
+    a_layers: list[torch.Tensor] | None = None  # [L] of masked [in, R] or stacked [n, in, Rp]
+    b_layers: dict[str, list[torch.Tensor]] | None = None  # kind -> [L] of masked [r, out] or stacked [n, e - s, out]
+
+    def __post_init__(self) -> None:
+        if self.stack is not None:
+            self.a_layers, self.b_layers = self.stack.a_layers, self.stack.b_layers
+        elif self.a_layers is None:
+            self.a_layers = list(self.a_t.unbind(0))
+            self.b_layers = {k: list(b.unbind(0)) for k, (_, _, b) in self.spans.items()}
 
 
 @dataclass
@@ -104,6 +114,14 @@ class LoRABatch:
     uniform: bool = False  # one adapter for every row
     tok_adapter: list[int] | None = None  # [rows] index into the step's distinct adapters, -1: base
     costs: dict[str, float] | None = None  # the cost model's estimate per path (seconds), when it chose
+    # kind -> (its GroupBatch, first col, end col, B per layer): what a LoRALinear reads
+    kinds: dict[str, tuple] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.kinds:
+            for g in self.groups.values():
+                for kind, (s, e, _) in g.spans.items():
+                    self.kinds[kind] = (g, s, e, g.b_layers[kind])
 
     def per_token(self, n_tokens: int) -> LoRABatch:
         """The same batch for a forward of ``n_tokens`` tokens when it was prepared per row
@@ -150,6 +168,13 @@ class LoRAManager:
         self._retired_pinned: set[ResidentAdapter] = set()
         self._pool_version = 0  # bumps when pool tensors are reallocated; invalidates gathers
         self._gather_cache: OrderedDict[tuple, tuple[int, dict]] = OrderedDict()
+        # prepare()'s whole LoRABatch per (path asked, pool version, rows' load IDs); an entry is
+        # used only while the gather it was built from is still the cached one
+        self._batch_cache: OrderedDict[tuple, tuple] = OrderedDict()
+        # per-adapter slices of the stacked groups (_piece), under (load ID, group, padded shape)
+        self._pieces: OrderedDict[tuple, tuple] = OrderedDict()
+        self._max_pieces = 1024
+        self._freed_since_gather = False
         # "auto": the cost model picks per step; or one of PATHS, forced (benchmarks, tests).
         self.path = path or os.environ.get("SERVE_APP_LORA_PATH", "auto")
         self.last_path: str | None = None  # the path of the latest prepared batch
@@ -224,6 +249,10 @@ class LoRAManager:
         for kind, idx in res.rows.items():
             self._free[kind].extend(idx.tolist())
         self._gather_cache.clear()
+        self._batch_cache.clear()
+        for key in [k for k in self._pieces if k[0] == res.load_id]:
+            del self._pieces[key]
+        self._freed_since_gather = True
 
     # ---- pinning --------------------------------------------------------------------------
 
@@ -264,13 +293,24 @@ class LoRAManager:
         Gathers each active adapter's rows once per distinct adapter set (and layout); in
         steady decoding the set does not change between steps, so the gather is cached.
         """
+        # Decode steps repeat the same rows step after step: the whole batch (path choice,
+        # layouts, masks) is cached under the rows' load IDs, valid while its gather is.
+        path = path or self.path
+        bkey = (path, self._pool_version, *[0 if r is None else r.load_id for r in row_adapters])
+        hit = self._batch_cache.get(bkey)
+        if hit is not None and self._gather_cache.get(hit[0]) is hit[1]:
+            self._batch_cache.move_to_end(bkey)
+            self._gather_cache.move_to_end(hit[0])
+            batch = hit[2]
+            self.last_path = batch.path
+            self.path_steps[batch.path] += 1
+            return batch
         index: dict[ResidentAdapter, int] = {}
         tok_adapter = [-1 if r is None else index.setdefault(r, len(index)) for r in row_adapters]  # [rows]
         distinct = list(index)
         if not distinct:
             return None
         uniform = len(distinct) == 1 and -1 not in tok_adapter
-        path = path or self.path
         costs = None
         if path == "auto":
             path, costs = self._choose(distinct, tok_adapter, uniform)
@@ -283,6 +323,10 @@ class LoRAManager:
         with self._lock:
             cached = self._gather_cache.get(key)
             if cached is None or cached[0] != self._pool_version:
+                if not self._gather_cache and not self._freed_since_gather:
+                    # emptied from outside (a forced re-gather): the pieces are re-checked too
+                    self._pieces.clear()
+                self._freed_since_gather = False
                 built = self._gather(distinct) if layout_kind == "masked" else self._gather_stacked(distinct)
                 cached = (self._pool_version, built)
                 self._gather_cache[key] = cached
@@ -302,8 +346,20 @@ class LoRAManager:
             for group, st in gathered.items():
                 lay = build_layout(tok_adapter, st.member_of, st.a.shape[1], path, self.device)
                 groups[group] = GroupBatch(a_t=None, drop=None, spans=st.spans, stack=st, layout=lay)
-        return LoRABatch(groups=groups, poisoned=poisoned, path=path, rows=len(row_adapters), uniform=uniform,
-                         tok_adapter=tok_adapter, costs=costs)
+        batch = LoRABatch(groups=groups, poisoned=poisoned, path=path, rows=len(row_adapters), uniform=uniform,
+                          tok_adapter=tok_adapter, costs=costs)
+        self._batch_cache[bkey] = (key, cached, batch)
+        while len(self._batch_cache) > 16:
+            self._batch_cache.popitem(last=False)
+        return batch
+
+    def clear_set_caches(self) -> None:
+        """Drop the per-set gathers and prepared batches (not the per-adapter pieces): the next
+        step of every adapter set pays its gather again (benchmarks: each row pays its own)."""
+        with self._lock:
+            self._gather_cache.clear()
+            self._batch_cache.clear()
+            self._freed_since_gather = True  # an intended clear: the pieces stay valid
 
     def _choose(self, distinct: list[ResidentAdapter], tok_adapter: list[int], uniform: bool) -> tuple[str, dict]:
         """The cheapest path for this step by the cost model (cost.py), and every estimate."""
@@ -354,7 +410,11 @@ class LoRAManager:
 
     def _gather_stacked(self, distinct: list[ResidentAdapter]) -> tuple[dict[str, StackedGroup], frozenset[int]]:
         """Per input group, the members' weights adapter-major (layout.py), and the load IDs of
-        adapters whose rows are not finite (left as zeros in the copy, retired)."""
+        adapters whose rows are not finite (left as zeros in the copy, retired).
+
+        Built from per-adapter pieces (``_piece``), each gathered and checked once: a new set of
+        adapters -- a prefill admitting requests chunk by chunk, requests finishing one by one --
+        then costs one stack per group and kind, not a gather of every member's rows again."""
         parts: dict[str, list] = {}
         for kind in self._a:
             users = [r for r in distinct if kind in r.rows]
@@ -363,42 +423,65 @@ class LoRAManager:
         position = {r: j for j, r in enumerate(distinct)}
         out = {}
         poisoned: set[int] = set()
-        L = self.shape.num_layers
         for group, kinds in parts.items():
             in_users = {r for _, users in kinds for r in users}
             members = [r for r in distinct if r in in_users]
             member_of = [-1] * len(distinct)
             for i, r in enumerate(members):
                 member_of[position[r]] = i
-            n = len(members)
-            rmax = {kind: max(len(r.rows[kind]) for r in users) for kind, users in kinds}
-            in_f = self._a[kinds[0][0]].shape[2]
-            a = torch.zeros(L, n, in_f, sum(rmax.values()), dtype=self.dtype, device=self.device)  # [L, n, in, Rp]
+            shape = tuple((kind, max(len(r.rows[kind]) for r in users)) for kind, users in kinds)
+            pieces = [self._piece(r, group, shape) for r in members]
+            for r, pc in zip(members, pieces):
+                if pc[3]:
+                    poisoned.add(r.load_id)
+            a = torch.stack([pc[0] for pc in pieces], dim=1)  # [L, n, in, Rp]
+            bs = [torch.stack([pc[1][k] for pc in pieces], dim=1) for k in range(len(shape))]  # [L, n, rk, out]
             spans: dict[str, tuple[int, int, torch.Tensor]] = {}
-            ranks: list[dict[str, int]] = [{} for _ in members]
             col = 0
-            for kind, users in kinds:
-                idx = torch.cat([r.rows[kind] for r in users])  # [r_kind]
-                a_sel = self._a[kind].index_select(1, idx)  # [L, r_kind, in]
-                b_sel = self._b[kind].index_select(1, idx)  # [L, r_kind, out]
-                good = torch.isfinite(a_sel).all(dim=2).all(dim=0) & torch.isfinite(b_sel).all(dim=2).all(dim=0)
-                b = torch.zeros(L, n, rmax[kind], b_sel.shape[2], dtype=self.dtype, device=self.device)  # [L, n, rk, out]
-                off = 0
-                for r in users:
-                    rk = len(r.rows[kind])
-                    i = member_of[position[r]]
-                    ranks[i][kind] = rk
-                    if bool(good[off : off + rk].all()):
-                        a[:, i, :, col : col + rk] = a_sel[:, off : off + rk].transpose(1, 2)
-                        b[:, i, :rk] = b_sel[:, off : off + rk]
-                    else:  # a broken adapter: its slice stays zero; only its own rows ever read it
-                        poisoned.add(r.load_id)
-                    off += rk
-                spans[kind] = (col, col + rmax[kind], b)
-                col += rmax[kind]
-            out[group] = StackedGroup(a=a, spans=spans, ranks=ranks, member_of=member_of)
+            for (kind, rk), b in zip(shape, bs):
+                spans[kind] = (col, col + rk, b)  # B [L, n, rk, out]
+                col += rk
+            out[group] = StackedGroup(a=a, spans=spans, ranks=[pc[2] for pc in pieces], member_of=member_of)
         self._retire_poisoned(distinct, poisoned)
         return out, frozenset(poisoned)
+
+    def _piece(self, r: ResidentAdapter, group: str, shape: tuple[tuple[str, int], ...]) -> tuple:
+        """One adapter's slice of a stacked group, padded to ``shape`` ((kind, rank) per kind, the
+        set's largest rank per kind): (A^T [L, in, Rp], per kind B [L, rk, out], {kind: its rank},
+        poisoned). A piece whose rows are not finite stays all zeros (only its own rows read it)."""
+        key = (r.load_id, group, shape)
+        pc = self._pieces.get(key)
+        if pc is not None:
+            self._pieces.move_to_end(key)
+            return pc
+        L = self.shape.num_layers
+        in_f = self._a[shape[0][0]].shape[2]
+        a = torch.zeros(L, in_f, sum(rk for _, rk in shape), dtype=self.dtype, device=self.device)  # [L, in, Rp]
+        bs, ranks, bad, col = [], {}, False, 0
+        for kind, rk in shape:
+            b = torch.zeros(L, rk, self._b[kind].shape[2], dtype=self.dtype, device=self.device)  # [L, rk, out]
+            idx = r.rows.get(kind)
+            if idx is not None:
+                own = len(idx)
+                ranks[kind] = own
+                a_sel = self._a[kind].index_select(1, idx)  # [L, own, in]
+                b_sel = self._b[kind].index_select(1, idx)  # [L, own, out]
+                if bool(torch.isfinite(a_sel).all()) and bool(torch.isfinite(b_sel).all()):
+                    a[:, :, col : col + own] = a_sel.transpose(1, 2)
+                    b[:, :own] = b_sel
+                else:
+                    bad = True
+            bs.append(b)
+            col += rk
+        if bad:  # a broken adapter: every slice stays zero
+            a.zero_()
+            for b in bs:
+                b.zero_()
+        pc = (a, bs, ranks, bad)
+        self._pieces[key] = pc
+        while len(self._pieces) > self._max_pieces:
+            self._pieces.popitem(last=False)
+        return pc
 
     def _retire_poisoned(self, distinct: list[ResidentAdapter], poisoned: set[int]) -> None:
         for res in distinct:

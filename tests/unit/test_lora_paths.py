@@ -317,3 +317,131 @@ def test_triton_path_in_the_engine_equals_masked(engine, many, sgmv_triton):
     out, used = step_logits(engine, prompts, adapters, "triton")
     assert used == "triton"
     assert (out - ref).abs().max().item() <= 1e-5
+
+
+# ---- bmm layouts without gathers, and prepare()'s batch cache ------------------------------------
+
+
+def _per_token_reference(x, a, b, tok_adapter, member_of, base):
+    ref = base.clone()
+    for t, j in enumerate(tok_adapter):
+        if j >= 0 and member_of[j] >= 0:
+            m = member_of[j]
+            ref[t] += x[t] @ a[m] @ b[m]
+    return ref
+
+
+@pytest.mark.parametrize("case", ["identity", "inv", "inv-padded", "keep", "keep-padded"])
+def test_bmm_layout_cases_equal_per_token_reference(case):
+    """Each bmm layout case (views only; every token a member: gather back + add; base tokens:
+    scatter-add) equals the plain per-token product, and base tokens stay bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    n, in_f, out_f, r = 6, 40, 24, 8
+    tok = {
+        "identity": [0, 1, 2, 3, 4, 5],  # one decode token per distinct adapter
+        "inv": [0, 1, 2, 0, 1, 2, 0, 1, 2],  # round-robin, all members, equal segments
+        "inv-padded": [0, 1, 0, 2, 0, 1, 3, 0],
+        "keep": [0, -1, 1, 0, -1, 1],
+        "keep-padded": [0, -1, 1, 0, 0, 2, -1],
+    }[case]
+    n_ad = max(tok) + 1
+    member_of = list(range(n_ad))
+    a = torch.randn(n_ad, in_f, r, generator=g) * in_f**-0.5
+    b = torch.randn(n_ad, r, out_f, generator=g) * r**-0.5
+    x = torch.randn(len(tok), in_f, generator=g)
+    base = torch.randn(len(tok), out_f, generator=g)
+    lay = build_layout(tok, member_of, n_ad, "bmm", x.device)
+    assert lay.identity == (case == "identity")
+    assert (lay.inv is not None) == case.startswith("inv")
+    out = base.clone()
+    sgmv_cpu.bmm_expand(out, sgmv_cpu.bmm_shrink(x, a, lay), b, 0, r, lay)
+    ref = _per_token_reference(x, a, b, tok, member_of, base)
+    assert (out - ref).abs().max().item() <= 1e-5
+    untouched = [t for t, j in enumerate(tok) if j < 0]
+    assert torch.equal(out[untouched], base[untouched])
+
+
+@pytest.mark.parametrize("spread", ["one-per-row", "round-robin"])
+@pytest.mark.parametrize("path", ["bmm", "auto"])
+def test_all_adapter_rows_decode_equals_peft(engine, tiny_assets, many, spread, path):
+    """Every row on an adapter (no base rows): decode takes bmm's gather-free views (one row
+    per distinct adapter) or its gather-back layout (round-robin); greedy equals PEFT."""
+    ids = list(many)
+    n = 24 if spread == "one-per-row" else 16
+    prompts = rand_prompts(n, seed=17)
+    adapters = ids[:n] if spread == "one-per-row" else [ids[i % 8] for i in range(n)]
+    sp = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    engine.lora.path = path
+    try:
+        outs = engine.generate_batch([(p, sp, a) for p, a in zip(prompts, adapters)])
+    finally:
+        engine.lora.path = "auto"
+    for i, (p, a, o) in enumerate(zip(prompts, adapters, outs)):
+        model = _peft_cache.setdefault(("model", a), peft_model(tiny_assets.base, many[a]))
+        assert o.token_ids == reference_greedy(model, p, 5), f"row {i} ({a}, {path}, {spread}) differs from PEFT"
+
+
+def test_prepare_caches_the_batch_while_its_gather_is_valid(tiny_assets):
+    eng = LoRAEngine(EngineConfig(model=str(tiny_assets.base), max_lora_rank=32, max_num_seqs=32))
+    try:
+        ids = tiny_assets.adapter_ids
+        for aid in ids[:3]:
+            eng.load_adapter(aid, str(tiny_assets.adapters_dir / aid))
+
+        def run():
+            lm = eng.lora
+            rows = [lm.current(ids[i % 3]) for i in range(9)] + [None]
+            b1 = lm.prepare(rows, path="bmm")
+            assert lm.prepare(list(rows), path="bmm") is b1  # same rows: the same batch
+            assert lm.prepare(rows, path="masked") is not b1  # another path: its own entry
+            assert lm.prepare(rows[::-1], path="bmm") is not b1  # other rows
+            lm._gather_cache.clear()  # the gather it was built from is gone: rebuilt
+            b2 = lm.prepare(rows, path="bmm")
+            assert b2 is not b1 and lm.prepare(rows, path="bmm") is b2
+            # a reload of one adapter: new load ID, so its rows key a new batch
+            return b2, rows
+
+        b2, rows = eng.run_in_engine(run)
+        eng.load_adapter(ids[1], str(tiny_assets.adapters_dir / ids[1]))  # old version retired, freed
+
+        def after():
+            lm = eng.lora
+            new_rows = [lm.current(ids[i % 3]) for i in range(9)] + [None]
+            b3 = lm.prepare(new_rows, path="bmm")
+            assert b3 is not b2
+            # the old rows' entry is gone with the freed adapter's gather
+            assert not any(hit[2] is b2 for hit in lm._batch_cache.values())
+            return lm.path_steps["bmm"]
+
+        assert eng.run_in_engine(after) >= 1
+    finally:
+        eng.shutdown()
+
+
+def test_stacked_gather_reuses_each_adapters_piece(tiny_assets):
+    """A set that grows (a prefill admitting requests chunk by chunk) re-stacks the members'
+    cached pieces instead of gathering every member's rows again; a freed adapter's pieces go."""
+    eng = LoRAEngine(EngineConfig(model=str(tiny_assets.base), max_lora_rank=32, max_num_seqs=32))
+    try:
+        folder = str(tiny_assets.adapters_dir / tiny_assets.adapter_ids[1])
+        names = ["same-0", "same-1", "same-2"]  # one folder, three loads: equal ranks, so equal piece shapes
+        for name in names:
+            eng.load_adapter(name, folder)
+
+        def run():
+            lm = eng.lora
+            res = [lm.current(a) for a in names]
+            lm.prepare([res[0], res[1]], path="bmm")
+            before = dict(lm._pieces)
+            lm.prepare([res[0], res[1], res[2]], path="bmm")
+            reused = [k for k in before if lm._pieces.get(k) is before[k]]
+            new = [k for k in lm._pieces if k not in before]
+            return res, reused, len(before), new
+
+        res, reused, n_before, new = eng.run_in_engine(run)
+        assert n_before and len(reused) == n_before
+        assert new and all(k[0] == res[2].load_id for k in new)  # only the new member was gathered
+        eng.unload_adapter(names[0])  # no request pins it: freed now
+        assert eng.run_in_engine(lambda: [k for k in eng.lora._pieces if k[0] == res[0].load_id]) == []
+    finally:
+        eng.shutdown()

@@ -17,11 +17,11 @@ else the Triton SGMV kernels.
 from __future__ import annotations
 
 # Fitted with benchmarks/lora_mix_bench.py --calibrate (see the module docstring) on a loaded
-# machine: OP_S 1.7e-5, FLOP_S 1/121e9, BYTE_S 1/21e9. OP_S was then raised to 3e-5 from the
-# engine runs (lora_mix_bench, rank 8, q/k/v/o, 8 distinct adapters: masked 0.96x of base, bmm
-# 0.87x, while the fitted constants picked bmm): the engine's ops cost more than the isolated
-# micro-benchmark's (cold caches between layers).
-OP_S = 3.0e-5  # seconds per torch op (dispatch + small-kernel overhead); see below
+# machine: OP_S 1.7e-5, FLOP_S 1/121e9, BYTE_S 1/21e9. OP_S was once raised to 3e-5 because the
+# engine's per-row steps also paid prepare()'s per-step layout and cost-model work in Python
+# (130-700 us a step, not in this model); prepare() now caches the whole batch across decode
+# steps, so the fitted value is back (rank 16 q/k/v/o, 8 distinct: bmm; rank 8, 8 distinct: masked).
+OP_S = 1.7e-5  # seconds per torch op (dispatch + small-kernel overhead)
 FLOP_S = 1.0 / 120e9  # seconds per fp32 GEMM flop
 BYTE_S = 1.0 / 21e9  # seconds per byte of weights read / rows copied
 
@@ -78,10 +78,21 @@ def group_terms(
     rmax = {k: max(ranks[j].get(k, 0) for j in members) for k in kinds}
     rp = sum(rmax.values())
     slots = n * s_max
-    b_ops = 2 + len(kinds) * (2 + (1 if padded else 0))
+    mine = [(t0, t1) for t0, t1, j in runs if ranks[j]]
+    all_members = tok == n_tokens
+    # layout.py's cases: identity (views, no gather/scatter), every token a member (one gather
+    # of x, then per kind a gather back + add), else a gather of x, per kind a keep-gather when
+    # padded and a scatter-add
+    identity = all_members and not padded and len(mine) == n
+    if identity:
+        b_ops, moved = 1 + len(kinds), 0
+    elif all_members:
+        b_ops, moved = 2 + 3 * len(kinds), slots * in_f + sum(2 * n_tokens * outs[k] for k in kinds)
+    else:
+        b_ops = 2 + len(kinds) * (2 + (1 if padded else 0))
+        moved = slots * in_f + sum(slots * outs[k] + 2 * tok * outs[k] for k in kinds)
     b_flops = 2 * slots * in_f * rp + sum(2 * slots * rmax[k] * outs[k] for k in kinds)
-    b_bytes = elem * (n * (in_f * rp + sum(rmax[k] * outs[k] for k in kinds)) + slots * in_f
-                      + sum(slots * outs[k] + 2 * tok * outs[k] for k in kinds))
+    b_bytes = elem * (n * (in_f * rp + sum(rmax[k] * outs[k] for k in kinds)) + moved)
     # loop: one mm + one addmm per kind the adapter has, per contiguous run; each run reads its weights
     l_ops = l_flops = l_bytes = 0.0
     for t0, t1, j in runs:

@@ -31,6 +31,16 @@ class StackedGroup:
     spans: dict[str, tuple[int, int, torch.Tensor]]  # kind -> (first col, end col, B [L, n, e - s, out])
     ranks: list[dict[str, int]]  # member i -> {kind: its real rank}
     member_of: list[int]  # distinct adapter j -> member index, -1: j targets no kind of this group
+    # Per-layer views, unbound once when the stack is built (a forward then indexes a Python
+    # list instead of dispatching a tensor select per projection):
+    a_layers: list[torch.Tensor] | None = None  # [L] of [n, in, Rp]
+    b_layers: dict[str, list[torch.Tensor]] | None = None  # kind -> [L] of [n, e - s, out]
+
+    def __post_init__(self) -> None:
+        if self.a_layers is None:
+            self.a_layers = list(self.a.unbind(0))
+        if self.b_layers is None:
+            self.b_layers = {k: list(b.unbind(0)) for k, (_, _, b) in self.spans.items()}
 
 
 @dataclass
@@ -48,6 +58,15 @@ class SegmentLayout:
     s_max: int = 0  # longest segment
     pad_tok: torch.Tensor | None = None  # [n_seg, s_max] long: token of each padded slot (pads: the segment's own first token)
     keep: torch.Tensor | None = None  # [M] long: slot (in n_seg * s_max) of each sorted token; None: no padding
+    # bmm: the sorted, unpadded order is the token order itself (every token a member, each
+    # member's tokens one contiguous run, runs in member order, all of one length S): x and out
+    # are read and written as [n_seg, S, *] views, no gather and no scatter. Decode with one
+    # token per distinct adapter, one adapter on every row, or prompts of one length per adapter.
+    identity: bool = False
+    # bmm, every token a member but not ``identity``: padded slot of each token [N] long, so the
+    # expand adds ``d.index_select(0, inv)`` (one gather + one add) instead of a keep-gather and
+    # a scatter-add
+    inv: torch.Tensor | None = None
     members_t: torch.Tensor | None = None  # [n_seg] long: member per segment; None when segment s is member s
     seg_start_t: torch.Tensor | None = None  # [n_seg] int32: first row of segment s in ``tok`` (triton)
     seg_len_t: torch.Tensor | None = None  # [n_seg] int32 (triton)
@@ -90,9 +109,19 @@ def build_layout(
         lay.members_t = torch.tensor(seg_member, dtype=torch.long, device=device)
     if path == "bmm":
         s = lay.s_max
+        padded = any(ln != s for ln in seg_len)
+        if not padded and lay.m == n and flat == list(range(n)):
+            lay.identity = True  # views only: no index tensors are read
+            return lay
         pad = [buckets[m] + [buckets[m][0]] * (s - len(buckets[m])) for m in seg_member]
         lay.pad_tok = torch.tensor(pad, dtype=torch.long, device=device)  # [n_seg, S]
-        if any(ln != s for ln in seg_len):
+        if lay.m == n:
+            inv = [0] * n
+            for i, m in enumerate(seg_member):
+                for k, t in enumerate(buckets[m]):
+                    inv[t] = i * s + k
+            lay.inv = torch.tensor(inv, dtype=torch.long, device=device)  # [N]
+        elif padded:
             lay.keep = torch.tensor([i * s + k for i, ln in enumerate(seg_len) for k in range(ln)],
                                     dtype=torch.long, device=device)  # [M]
     elif path == "triton":

@@ -23,8 +23,11 @@ def bmm_shrink(x2: torch.Tensor, a_l: torch.Tensor, lay: SegmentLayout) -> torch
     """x2: [N, in], a_l: [n, in, Rp] -> h: [n_seg, S, Rp] (segment s = member seg_member[s])."""
     if lay.members_t is not None:
         a_l = a_l.index_select(0, lay.members_t)  # [n_seg, in, Rp]
-    n_seg, s = lay.pad_tok.shape
-    xs = x2.index_select(0, lay.pad_tok.view(-1)).view(n_seg, s, x2.shape[1])  # [n_seg, S, in]
+    if lay.identity:
+        xs = x2.view(len(lay.seg_len), lay.s_max, x2.shape[1])  # [n_seg, S, in]: the tokens in place
+    else:
+        n_seg, s = lay.pad_tok.shape
+        xs = x2.index_select(0, lay.pad_tok.view(-1)).view(n_seg, s, x2.shape[1])  # [n_seg, S, in]
     return torch.bmm(xs, a_l)  # [n_seg, S, Rp]
 
 
@@ -34,7 +37,13 @@ def bmm_expand(
     """out2: [N, out] += per token h[.., start:end] @ its member's b_l: [n, r, out] (in place)."""
     if lay.members_t is not None:
         b_l = b_l.index_select(0, lay.members_t)  # [n_seg, r, out]
+    if lay.identity:  # out's rows are the sorted tokens: accumulate in place
+        out2.view(h.shape[0], h.shape[1], out2.shape[1]).baddbmm_(h[:, :, start:end], b_l)  # [n_seg, S, out]
+        return
     d = torch.bmm(h[:, :, start:end], b_l).view(-1, out2.shape[1])  # [n_seg * S, out]
+    if lay.inv is not None:  # every token a member: gather each token's slot back into token order
+        out2.add_(d.index_select(0, lay.inv))  # [N, out]
+        return
     if lay.keep is not None:
         d = d.index_select(0, lay.keep)  # [M, out]: padding slots dropped
     out2.index_add_(0, lay.tok, d)

@@ -124,6 +124,19 @@ def _cover(blocks: list[int]) -> list[tuple[int, int]]:
     return out
 
 
+def _padded_index(rows: list[tuple[int, "SeqChunk"]], offsets: list[int], dev) -> tuple:
+    """For rows ``(i, chunk)`` of a step: ``idx [W, Tmax]``, each row's flat token positions
+    right-padded with its own last one; ``valid [W, Tmax]``, the real ones; ``idx[valid]``."""
+    lens = [len(r.tokens) for _, r in rows]
+    idx = torch.empty(len(rows), max(lens), dtype=torch.long)
+    for j, ((i, _), n) in enumerate(zip(rows, lens)):
+        idx[j, :n] = torch.arange(offsets[i], offsets[i] + n)
+        idx[j, n:] = offsets[i] + n - 1
+    idx = idx.to(dev)
+    valid = (torch.arange(idx.shape[1])[None, :] < torch.tensor(lens)[:, None]).to(dev)
+    return idx, valid, idx[valid]
+
+
 @dataclass(slots=True)
 class SeqChunk:
     """One sequence's share of a step: ``tokens`` at positions ``start ..``, its KV written into
@@ -353,37 +366,22 @@ class ModelRunner:
         for r in rows:
             offsets.append(offsets[-1] + len(r.tokens))
         if fresh:
-            lens = [len(r.tokens) for _, r in fresh]
-            w, tmax = len(fresh), max(lens)
-            # [W, Tmax] flat index of each prompt's tokens, right-padded with its own last token.
-            f_idx = torch.empty(w, tmax, dtype=torch.long)
-            for j, ((i, _), ln) in enumerate(zip(fresh, lens)):
-                f_idx[j, :ln] = torch.arange(offsets[i], offsets[i] + ln)
-                f_idx[j, ln:] = offsets[i] + ln - 1
-            f_idx = f_idx.to(dev)
-            f_valid = (torch.arange(tmax)[None, :] < torch.tensor(lens)[:, None]).to(dev)  # [W, Tmax]
-            f_out = f_idx[f_valid]  # [sum(lens)] flat positions of the real tokens
+            f_idx, f_valid, f_out = _padded_index(fresh, offsets, dev)  # [W, Tmax] x2, [sum(lens)]
         if cont:
             # Rows that continue a sequence attend to the KV already in their blocks: one padded
             # batch, keys gathered through the block tables [C, nbmax] (padding reads block 0,
             # masked). Query j of row i (position start_i + j) sees keys 0 .. start_i + j.
             c_lens = [len(r.tokens) for _, r in cont]
             c_ends = [r.start + n for (_, r), n in zip(cont, c_lens)]
-            c, lmax = len(cont), max(c_lens)
+            c = len(cont)
             c_nb = self.blocks.blocks_for(max(c_ends))
             tables: list[int] = []
             for (_, r), e in zip(cont, c_ends):
                 nb_i = self.blocks.blocks_for(e)
                 tables += r.blocks[:nb_i] + [0] * (c_nb - nb_i)
             c_tables = torch.tensor(tables, dtype=torch.long, device=dev)  # [C * nbmax]
-            c_idx = torch.empty(c, lmax, dtype=torch.long)
-            for j, ((i, _), n) in enumerate(zip(cont, c_lens)):
-                c_idx[j, :n] = torch.arange(offsets[i], offsets[i] + n)
-                c_idx[j, n:] = offsets[i] + n - 1
-            c_idx = c_idx.to(dev)
-            c_valid = (torch.arange(lmax)[None, :] < torch.tensor(c_lens)[:, None]).to(dev)  # [C, Lmax]
-            c_out = c_idx[c_valid]
-            q_pos = torch.tensor([r.start for _, r in cont], device=dev)[:, None] + torch.arange(lmax, device=dev)
+            c_idx, c_valid, c_out = _padded_index(cont, offsets, dev)  # [C, Lmax] x2, [sum(lens)]
+            q_pos = torch.tensor([r.start for _, r in cont], device=dev)[:, None] + torch.arange(c_idx.shape[1], device=dev)
             c_mask = (torch.arange(c_nb * bs, device=dev)[None, None, :] <= q_pos[:, :, None])[:, None]  # [C, 1, Lmax, E]
 
         def gather_keys(li):  # -> [C, KV, E, hd] each (a copy of the blocks the rows read)

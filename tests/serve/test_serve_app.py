@@ -630,7 +630,9 @@ def test_logprobs_over_http_streamed_equal_non_streamed(serve_env, http):
             if c.get("logprobs"):
                 toks += c["logprobs"]["tokens"]
                 vals += c["logprobs"]["token_logprobs"]
-    assert toks == lp["tokens"] and vals == pytest.approx(lp["token_logprobs"], abs=1e-6)
+    # 1e-5: the streamed request may reuse the first one's prompt KV (prefix cache), computed in another
+    # batch shape, so its fp32 logprobs can differ in the 7th digit; the tokens must be equal.
+    assert toks == lp["tokens"] and vals == pytest.approx(lp["token_logprobs"], abs=1e-5)
     assert r.status_code == 200 and http.post(CMPL, json={**body, "logprobs": None}).json()["choices"][0]["logprobs"] is None
 
     from openai import OpenAI

@@ -206,13 +206,14 @@ class ModelRunner:
         [B, vocab]. ``lora`` is prepared per token, or per row when every prompt has one length."""
         if lora is not None and len({len(p) for p in prompts}) > 1 and lora.rows == len(prompts) and not lora.uniform:
             raise ValueError("a per-row LoRABatch needs prompts of one length; prepare it per token")
-        tables = []
+        tables: list[list[int]] = []
         try:
             for p in prompts:
-                table = [self.blocks.allocate() for _ in range(self.blocks.blocks_for(len(p)))]
-                tables.append([b for b in table if b is not None])
-                if len(tables[-1]) < len(table):
-                    raise RuntimeError("the KV pool is too small for these prompts")
+                tables.append(table := [])
+                for _ in range(self.blocks.blocks_for(len(p))):
+                    if (block := self.blocks.allocate()) is None:
+                        raise RuntimeError("the KV pool is too small for these prompts")
+                    table.append(block)
             return self.step([SeqChunk(p, 0, t) for p, t in zip(prompts, tables)], 0, lora)
         finally:
             for t in tables:

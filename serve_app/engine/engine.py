@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import math
 import threading
 import time
 from collections import OrderedDict, deque
@@ -592,10 +593,10 @@ class LoRAEngine:
                 break
             if not req.running:  # preempted by a row before it
                 continue
-            take = min(req.length - req.num_computed, budget)
+            take, cost = self._chunk(req.num_computed, req.length - req.num_computed, budget)
             if self._grow(req, take, sched):
                 sched[req] = take
-                budget -= take
+                budget -= cost
             else:
                 self._preempt(req)
         watermark = max(1, pool.num_blocks // 100)  # left free for the running rows' next blocks
@@ -608,7 +609,7 @@ class LoRAEngine:
             hits, nodes = pool.lookup(req.cache_key, req.tokens(0, limit), limit)
             computed = len(hits) * pool.block_size
             remaining = req.length - computed
-            take = min(remaining, budget)
+            take, cost = self._chunk(computed, remaining, budget)
             need = pool.blocks_for(computed + take) - len(hits)
             if (take < remaining and take < _MIN_CHUNK) or need > pool.num_free - (watermark if self._running else 0):
                 pool.free(hits)
@@ -619,8 +620,31 @@ class LoRAEngine:
             req.nodes, req.num_computed, req.running = nodes, computed, True
             self._running.append(req)
             sched[req] = take
-            budget -= take
+            budget -= cost
         return list(sched.items())
+
+    def _chunk(self, start: int, remaining: int, budget: int) -> tuple[int, int]:
+        """How many of a sequence's ``remaining`` tokens from position ``start`` fit in ``budget``,
+        and what they cost: a token costs 1, plus its attention over the context before it in
+        units of a token's projections and MLP (``attn_ctx_ref``). A chunk deep into a long prompt
+        attends to everything before it, so it takes fewer tokens and the step stays as short as
+        one early in the prompt: the running rows' inter-token gap stays bounded all the way."""
+        if remaining == 1:  # a decode row (or a prompt's last token): its attention reads, it is not a chunk
+            return (1, 1) if budget >= 1 else (0, 0)
+        ref = self.runner.attn_ctx_ref
+
+        def cost(n: int) -> int:
+            return n + int(n * (start + n / 2) / ref)
+
+        b = 1 + start / ref
+        n = min(remaining, max(0, int((math.sqrt(b * b + 2 * budget / ref) - b) * ref)))
+        while n < remaining and cost(n + 1) <= budget:
+            n += 1
+        while n > 0 and cost(n) > budget:
+            n -= 1
+        if n == 0 and budget >= 1:  # deep in a very long prompt: one token a step, never starved
+            return 1, budget
+        return n, cost(n)
 
     def _grow(self, req: Request, take: int, sched: dict) -> bool:
         """Give ``req`` the blocks for ``take`` more tokens, preempting newer unscheduled rows."""

@@ -176,6 +176,13 @@ class ModelRunner:
             self.kv = torch.zeros(len(self.layers), 2, num_blocks, self.n_kv, block_size, self.head_dim,
                                   dtype=self.dtype, device=self.device)
         self.decode_paths = {"inplace": 0, "mixed": 0, "gather": 0}  # how decode steps read the pool (stats)
+        # The context length at which a prefill token's attention (4 * heads * head_dim FLOPs per
+        # key and layer) costs as much as its projections and MLP (2 FLOPs per weight): the
+        # scheduler charges a chunk's attention against the token budget with it (W1: ~1,500;
+        # Llama-2-7B: ~25,000, so there it barely matters).
+        q_dim, kv_dim, inter = self.n_heads * self.head_dim, self.n_kv * self.head_dim, cfg.intermediate_size
+        linear_per_layer = cfg.hidden_size * (2 * q_dim + 2 * kv_dim + 3 * inter)
+        self.attn_ctx_ref = linear_per_layer / (2 * q_dim)
 
     @staticmethod
     def bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:

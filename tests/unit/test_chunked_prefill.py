@@ -98,6 +98,27 @@ def test_running_rows_get_a_token_every_step_while_a_long_prompt_prefills(engine
     assert long_out.token_ids == ref(tiny_assets, tiny_assets.adapter_ids[2], long_prompt, 4)
 
 
+def test_chunks_deep_in_a_long_prompt_are_charged_their_attention(engine, tiny_assets):
+    """A chunk at position p attends to p keys per token: it takes fewer tokens as p grows, so a
+    step deep in a long prompt costs what one at its start does (the running rows' gap stays
+    bounded; measured by benchmarks/prefill_stall_bench). Before, every chunk took the whole budget."""
+    ref_ctx = engine.runner.attn_ctx_ref  # the tiny model's: a few hundred tokens
+    long_prompt = rand_prompt(int(3 * ref_ctx), 11)
+    engine.calls.clear()
+    (out,) = engine.generate_batch([(long_prompt, greedy(3), tiny_assets.adapter_ids[3])])
+    chunks, pos = [], 0
+    for decode, fresh, cont in engine.calls:
+        n = fresh + cont
+        if n > 1:
+            chunks.append((pos, n))
+            cost = n + int(n * (pos + n / 2) / ref_ctx)
+            assert decode + cost <= BUDGET, f"chunk of {n} at position {pos} costs {cost}: over the budget {BUDGET}"
+            pos += n
+    assert pos >= len(long_prompt) - 1 and len(chunks) > 3, f"precondition: the prompt was chunked: {chunks}"
+    assert chunks[0][1] >= 0.9 * BUDGET and chunks[-2][1] <= BUDGET // 3, f"chunks did not shrink with depth: {chunks}"
+    assert out.token_ids == ref(tiny_assets, tiny_assets.adapter_ids[3], long_prompt, 3)
+
+
 def test_abort_during_a_chunked_prefill(engine, tiny_assets):
     outs, done = [], threading.Event()
 

@@ -295,6 +295,8 @@ class LoRADeployment(ChannelMixin):
         self._start_background()
         mux = serve.get_multiplexed_model_id()
         prompt = render_prompt(self.engine.tokenizer, req)
+        if req.params.json_schema is not None:  # compiled off the event loop, before submit
+            await self.engine.compile_grammar(req.params.json_schema)
         for attempt in range(3):
             pinned = None
             try:

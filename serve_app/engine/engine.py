@@ -364,6 +364,15 @@ class LoRAEngine:
                     cache = self._grammar_cache = GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids)
         return cache
 
+    async def compile_grammar(self, schema: str) -> None:
+        """Compile a response_format schema in a worker thread (xgrammar releases the GIL; a cache miss takes 20-130 ms, the
+        first one also builds the tokenizer's tables), so that the event loop serving every other
+        request is not held while it compiles; ``submit`` then finds it compiled. A schema the
+        compiler refuses raises InvalidRequestError here."""
+        cache = getattr(self, "_grammar_cache", None)
+        if cache is None or not cache.has(schema):
+            await asyncio.to_thread(lambda: self.grammars().compiled(schema))
+
     def add_request(
         self,
         prompt: str | list[int],

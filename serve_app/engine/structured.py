@@ -7,7 +7,9 @@ mask + accept per token is 2.5-4x cheaper on CPU at vocab 8192 and 49152):
 
 * ``GrammarCache``: one per engine. Builds xgrammar's tokenizer info once (lazily, on the first
   constrained request: 20-130 ms) and keeps one compiled grammar per schema text (LRU), so a
-  schema compiles once, on the submitting thread (``add_request``), never in the engine's step.
+  schema compiles once, never in the engine's step: the deployments await
+  ``LoRAEngine.compile_grammar`` (a worker thread; xgrammar releases the GIL) before submit, so
+  the replica's event loop keeps serving while it compiles, and ``add_request`` finds it cached.
   A schema the compiler refuses is an ``InvalidRequestError`` (a 400) at submit.
 * ``RowGrammar``: a request's matcher and how many of its output tokens it has consumed. It
   lives on the ``Request`` (nothing in the KV cache or the slots): a request that is preempted
@@ -151,6 +153,11 @@ class GrammarCache:
                 while len(self._grammars) > self.max_entries:
                     self._grammars.popitem(last=False)
             return g
+
+    def has(self, schema: str) -> bool:
+        """Whether ``schema`` is compiled already (a request with it costs no compile)."""
+        with self._lock:
+            return schema in self._grammars
 
     def row(self, schema: str) -> RowGrammar:
         """A fresh matcher for one request (compiling the schema on a cache miss)."""

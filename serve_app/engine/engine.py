@@ -365,10 +365,10 @@ class LoRAEngine:
         return cache
 
     async def compile_grammar(self, schema: str) -> None:
-        """Compile a response_format schema in a worker thread (xgrammar releases the GIL; a cache miss takes 20-130 ms, the
-        first one also builds the tokenizer's tables), so that the event loop serving every other
-        request is not held while it compiles; ``submit`` then finds it compiled. A schema the
-        compiler refuses raises InvalidRequestError here."""
+        """Compile a response_format schema in a worker thread (xgrammar releases the GIL; a cache
+        miss takes 20-130 ms, the first one also builds the tokenizer's tables), so that the event
+        loop serving every other request is not held while it compiles; ``submit`` then finds it
+        compiled. A schema the compiler refuses raises InvalidRequestError here."""
         cache = getattr(self, "_grammar_cache", None)
         if cache is None or not cache.has(schema):
             await asyncio.to_thread(lambda: self.grammars().compiled(schema))

@@ -42,6 +42,7 @@ class EngineAPI(Protocol):
     # ---- requests
     def submit(self, prompt: str | list[int], params: "SamplingParams", adapter: "str | ResidentAdapter | None" = None,
                request_id: str | None = None, *, tenant: str | None = None) -> "RequestStream": ...
+    async def compile_grammar(self, schema: str) -> None: ...  # before submit: a schema compiles off the loop
 
     # ---- the engine thread and its life
     def run_in_engine(self, fn: Callable, *args) -> Any: ...

@@ -23,8 +23,9 @@ Per-step paths. ``prepare`` picks, per step, how the LoRALinears compute the mix
 lora_kernels/cost.py): ``masked`` (one dense product over the sum of the active ranks; cheapest
 for one or two adapters), ``loop`` (a GEMM pair per contiguous run of one adapter's tokens),
 ``bmm`` (tokens sorted by adapter, one padded batched GEMM pair), ``triton`` (SGMV kernels, on
-CUDA). The per-row paths read adapter-major stacked copies (``StackedGroup``), gathered and
-cached like the masked copy and checked the same way for non-finite rows.
+CUDA). The per-row paths read adapter-major stacks (``StackedGroup``): views of a long-lived
+slot buffer per input group (lora_slots.py) that a new adapter set patches one newcomer at a
+time, checked the same way for non-finite rows.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ import torch
 
 from serve_app.engine.lora_kernels import cost
 from serve_app.engine.lora_kernels.layout import PATHS, SegmentLayout, StackedGroup, build_layout
+from serve_app.engine.lora_slots import SlotStack
 from serve_app.engine.lora_weights import BaseShape, LoRAWeights
 from serve_app.errors import ServeAppError
 
@@ -171,9 +173,8 @@ class LoRAManager:
         # prepare()'s whole LoRABatch per (path asked, pool version, rows' load IDs); an entry is
         # used only while the gather it was built from is still the cached one
         self._batch_cache: OrderedDict[tuple, tuple] = OrderedDict()
-        # per-adapter slices of the stacked groups (_piece), under (load ID, group, padded shape)
-        self._pieces: OrderedDict[tuple, tuple] = OrderedDict()
-        self._max_pieces = 1024
+        # the per-row paths' adapter-major buffers, per input group (lora_slots.py): a few shapes each
+        self._slots: dict[str, list[SlotStack]] = {}
         self._freed_since_gather = False
         # "auto": the cost model picks per step; or one of PATHS, forced (benchmarks, tests).
         self.path = path or os.environ.get("SERVE_APP_LORA_PATH", "auto")
@@ -250,9 +251,7 @@ class LoRAManager:
             self._free[kind].extend(idx.tolist())
         self._gather_cache.clear()
         self._batch_cache.clear()
-        for key in [k for k in self._pieces if k[0] == res.load_id]:
-            del self._pieces[key]
-        self._freed_since_gather = True
+        self._freed_since_gather = True  # its slots (copies) stay until a newcomer takes them
 
     # ---- pinning --------------------------------------------------------------------------
 
@@ -324,8 +323,8 @@ class LoRAManager:
             cached = self._gather_cache.get(key)
             if cached is None or cached[0] != self._pool_version:
                 if not self._gather_cache and not self._freed_since_gather:
-                    # emptied from outside (a forced re-gather): the pieces are re-checked too
-                    self._pieces.clear()
+                    # emptied from outside (a forced re-gather): the slots are re-read and re-checked too
+                    self._slots.clear()
                 self._freed_since_gather = False
                 built = self._gather(distinct) if layout_kind == "masked" else self._gather_stacked(distinct)
                 cached = (self._pool_version, built)
@@ -334,7 +333,7 @@ class LoRAManager:
                     self._gather_cache.popitem(last=False)
             else:
                 self._gather_cache.move_to_end(key)
-        gathered, poisoned = cached[1]
+        gathered, poisoned = cached[1][:2]
 
         groups = {}
         if layout_kind == "masked":
@@ -354,12 +353,13 @@ class LoRAManager:
         return batch
 
     def clear_set_caches(self) -> None:
-        """Drop the per-set gathers and prepared batches (not the per-adapter pieces): the next
-        step of every adapter set pays its gather again (benchmarks: each row pays its own)."""
+        """Drop the per-set gathers, prepared batches and slot buffers: the next step of every
+        adapter set pays its gather again (benchmarks: each row pays its own)."""
         with self._lock:
             self._gather_cache.clear()
             self._batch_cache.clear()
-            self._freed_since_gather = True  # an intended clear: the pieces stay valid
+            self._slots.clear()
+            self._freed_since_gather = True
 
     def _choose(self, distinct: list[ResidentAdapter], tok_adapter: list[int], uniform: bool) -> tuple[str, dict]:
         """The cheapest path for this step by the cost model (cost.py), and every estimate."""
@@ -408,58 +408,81 @@ class LoRAManager:
         self._retire_poisoned(distinct, poisoned)
         return out, frozenset(poisoned)
 
-    def _gather_stacked(self, distinct: list[ResidentAdapter]) -> tuple[dict[str, StackedGroup], frozenset[int]]:
-        """Per input group, the members' weights adapter-major (layout.py), and the load IDs of
-        adapters whose rows are not finite (left as zeros in the copy, retired).
+    def _gather_stacked(self, distinct: list[ResidentAdapter]) -> tuple[dict[str, StackedGroup], frozenset[int], list]:
+        """Per input group, the members' weights adapter-major (layout.py) as a view of the
+        group's slot buffer (lora_slots.py), the load IDs of adapters whose rows are not finite
+        (their slots left zero, retired), and the (buffer, [(slot, generation)]) each group read.
 
-        Built from per-adapter pieces (``_piece``), each gathered and checked once: a new set of
-        adapters -- a prefill admitting requests chunk by chunk, requests finishing one by one --
-        then costs one stack per group and kind, not a gather of every member's rows again."""
+        A new set -- a prefill admitting requests chunk by chunk, a request finishing and another
+        taking its place -- writes only the members that have no slot yet, one adapter each; the
+        gathers of other sets that read a slot it overwrote are dropped from the cache."""
         parts: dict[str, list] = {}
         for kind in self._a:
             users = [r for r in distinct if kind in r.rows]
             if users:
                 parts.setdefault(INPUT_GROUP[kind], []).append((kind, users))
         position = {r: j for j, r in enumerate(distinct)}
-        out = {}
+        out, deps = {}, []
         poisoned: set[int] = set()
         for group, kinds in parts.items():
             in_users = {r for _, users in kinds for r in users}
             members = [r for r in distinct if r in in_users]
-            member_of = [-1] * len(distinct)
-            for i, r in enumerate(members):
-                member_of[position[r]] = i
             shape = tuple((kind, max(len(r.rows[kind]) for r in users)) for kind, users in kinds)
-            pieces = [self._piece(r, group, shape) for r in members]
-            for r, pc in zip(members, pieces):
-                if pc[3]:
+            ss, slots = self._place(group, shape, members)
+            member_of = [-1] * len(distinct)
+            for r, s in zip(members, slots):
+                member_of[position[r]] = s
+                if ss.bad[s]:
                     poisoned.add(r.load_id)
-            a = torch.stack([pc[0] for pc in pieces], dim=1)  # [L, n, in, Rp]
-            bs = [torch.stack([pc[1][k] for pc in pieces], dim=1) for k in range(len(shape))]  # [L, n, rk, out]
+            used = max(slots) + 1
             spans: dict[str, tuple[int, int, torch.Tensor]] = {}
             col = 0
-            for (kind, rk), b in zip(shape, bs):
-                spans[kind] = (col, col + rk, b)  # B [L, n, rk, out]
+            for kind, rk in ss.shape:
+                spans[kind] = (col, col + rk, ss.b[kind][:, :used])  # B [L, used, rk, out]
                 col += rk
-            out[group] = StackedGroup(a=a, spans=spans, ranks=[pc[2] for pc in pieces], member_of=member_of)
+            out[group] = StackedGroup(a=ss.a[:, :used], spans=spans, ranks=list(ss.ranks[:used]), member_of=member_of)
+            deps.append((ss, [(s, ss.gen[s]) for s in slots]))
         self._retire_poisoned(distinct, poisoned)
-        return out, frozenset(poisoned)
+        return out, frozenset(poisoned), deps
 
-    def _piece(self, r: ResidentAdapter, group: str, shape: tuple[tuple[str, int], ...]) -> tuple:
-        """One adapter's slice of a stacked group, padded to ``shape`` ((kind, rank) per kind, the
-        set's largest rank per kind): (A^T [L, in, Rp], per kind B [L, rk, out], {kind: its rank},
-        poisoned). A piece whose rows are not finite stays all zeros (only its own rows read it)."""
-        key = (r.load_id, group, shape)
-        pc = self._pieces.get(key)
-        if pc is not None:
-            self._pieces.move_to_end(key)
-            return pc
-        L = self.shape.num_layers
-        in_f = self._a[shape[0][0]].shape[2]
-        a = torch.zeros(L, in_f, sum(rk for _, rk in shape), dtype=self.dtype, device=self.device)  # [L, in, Rp]
-        bs, ranks, bad, col = [], {}, False, 0
-        for kind, rk in shape:
-            b = torch.zeros(L, rk, self._b[kind].shape[2], dtype=self.dtype, device=self.device)  # [L, rk, out]
+    def _place(self, group: str, shape: tuple[tuple[str, int], ...], members: list[ResidentAdapter]):
+        """A slot buffer of the group that fits ``shape`` and a slot per member (newcomers written)."""
+        by_load = {r.load_id: r for r in members}
+        loads = [r.load_id for r in members]
+        stacks = self._slots.setdefault(group, [])
+        ss = next((st for st in stacks if st.fits(shape)), None)
+        writes = ss.writes if ss is not None else 0
+        slots = None
+        if ss is not None:
+            slots = ss.place(loads, lambda s, lid: self._fill_slot(ss, s, by_load[lid]))
+        if slots is None:  # no buffer of this shape, or too small: a new one (each member written once)
+            old_cap = ss.capacity if ss is not None else 0
+            if ss is not None:
+                stacks.remove(ss)
+            n = len(members)
+            in_f = self._a[shape[0][0]].shape[2]
+            ss = SlotStack(shape, max(n + max(4, n // 4), old_cap * 3 // 2), self.shape.num_layers, in_f,
+                           {k: self._b[k].shape[2] for k, _ in shape}, self.dtype, self.device)
+            stacks.insert(0, ss)
+            del stacks[3:]  # a few shapes per group (e.g. sets with and without a rank-64 adapter)
+            writes = 0
+            slots = ss.place(loads, lambda s, lid: self._fill_slot(ss, s, by_load[lid]))
+        elif ss.writes != writes:  # slots were overwritten: gathers of other sets that read them go
+            for key in [k for k, (_, built) in self._gather_cache.items()
+                        if k[0] == "stacked" and not all(st is not ss or st.valid(d) for st, d in built[2])]:
+                del self._gather_cache[key]
+        return ss, slots
+
+    def _fill_slot(self, ss: SlotStack, s: int, r: ResidentAdapter) -> tuple[dict[str, int], bool]:
+        """Write adapter ``r`` into slot ``s``: A^T into its kinds' columns, B into its rows, zeros
+        past its own rank. A slot whose pool rows are not finite stays all zeros (only its own
+        tokens read it). Returns its rank per kind and whether it was broken."""
+        a = ss.a[:, s]  # [L, in, Rp]
+        a.zero_()
+        for b in ss.b.values():
+            b[:, s].zero_()
+        ranks, bad, col = {}, False, 0
+        for kind, rk in ss.shape:
             idx = r.rows.get(kind)
             if idx is not None:
                 own = len(idx)
@@ -468,20 +491,15 @@ class LoRAManager:
                 b_sel = self._b[kind].index_select(1, idx)  # [L, own, out]
                 if bool(torch.isfinite(a_sel).all()) and bool(torch.isfinite(b_sel).all()):
                     a[:, :, col : col + own] = a_sel.transpose(1, 2)
-                    b[:, :own] = b_sel
+                    ss.b[kind][:, s, :own] = b_sel
                 else:
                     bad = True
-            bs.append(b)
             col += rk
-        if bad:  # a broken adapter: every slice stays zero
+        if bad:  # a broken adapter: its whole slot stays zero
             a.zero_()
-            for b in bs:
-                b.zero_()
-        pc = (a, bs, ranks, bad)
-        self._pieces[key] = pc
-        while len(self._pieces) > self._max_pieces:
-            self._pieces.popitem(last=False)
-        return pc
+            for b in ss.b.values():
+                b[:, s].zero_()
+        return ranks, bad
 
     def _retire_poisoned(self, distinct: list[ResidentAdapter], poisoned: set[int]) -> None:
         for res in distinct:

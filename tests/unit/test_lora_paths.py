@@ -339,10 +339,11 @@ def _per_token_reference(x, a, b, tok_adapter, member_of, base):
     return ref
 
 
-@pytest.mark.parametrize("case", ["identity", "inv", "inv-padded", "keep", "keep-padded"])
+@pytest.mark.parametrize("case", ["identity", "inv", "inv-padded", "keep", "keep-padded", "inv-dead", "keep-dead"])
 def test_bmm_layout_cases_equal_per_token_reference(case):
     """Each bmm layout case (views only; every token a member: gather back + add; base tokens:
-    scatter-add) equals the plain per-token product, and base tokens stay bit for bit."""
+    scatter-add; dead slots of a slot buffer as empty segments) equals the plain per-token
+    product, and base tokens stay bit for bit, whatever the dead slots hold."""
     g = torch.Generator().manual_seed(3)
     n, in_f, out_f, r = 6, 40, 24, 8
     tok = {
@@ -351,16 +352,24 @@ def test_bmm_layout_cases_equal_per_token_reference(case):
         "inv-padded": [0, 1, 0, 2, 0, 1, 3, 0],
         "keep": [0, -1, 1, 0, -1, 1],
         "keep-padded": [0, -1, 1, 0, 0, 2, -1],
+        "inv-dead": [0, 1, 2, 1],  # adapters 0, 1, 2 in slots 3, 0, 4 of 5: slots 1 and 2 dead
+        "keep-dead": [2, -1, 0, 1, 0, -1],
     }[case]
     n_ad = max(tok) + 1
-    member_of = list(range(n_ad))
-    a = torch.randn(n_ad, in_f, r, generator=g) * in_f**-0.5
-    b = torch.randn(n_ad, r, out_f, generator=g) * r**-0.5
+    member_of = [3, 0, 4] if "dead" in case else list(range(n_ad))
+    n_slots = max(member_of) + 1
+    a = torch.randn(n_slots, in_f, r, generator=g) * in_f**-0.5
+    b = torch.randn(n_slots, r, out_f, generator=g) * r**-0.5
+    if "dead" in case:  # a dead slot may hold anything (a finished tenant's weights, even huge values)
+        a[1:3] = 1e30
+        b[1:3] = float("inf")
     x = torch.randn(len(tok), in_f, generator=g)
     base = torch.randn(len(tok), out_f, generator=g)
-    lay = build_layout(tok, member_of, n_ad, "bmm", x.device)
+    lay = build_layout(tok, member_of, n_slots, "bmm", x.device)
     assert lay.identity == (case == "identity")
     assert (lay.inv is not None) == case.startswith("inv")
+    if "dead" in case:
+        assert lay.members_t is None and len(lay.seg_member) == n_slots  # read in place, not gathered
     out = base.clone()
     sgmv_cpu.bmm_expand(out, sgmv_cpu.bmm_shrink(x, a, lay), b, 0, r, lay)
     ref = _per_token_reference(x, a, b, tok, member_of, base)
@@ -426,30 +435,66 @@ def test_prepare_caches_the_batch_while_its_gather_is_valid(tiny_assets):
         eng.shutdown()
 
 
-def test_stacked_gather_reuses_each_adapters_piece(tiny_assets):
-    """A set that grows (a prefill admitting requests chunk by chunk) re-stacks the members'
-    cached pieces instead of gathering every member's rows again; a freed adapter's pieces go."""
+def test_a_new_adapter_set_writes_only_its_newcomers_into_the_slot_buffer(tiny_assets):
+    """A set that grows (a prefill admitting requests) or swaps a member (a request finishing,
+    another admitted) writes only the adapters that have no slot yet; a gather of another set
+    that read an overwritten slot is dropped, one that did not stays cached."""
     eng = LoRAEngine(EngineConfig(model=str(tiny_assets.base), max_lora_rank=32, max_num_seqs=32))
     try:
         folder = str(tiny_assets.adapters_dir / tiny_assets.adapter_ids[1])
-        names = ["same-0", "same-1", "same-2"]  # one folder, three loads: equal ranks, so equal piece shapes
+        names = [f"same-{i}" for i in range(6)]  # one folder, six loads: one shape, six load IDs
         for name in names:
             eng.load_adapter(name, folder)
 
         def run():
             lm = eng.lora
             res = [lm.current(a) for a in names]
-            lm.prepare([res[0], res[1]], path="bmm")
-            before = dict(lm._pieces)
-            lm.prepare([res[0], res[1], res[2]], path="bmm")
-            reused = [k for k in before if lm._pieces.get(k) is before[k]]
-            new = [k for k in lm._pieces if k not in before]
-            return res, reused, len(before), new
+            groups = lambda: [st for stacks in lm._slots.values() for st in stacks]  # noqa: E731
+            writes = lambda: sum(st.writes for st in groups())  # noqa: E731
+            n_groups = len(lm.prepare([res[0], res[1]], path="bmm").groups)
+            w0 = writes()
+            b012 = lm.prepare([res[0], res[1], res[2]], path="bmm")
+            grew = writes() - w0
+            w1 = writes()
+            lm.prepare([res[3], res[4], res[1], res[2]], path="bmm")  # 0 left; 3 and 4 joined
+            swapped = writes() - w1
+            slots = {r.load_id: groups()[0].slot_of.get(r.load_id) for r in res}
+            # the set {0, 1, 2} read slot 0, now adapter 3's or 4's: its batch is rebuilt, not reused
+            b012_again = lm.prepare([res[0], res[1], res[2]], path="bmm")
+            return n_groups, w0, grew, swapped, slots, b012_again is not b012, len(groups())
 
-        res, reused, n_before, new = eng.run_in_engine(run)
-        assert n_before and len(reused) == n_before
-        assert new and all(k[0] == res[2].load_id for k in new)  # only the new member was gathered
-        eng.unload_adapter(names[0])  # no request pins it: freed now
-        assert eng.run_in_engine(lambda: [k for k in eng.lora._pieces if k[0] == res[0].load_id]) == []
+        n_groups, w0, grew, swapped, slots, rebuilt, n_buffers = eng.run_in_engine(run)
+        assert n_groups and w0 == 2 * n_groups  # one write per member and group
+        assert grew == n_groups  # only the newcomer
+        assert swapped == 2 * n_groups  # only the two newcomers, into slot 0 and a free slot
+        assert n_buffers == n_groups  # patched in place, no new buffer
+        assert rebuilt
+        assert eng.run_in_engine(lambda: [s for s in eng.lora._slots.values() for s in s][0].capacity) >= 4
+    finally:
+        eng.shutdown()
+
+
+def test_churning_adapter_sets_decode_equals_peft(tiny_assets, many):
+    """More requests than sequences, each with its own length, over 24 adapters: the set of
+    adapters changes at almost every step (finished requests leave, queued ones join), so slots
+    are patched, reused and compacted under running sequences. Every request equals PEFT."""
+    eng = LoRAEngine(EngineConfig(model=str(tiny_assets.base), max_lora_rank=32, max_num_seqs=6))
+    try:
+        for aid, d in many.items():
+            eng.load_adapter(aid, str(d))
+        ids = list(many)
+        prompts = rand_prompts(30, seed=21)
+        adapters = [ids[(i * 7) % len(ids)] if i % 5 else None for i in range(30)]
+        sps = [SamplingParams(max_tokens=2 + (i * 5) % 7, temperature=0.0, ignore_eos=True) for i in range(30)]
+        for path in ("bmm", "loop"):
+            eng.lora.path = path
+            eng.run_in_engine(eng.lora.clear_set_caches)
+            outs = eng.generate_batch([(p, sp, a) for p, sp, a in zip(prompts, sps, adapters)])
+            writes = eng.run_in_engine(lambda: sum(st.writes for stacks in eng.lora._slots.values() for st in stacks))
+            for i, (p, a, sp, o) in enumerate(zip(prompts, adapters, sps, outs)):
+                model = _peft_cache.setdefault(("model", a), peft_model(tiny_assets.base, None if a is None else many[a]))
+                assert o.token_ids == reference_greedy(model, p, sp.max_tokens), f"request {i} ({a}, {path}) differs from PEFT"
+            # each adapter written about once per group it targets, not once per set it was in
+            assert writes <= 4 * len(set(a for a in adapters if a)) + 8, writes
     finally:
         eng.shutdown()

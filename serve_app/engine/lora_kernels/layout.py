@@ -100,8 +100,13 @@ def build_layout(
         if m >= 0:
             buckets.setdefault(m, []).append(t)
     seg_member = sorted(buckets)
-    seg_len = [len(buckets[m]) for m in seg_member]
-    flat = [t for m in seg_member for t in buckets[m]]
+    if path == "bmm" and len(seg_member) < n_members <= 2 * len(seg_member):
+        # Members of the stack with no token this step (a slot buffer's dead slots, lora_slots.py)
+        # ride along as empty, padded segments whose outputs are dropped: reading their weights
+        # costs less than gathering the live members' weights into a copy (``members_t``).
+        seg_member = list(range(n_members))
+    seg_len = [len(buckets.get(m, ())) for m in seg_member]
+    flat = [t for m in seg_member for t in buckets.get(m, ())]
     lay = SegmentLayout(n_tokens=n, m=len(flat), runs=[], seg_member=seg_member, seg_len=seg_len)
     lay.tok = torch.tensor(flat, dtype=torch.long, device=device)  # [M]
     lay.s_max = max(seg_len)
@@ -113,12 +118,12 @@ def build_layout(
         if not padded and lay.m == n and flat == list(range(n)):
             lay.identity = True  # views only: no index tensors are read
             return lay
-        pad = [buckets[m] + [buckets[m][0]] * (s - len(buckets[m])) for m in seg_member]
+        pad = [(b := buckets.get(m) or [flat[0]]) + [b[0]] * (s - len(b)) for m in seg_member]
         lay.pad_tok = torch.tensor(pad, dtype=torch.long, device=device)  # [n_seg, S]
         if lay.m == n:
             inv = [0] * n
             for i, m in enumerate(seg_member):
-                for k, t in enumerate(buckets[m]):
+                for k, t in enumerate(buckets.get(m, ())):
                     inv[t] = i * s + k
             lay.inv = torch.tensor(inv, dtype=torch.long, device=device)  # [N]
         elif padded:

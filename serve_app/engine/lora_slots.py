@@ -5,7 +5,7 @@ The ``bmm`` / ``loop`` / ``triton`` paths read one input group's adapters stacke
 the set of adapters in a step changes all the time -- a request finishes, another is admitted
 -- and building a fresh stack for every new set copies every member's weights: 470 MB per set
 for 64 rank-16 q/k/v/o adapters on SmolLM2-135M, about 157 ms a set on the 2-core box
-(mostly page faults of the fresh allocation), which made churning traffic 0.54x of base.
+(benchmarks/lora_churn_bench.py), which made churning traffic 0.54x of base.
 
 A ``SlotStack`` is one long-lived buffer per input group instead. Each resident adapter that a
 step uses occupies a slot; a new set keeps every member that already has a slot where it is
@@ -68,9 +68,6 @@ class SlotStack:
                 self._write(s, lid, fill)
         self._compact(members)
         return [self.slot_of[lid] for lid in loads]
-
-    def used(self, slots: Sequence[int]) -> int:
-        return max(slots) + 1 if slots else 0
 
     def valid(self, deps: Sequence[tuple[int, int]]) -> bool:
         """Whether every (slot, generation) a gather read still holds what it held."""

@@ -469,7 +469,6 @@ def test_a_new_adapter_set_writes_only_its_newcomers_into_the_slot_buffer(tiny_a
         assert swapped == 2 * n_groups  # only the two newcomers, into slot 0 and a free slot
         assert n_buffers == n_groups  # patched in place, no new buffer
         assert rebuilt
-        assert eng.run_in_engine(lambda: [s for s in eng.lora._slots.values() for s in s][0].capacity) >= 4
     finally:
         eng.shutdown()
 

@@ -452,9 +452,11 @@ class LoRAManager:
         stacks = self._slots.setdefault(group, [])
         ss = next((st for st in stacks if st.fits(shape)), None)
         writes = ss.writes if ss is not None else 0
-        slots = None
-        if ss is not None:
-            slots = ss.place(loads, lambda s, lid: self._fill_slot(ss, s, by_load[lid]))
+
+        def fill(s: int, lid: int) -> tuple[dict[str, int], bool]:
+            return self._fill_slot(ss, s, by_load[lid])  # ss: whichever buffer is placing
+
+        slots = ss.place(loads, fill) if ss is not None else None
         if slots is None:  # no buffer of this shape, or too small: a new one (each member written once)
             old_cap = ss.capacity if ss is not None else 0
             if ss is not None:
@@ -466,7 +468,7 @@ class LoRAManager:
             stacks.insert(0, ss)
             del stacks[3:]  # a few shapes per group (e.g. sets with and without a rank-64 adapter)
             writes = 0
-            slots = ss.place(loads, lambda s, lid: self._fill_slot(ss, s, by_load[lid]))
+            slots = ss.place(loads, fill)
         elif ss.writes != writes:  # slots were overwritten: gathers of other sets that read them go
             for key in [k for k, (_, built) in self._gather_cache.items()
                         if k[0] == "stacked" and not all(st is not ss or st.valid(d) for st, d in built[2])]:
@@ -478,9 +480,7 @@ class LoRAManager:
         past its own rank. A slot whose pool rows are not finite stays all zeros (only its own
         tokens read it). Returns its rank per kind and whether it was broken."""
         a = ss.a[:, s]  # [L, in, Rp]
-        a.zero_()
-        for b in ss.b.values():
-            b[:, s].zero_()
+        ss.zero(s)
         ranks, bad, col = {}, False, 0
         for kind, rk in ss.shape:
             idx = r.rows.get(kind)
@@ -496,9 +496,7 @@ class LoRAManager:
                     bad = True
             col += rk
         if bad:  # a broken adapter: its whole slot stays zero
-            a.zero_()
-            for b in ss.b.values():
-                b[:, s].zero_()
+            ss.zero(s)
         return ranks, bad
 
     def _retire_poisoned(self, distinct: list[ResidentAdapter], poisoned: set[int]) -> None:

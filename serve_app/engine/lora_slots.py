@@ -69,6 +69,12 @@ class SlotStack:
         self._compact(members)
         return [self.slot_of[lid] for lid in loads]
 
+    def zero(self, s: int) -> None:
+        """Clear slot ``s`` (every kind's A columns and B rows)."""
+        self.a[:, s].zero_()
+        for b in self.b.values():
+            b[:, s].zero_()
+
     def valid(self, deps: Sequence[tuple[int, int]]) -> bool:
         """Whether every (slot, generation) a gather read still holds what it held."""
         return all(self.gen[s] == g for s, g in deps)

@@ -226,7 +226,9 @@ class LoRAEngine:
         wrap_lora_layers(model, config.lora_target_modules, self._ctx)
         self.max_model_len = config.max_model_len or min(model.config.max_position_embeddings, 4096)
         self.runner = self._make_runner()
-        self.lora = LoRAManager(self.base_shape, dtype=self.dtype, device=self.device)
+        # a slot buffer grows to hold the most adapters one step can use, and some spare
+        n = config.max_num_seqs
+        self.lora = LoRAManager(self.base_shape, dtype=self.dtype, device=self.device, max_slots=n + max(4, n // 4))
         self.vocab_size = model.config.vocab_size
         self._token_texts: dict[int, str] = {}  # token id -> its text alone (logprobs), filled as seen
         self.eos_ids = self._eos_ids()

@@ -154,6 +154,7 @@ class LoRAManager:
         device: torch.device,
         initial_rows: int = 128,
         path: str | None = None,
+        max_slots: int = 80,
     ):
         self.shape = shape
         self.dtype = dtype
@@ -175,7 +176,7 @@ class LoRAManager:
         self._batch_cache: OrderedDict[tuple, tuple] = OrderedDict()
         # the per-row paths' adapter-major buffers, per input group (lora_slots.py): a few shapes each
         self._slots: dict[str, list[SlotStack]] = {}
-        self._freed_since_gather = False
+        self.max_slots = max_slots  # a slot buffer grows past this only to hold one step's set
         # "auto": the cost model picks per step; or one of PATHS, forced (benchmarks, tests).
         self.path = path or os.environ.get("SERVE_APP_LORA_PATH", "auto")
         self.last_path: str | None = None  # the path of the latest prepared batch
@@ -250,8 +251,7 @@ class LoRAManager:
         for kind, idx in res.rows.items():
             self._free[kind].extend(idx.tolist())
         self._gather_cache.clear()
-        self._batch_cache.clear()
-        self._freed_since_gather = True  # its slots (copies) stay until a newcomer takes them
+        self._batch_cache.clear()  # its slots (copies) stay until a newcomer takes them
 
     # ---- pinning --------------------------------------------------------------------------
 
@@ -322,10 +322,6 @@ class LoRAManager:
         with self._lock:
             cached = self._gather_cache.get(key)
             if cached is None or cached[0] != self._pool_version:
-                if not self._gather_cache and not self._freed_since_gather:
-                    # emptied from outside (a forced re-gather): the slots are re-read and re-checked too
-                    self._slots.clear()
-                self._freed_since_gather = False
                 built = self._gather(distinct) if layout_kind == "masked" else self._gather_stacked(distinct)
                 cached = (self._pool_version, built)
                 self._gather_cache[key] = cached
@@ -354,12 +350,12 @@ class LoRAManager:
 
     def clear_set_caches(self) -> None:
         """Drop the per-set gathers, prepared batches and slot buffers: the next step of every
-        adapter set pays its gather again (benchmarks: each row pays its own)."""
+        adapter set re-reads its adapters from the pool, checked again (benchmarks: each row pays
+        its own gathers; tests: rows written into the pool behind the manager's back are seen)."""
         with self._lock:
             self._gather_cache.clear()
             self._batch_cache.clear()
             self._slots.clear()
-            self._freed_since_gather = True
 
     def _choose(self, distinct: list[ResidentAdapter], tok_adapter: list[int], uniform: bool) -> tuple[str, dict]:
         """The cheapest path for this step by the cost model (cost.py), and every estimate."""
@@ -431,16 +427,17 @@ class LoRAManager:
             ss, slots = self._place(group, shape, members)
             member_of = [-1] * len(distinct)
             for r, s in zip(members, slots):
-                member_of[position[r]] = s
                 if ss.bad[s]:
                     poisoned.add(r.load_id)
-            used = max(slots) + 1
+            lo, hi = min(slots), max(slots) + 1  # the range of slots the step reads
+            for r, s in zip(members, slots):
+                member_of[position[r]] = s - lo
             spans: dict[str, tuple[int, int, torch.Tensor]] = {}
             col = 0
             for kind, rk in ss.shape:
-                spans[kind] = (col, col + rk, ss.b[kind][:, :used])  # B [L, used, rk, out]
+                spans[kind] = (col, col + rk, ss.b[kind][:, lo:hi])  # B [L, hi - lo, rk, out]
                 col += rk
-            out[group] = StackedGroup(a=ss.a[:, :used], spans=spans, ranks=list(ss.ranks[:used]), member_of=member_of)
+            out[group] = StackedGroup(a=ss.a[:, lo:hi], spans=spans, ranks=list(ss.ranks[lo:hi]), member_of=member_of)
             deps.append((ss, [(s, ss.gen[s]) for s in slots]))
         self._retire_poisoned(distinct, poisoned)
         return out, frozenset(poisoned), deps
@@ -456,20 +453,26 @@ class LoRAManager:
         def fill(s: int, lid: int) -> tuple[dict[str, int], bool]:
             return self._fill_slot(ss, s, by_load[lid])  # ss: whichever buffer is placing
 
-        slots = ss.place(loads, fill) if ss is not None else None
-        if slots is None:  # no buffer of this shape, or too small: a new one (each member written once)
-            old_cap = ss.capacity if ss is not None else 0
-            if ss is not None:
-                stacks.remove(ss)
+        slots = ss.place(loads, fill, self.max_slots) if ss is not None else None
+        while slots is None:  # no buffer of this shape, or it should grow: its slots are copied as they are
             n = len(members)
-            in_f = self._a[shape[0][0]].shape[2]
-            ss = SlotStack(shape, max(n + max(4, n // 4), old_cap * 3 // 2), self.shape.num_layers, in_f,
-                           {k: self._b[k].shape[2] for k, _ in shape}, self.dtype, self.device)
-            stacks.insert(0, ss)
-            del stacks[3:]  # a few shapes per group (e.g. sets with and without a rank-64 adapter)
-            writes = 0
-            slots = ss.place(loads, fill)
-        elif ss.writes != writes:  # slots were overwritten: gathers of other sets that read them go
+            need = n + max(4, n // 4)
+            if ss is None:
+                in_f = self._a[shape[0][0]].shape[2]
+                ss = SlotStack(shape, need, self.shape.num_layers, in_f, {k: self._b[k].shape[2] for k, _ in shape},
+                               self.dtype, self.device)
+                stacks.insert(0, ss)
+                del stacks[3:]  # a few shapes per group (e.g. sets with and without a rank-64 adapter)
+            else:
+                old = ss
+                ss = old.grown(max(need, min(2 * old.capacity, self.max_slots)))
+                stacks[stacks.index(old)] = ss
+                for key in [k for k, (_, built) in self._gather_cache.items()
+                            if k[0] == "stacked" and any(st is old for st, _ in built[2])]:
+                    del self._gather_cache[key]  # views of the old buffer: rebuilt (no writes) on next use
+            writes = ss.writes
+            slots = ss.place(loads, fill, self.max_slots)
+        if ss.writes != writes:  # slots were overwritten: gathers of other sets that read them go
             for key in [k for k, (_, built) in self._gather_cache.items()
                         if k[0] == "stacked" and not all(st is not ss or st.valid(d) for st, d in built[2])]:
                 del self._gather_cache[key]

@@ -10,10 +10,19 @@ for 64 rank-16 q/k/v/o adapters on SmolLM2-135M, about 157 ms a set on the 2-cor
 A ``SlotStack`` is one long-lived buffer per input group instead. Each resident adapter that a
 step uses occupies a slot; a new set keeps every member that already has a slot where it is
 and writes only the newcomers, each into a slot no member of the set uses (one adapter's bytes,
-from the pool, checked for non-finite values on the way). A step reads a prefix view
-``[:, :used]`` of the buffer -- no copy. Slots inside the prefix that no member of this step
-uses ("dead": a finished request's adapter) are read as padding and their outputs dropped
-(layout.py); when they pile up, the highest members move down into them (one adapter each).
+from the pool, checked for non-finite values on the way). A step reads the range view
+``[:, lo:hi]`` of the slots its members occupy -- no copy. Slots inside the range that no member
+of this step uses ("dead": a finished request's adapter) are read as padding and their outputs
+dropped (layout.py); when they pile up, the members at the range's top move down into them
+(one adapter each).
+
+Where newcomers go decides how much a later step re-reads or re-writes: next to the members
+that stay (dead slots inside their range first, then the nearest outside, an empty slot before
+one that still holds an adapter, the least recently used of those first); a set with no member
+in the buffer -- a chunked prefill admitting a new batch of requests -- takes the lowest run of
+empty slots that holds it, so the next chunk's set does not overwrite this one's and the decode
+set that unites them is found whole. A buffer that is too small grows (twice, up to the
+``limit`` the engine allows: its max_num_seqs and some spare), its slots copied over as they are.
 
 Isolation holds as before: a token multiplies only its own slot, a slot's padding columns are
 zero, and a slot whose source rows are not finite is left all zeros and reported. A patch bumps
@@ -45,8 +54,10 @@ class SlotStack:
         self.ranks: list[dict[str, int]] = [{} for _ in range(capacity)]  # slot -> its adapter's rank per kind
         self.bad: list[bool] = [False] * capacity  # slot's source rows were not finite (slot is all zeros)
         self.gen: list[int] = [0] * capacity  # bumped whenever a slot's contents change
+        self.used_at: list[int] = [0] * capacity  # the place() call that last read each slot (LRU)
         self.slot_of: dict[int, int] = {}  # load ID -> slot
-        self.writes = 0  # slots written since the buffer was made (tests, benchmarks)
+        self.writes = 0  # adapters written or moved into slots (a grown buffer carries the count on)
+        self._clock = 0
 
     def fits(self, shape: Shape) -> bool:
         """The buffer can hold a set of this shape: the same kinds, no rank above the padded one,
@@ -54,20 +65,61 @@ class SlotStack:
         mine = dict(self.shape)
         return [k for k, _ in shape] == [k for k, _ in self.shape] and all(rk <= mine[k] <= 2 * rk for k, rk in shape)
 
-    def place(self, loads: Sequence[int], fill: Fill) -> list[int] | None:
+    def grown(self, capacity: int) -> SlotStack:
+        """A buffer of ``capacity`` slots holding this one's slots where they are (one copy)."""
+        a = self.a
+        out = SlotStack(self.shape, capacity, a.shape[0], a.shape[2], {k: b.shape[3] for k, b in self.b.items()},
+                        a.dtype, a.device)
+        c = self.capacity
+        out.a[:, :c] = a
+        for k, b in self.b.items():
+            out.b[k][:, :c] = b
+        out.occupant[:c], out.ranks[:c], out.bad[:c], out.used_at[:c] = self.occupant, self.ranks, self.bad, self.used_at
+        out.slot_of, out._clock, out.writes = dict(self.slot_of), self._clock, self.writes
+        return out
+
+    def place(self, loads: Sequence[int], fill: Fill, limit: int = 0) -> list[int] | None:
         """A slot for each load ID of the set (in order), writing newcomers with ``fill(slot,
         load_id)`` (which returns the adapter's rank per kind and whether its rows were not
-        finite); None when the buffer is too small (the caller builds a larger one)."""
+        finite); None when the buffer should grow first: it has fewer free slots than newcomers,
+        or fewer empty ones while it is below ``limit`` slots (it grows before it evicts)."""
         members = set(loads)
         new = [lid for lid in loads if lid not in self.slot_of]
         if new:
-            free = [s for s, occ in enumerate(self.occupant) if occ is None or occ not in members]
-            if len(free) < len(new):
+            if self.capacity < limit and self.occupant.count(None) < len(new):
                 return None
-            for lid, s in zip(new, free):
+            spots = self._spots(members, len(new))
+            if spots is None:
+                return None
+            for lid, s in zip(new, spots):
                 self._write(s, lid, fill)
         self._compact(members)
-        return [self.slot_of[lid] for lid in loads]
+        self._clock += 1
+        slots = [self.slot_of[lid] for lid in loads]
+        for s in slots:
+            self.used_at[s] = self._clock
+        return slots
+
+    def _spots(self, members: set[int], k: int) -> list[int] | None:
+        """The ``k`` slots newcomers take (ascending), or None when fewer are free."""
+        occ = self.occupant
+        free = [s for s in range(self.capacity) if occ[s] is None or occ[s] not in members]
+        if len(free) < k:
+            return None
+        kept = [self.slot_of[lid] for lid in members if lid in self.slot_of]
+        if kept:  # next to the members that stay: inside their range, then the nearest outside
+            lo, hi = min(kept), max(kept) + 1
+            dist = lambda s: 0 if lo <= s < hi else lo - s if s < lo else s + 1 - hi  # noqa: E731
+            free.sort(key=lambda s: (dist(s), occ[s] is not None, self.used_at[s], s))
+            return sorted(free[:k])
+        run = 0  # the lowest run of k empty slots
+        for s in range(self.capacity):
+            run = run + 1 if occ[s] is None else 0
+            if run == k:
+                return list(range(s + 1 - k, s + 1))
+        # else the k free slots closest together (lowest first), so the range stays short
+        best = min(range(len(free) - k + 1), key=lambda i: (free[i + k - 1] - free[i], i))
+        return free[best : best + k]
 
     def zero(self, s: int) -> None:
         """Clear slot ``s`` (every kind's A columns and B rows)."""
@@ -90,16 +142,17 @@ class SlotStack:
         self.ranks[s], self.bad[s] = fill(s, lid)
 
     def _compact(self, members: set[int]) -> None:
-        """Move the highest members down into dead slots while the prefix a step reads holds more
+        """Move the top members down into dead slots while the range a step reads holds more
         than a few of them (each move copies one adapter, slot to slot)."""
         if not members:
             return
         slack = max(2, len(members) // 8)
         while True:
-            top = max(self.slot_of[lid] for lid in members)
-            if top + 1 - len(members) <= slack:
+            slots = [self.slot_of[lid] for lid in members]
+            lo, top = min(slots), max(slots)
+            if top + 1 - lo - len(members) <= slack:
                 return
-            dst = next(s for s in range(top) if self.occupant[s] not in members)
+            dst = next(s for s in range(lo, top) if self.occupant[s] not in members)
             self._move(top, dst, self.occupant[top])
 
     def _move(self, src: int, dst: int, lid: int) -> None:

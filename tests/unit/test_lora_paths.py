@@ -240,7 +240,7 @@ def test_inf_in_pool_rows_fails_only_its_rows_on_the_per_row_paths(tiny_assets):
             res = eng.lora.current(ids[3])
             for kind, idx in res.rows.items():
                 eng.lora._b[kind][:, idx] = float("inf")
-            eng.lora._gather_cache.clear()
+            eng.lora.clear_set_caches()  # the next gather re-reads the pool
             return res
 
         bad = eng.run_in_engine(poison)
@@ -471,6 +471,60 @@ def test_a_new_adapter_set_writes_only_its_newcomers_into_the_slot_buffer(tiny_a
         assert rebuilt
     finally:
         eng.shutdown()
+
+
+def test_chunked_prefill_sets_take_fresh_slots_and_the_decode_set_finds_them_whole(tiny_assets):
+    """A prefill admits requests chunk by chunk: sets {0, 1, 2} then {3, 4, 5}, then the decode
+    set {0..5} that unites them. The second chunk's newcomers take empty slots (the buffer grows,
+    its slots copied) instead of overwriting the first chunk's, so every adapter is written once
+    per group, and the decode set reads one contiguous range of slots in row order: no dead
+    slot, no gather."""
+    eng = LoRAEngine(EngineConfig(model=str(tiny_assets.base), max_lora_rank=32, max_num_seqs=32))
+    try:
+        folder = str(tiny_assets.adapters_dir / tiny_assets.adapter_ids[1])
+        names = [f"same-{i}" for i in range(6)]
+        for name in names:
+            eng.load_adapter(name, folder)
+
+        def run():
+            lm = eng.lora
+            res = [lm.current(a) for a in names]
+            lm.prepare(res[:3], path="bmm")
+            lm.prepare(res[3:], path="bmm")
+            decode = lm.prepare(res, path="bmm")
+            writes = sum(st.writes for stacks in lm._slots.values() for st in stacks)
+            return len(decode.groups), writes, [(g.stack.a.shape[1], g.layout.identity) for g in decode.groups.values()]
+
+        n_groups, writes, views = eng.run_in_engine(run)
+        assert writes == 6 * n_groups  # each adapter once per group
+        assert views == [(6, True)] * n_groups  # 6 slots in the range, read in place
+    finally:
+        eng.shutdown()
+
+
+def test_slot_placement_stays_next_to_the_set_and_evicts_only_at_the_limit():
+    """SlotStack alone: below its limit a set with too few empty slots asks to grow (None), and a
+    grown buffer keeps every slot; at the limit a newcomer takes the dead slot nearest the members
+    that stay (the least recently used one), not a far empty one; written slots hold the adapter."""
+    from serve_app.engine.lora_slots import SlotStack
+
+    def fill(st):
+        def f(s, lid):
+            st.a[:, s] = lid  # slot contents name the adapter
+            return {"q_proj": 2}, False
+        return f
+
+    st = SlotStack((("q_proj", 2),), 5, 1, 3, {"q_proj": 4}, torch.float32, torch.device("cpu"))
+    assert st.place([1, 2, 3, 4], fill(st), limit=8) == [0, 1, 2, 3]
+    assert st.place([5, 6, 7], fill(st), limit=8) is None  # 1 empty slot < 3 newcomers, below the limit
+    st = st.grown(8)
+    assert st.place([5, 6, 7], fill(st), limit=8) == [4, 5, 6]  # the run of empty slots, not 0..2
+    assert st.place([1, 2, 3, 4, 5, 6, 7], fill(st), limit=8) == list(range(7)) and st.writes == 7
+    st.place([3, 4], fill(st), limit=8)  # 1, 2 are now the least recently used
+    assert st.place([3, 4, 9], fill(st), limit=8) == [2, 3, 1]  # dead slot next to the range (LRU), not empty 7
+    assert st.slot_of.get(2) is None and st.slot_of[1] == 0
+    assert [int(st.a[0, s, 0, 0]) for s in range(8)][:7] == [1, 9, 3, 4, 5, 6, 7]
+    assert st.place(list(range(20, 29)), fill(st), limit=8) is None  # more members than slots: grow
 
 
 def test_churning_adapter_sets_decode_equals_peft(tiny_assets, many):

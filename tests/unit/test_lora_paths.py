@@ -177,6 +177,18 @@ def test_cost_model_choices():
     groups = [(256, outs, [r8] * 8), (256, {"o": 256}, [{"o": 8}] * 8)]
     est = cost.estimate(64, cost.runs_of(tok), [8] * 8, groups, False)
     assert min(est, key=est.get) == "bmm", est
+    # continuous batching: 63 decode rows of distinct adapters and a 32-token prompt of a 64th;
+    # padding every segment to the prompt would cost more than twice the split (layout.split_cut)
+    tok = list(range(63)) + [63] * 32
+    args = (len(tok), cost.runs_of(tok), [1] * 63 + [32], [(256, outs, [r16] * 64)], False)
+    est = cost.estimate(*args)
+    assert min(est, key=est.get) == "bmm", est
+    cut, cost.split_cut = cost.split_cut, lambda lens: None
+    try:
+        padded = cost.estimate(*args)
+    finally:
+        cost.split_cut = cut
+    assert est["bmm"] < 0.5 * padded["bmm"], (est, padded)
     # on CUDA: the kernels unless one adapter serves every row
     d = cost.estimate(64, [], [1] * 64, [], False, "cuda")
     assert min(d, key=d.get) == "triton"
@@ -339,7 +351,8 @@ def _per_token_reference(x, a, b, tok_adapter, member_of, base):
     return ref
 
 
-@pytest.mark.parametrize("case", ["identity", "inv", "inv-padded", "keep", "keep-padded", "inv-dead", "keep-dead"])
+@pytest.mark.parametrize("case", ["identity", "inv", "inv-padded", "keep", "keep-padded", "inv-dead", "keep-dead",
+                                  "split", "split-dead"])
 def test_bmm_layout_cases_equal_per_token_reference(case):
     """Each bmm layout case (views only; every token a member: gather back + add; base tokens:
     scatter-add; dead slots of a slot buffer as empty segments) equals the plain per-token
@@ -354,6 +367,10 @@ def test_bmm_layout_cases_equal_per_token_reference(case):
         "keep-padded": [0, -1, 1, 0, 0, 2, -1],
         "inv-dead": [0, 1, 2, 1],  # adapters 0, 1, 2 in slots 3, 0, 4 of 5: slots 1 and 2 dead
         "keep-dead": [2, -1, 0, 1, 0, -1],
+        # decode rows and a prompt (continuous batching): adapter 5's 9 tokens (a decode row,
+        # then an 8-token prompt) are not padded to; every other segment stays one token
+        "split": [0, 1, 2, 5, 3, 4, 5, 5, 5, 5, 5, 5, 5, 5, -1],
+        "split-dead": [0, 1, 2, 2, 2, 2, 2, 2, 2, 2, 2, -1, 1],
     }[case]
     n_ad = max(tok) + 1
     member_of = [3, 0, 4] if "dead" in case else list(range(n_ad))
@@ -368,6 +385,9 @@ def test_bmm_layout_cases_equal_per_token_reference(case):
     lay = build_layout(tok, member_of, n_slots, "bmm", x.device)
     assert lay.identity == (case == "identity")
     assert (lay.inv is not None) == case.startswith("inv")
+    assert bool(lay.split) == case.startswith("split")
+    if case == "split":
+        assert lay.split == [(3, 4, 5), (6, 14, 5)] and lay.s_max == 1  # no segment padded to the prompt
     if "dead" in case:
         assert lay.members_t is None and len(lay.seg_member) == n_slots  # read in place, not gathered
     out = base.clone()

@@ -16,6 +16,8 @@ else the Triton SGMV kernels.
 
 from __future__ import annotations
 
+from serve_app.engine.lora_kernels.layout import split_cut
+
 # Re-fitted 2026-12-02 (h16b) with benchmarks/lora_mix_bench.py --calibrate on the 2-core box,
 # after prepare() was cached across decode steps: OP_S 8.1e-6, FLOP_S 1/135e9, BYTE_S 1/96e9
 # (the calibration's weights are cache-hot, so BYTE_S is optimistic for DRAM-bound steps; the
@@ -67,46 +69,63 @@ def group_terms(
     """
     members = [j for j, r in enumerate(ranks) if r]
     kinds = [k for k in outs if any(k in ranks[j] for j in members)]
-    tok = sum(counts[j] for j in members)  # M: tokens of members
     # masked: h = x @ A_t over R = all members' ranks, mask, one addmm per kind (over all N tokens)
     r_kind = {k: sum(ranks[j].get(k, 0) for j in members) for k in kinds}
     r_all = sum(r_kind.values())
     m_ops = 1 + (0 if uniform else 1) + len(kinds)
     m_flops = 2 * n_tokens * in_f * r_all + sum(2 * n_tokens * r_kind[k] * outs[k] for k in kinds)
     m_bytes = elem * (in_f * r_all + sum(r_kind[k] * outs[k] for k in kinds)) + (0 if uniform else 2 * elem * n_tokens * r_all)
-    # bmm: segments padded to the longest, ranks padded to the largest per kind
-    n = len(members)
-    s_max = max(counts[j] for j in members)
-    padded = any(counts[j] != s_max for j in members)
+    # bmm: segments padded to the longest, ranks padded to the largest per kind; segments far
+    # longer than the rest run as loop does (layout.split_cut)
     rmax = {k: max(ranks[j].get(k, 0) for j in members) for k in kinds}
     rp = sum(rmax.values())
+    b_ops, b_flops, b_bytes = _bmm_terms(n_tokens, runs, counts, members, in_f, outs, ranks, kinds, rmax, elem)
+    # loop: one mm + one addmm per kind the adapter has, per contiguous run; each run reads its weights
+    l_ops, l_flops, l_bytes = _loop_terms([r for r in runs if ranks[r[2]]], in_f, outs, ranks, kinds, rp, elem)
+    return {"masked": (m_ops, m_flops, m_bytes), "bmm": (b_ops, b_flops, b_bytes), "loop": (l_ops, l_flops, l_bytes)}
+
+
+def _loop_terms(runs, in_f, outs, ranks, kinds, rp, elem) -> tuple[float, float, float]:
+    """One mm + one addmm per kind the adapter has, per contiguous run; each run reads its weights."""
+    ops = flops = nbytes = 0.0
+    for t0, t1, j in runs:
+        ln = t1 - t0
+        mine = [k for k in kinds if k in ranks[j]]
+        ops += 1 + len(mine)
+        flops += 2 * ln * in_f * rp + sum(2 * ln * ranks[j][k] * outs[k] for k in mine)
+        nbytes += elem * (in_f * rp + sum(ranks[j][k] * outs[k] for k in mine))
+    return ops, flops, nbytes
+
+
+def _bmm_terms(n_tokens, runs, counts, members, in_f, outs, ranks, kinds, rmax, elem) -> tuple[float, float, float]:
+    """layout.py's bmm cases: identity (views, no gather/scatter), every token a member (one
+    gather of x, then per kind a gather back + add), else a gather of x, per kind a keep-gather
+    when padded and a scatter-add; long segments split off as loop runs."""
+    rp = sum(rmax.values())
+    cut = split_cut([counts[j] for j in members])
+    split = (0.0, 0.0, 0.0)
+    if cut is not None:
+        long = {j for j in members if counts[j] > cut}
+        split = _loop_terms([r for r in runs if r[2] in long], in_f, outs, ranks, kinds, rp, elem)
+        members = [j for j in members if j not in long]
+        runs = [r for r in runs if r[2] not in long]
+    n = len(members)
+    tok = sum(counts[j] for j in members)  # M: tokens of the bmm's members
+    s_max = max(counts[j] for j in members)
+    padded = any(counts[j] != s_max for j in members)
     slots = n * s_max
     mine = [(t0, t1) for t0, t1, j in runs if ranks[j]]
     all_members = tok == n_tokens
-    # layout.py's cases: identity (views, no gather/scatter), every token a member (one gather
-    # of x, then per kind a gather back + add), else a gather of x, per kind a keep-gather when
-    # padded and a scatter-add
-    identity = all_members and not padded and len(mine) == n
-    if identity:
-        b_ops, moved = 1 + len(kinds), 0
+    if all_members and not padded and len(mine) == n:
+        ops, moved = 1 + len(kinds), 0
     elif all_members:
-        b_ops, moved = 2 + 3 * len(kinds), slots * in_f + sum(2 * n_tokens * outs[k] for k in kinds)
+        ops, moved = 2 + 3 * len(kinds), slots * in_f + sum(2 * n_tokens * outs[k] for k in kinds)
     else:
-        b_ops = 2 + len(kinds) * (2 + (1 if padded else 0))
+        ops = 2 + len(kinds) * (2 + (1 if padded else 0))
         moved = slots * in_f + sum(slots * outs[k] + 2 * tok * outs[k] for k in kinds)
-    b_flops = 2 * slots * in_f * rp + sum(2 * slots * rmax[k] * outs[k] for k in kinds)
-    b_bytes = elem * (n * (in_f * rp + sum(rmax[k] * outs[k] for k in kinds)) + moved)
-    # loop: one mm + one addmm per kind the adapter has, per contiguous run; each run reads its weights
-    l_ops = l_flops = l_bytes = 0.0
-    for t0, t1, j in runs:
-        if not ranks[j]:
-            continue
-        ln = t1 - t0
-        mine = [k for k in kinds if k in ranks[j]]
-        l_ops += 1 + len(mine)
-        l_flops += 2 * ln * in_f * rp + sum(2 * ln * ranks[j][k] * outs[k] for k in mine)
-        l_bytes += elem * (in_f * rp + sum(ranks[j][k] * outs[k] for k in mine))
-    return {"masked": (m_ops, m_flops, m_bytes), "bmm": (b_ops, b_flops, b_bytes), "loop": (l_ops, l_flops, l_bytes)}
+    flops = 2 * slots * in_f * rp + sum(2 * slots * rmax[k] * outs[k] for k in kinds)
+    nbytes = elem * (n * (in_f * rp + sum(rmax[k] * outs[k] for k in kinds)) + moved)
+    return ops + split[0], flops + split[1], nbytes + split[2]
 
 
 def seconds(terms: tuple[float, float, float]) -> float:

@@ -18,11 +18,23 @@ multiplies its own member's slice: isolation holds by construction, not by a mas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 PATHS = ("masked", "loop", "bmm", "triton")
+SPLIT_FACTOR = 4  # bmm: a segment longer than this many times the median one runs as its own GEMMs
+
+
+def split_cut(seg_len: list[int]) -> int | None:
+    """bmm pads every segment to the longest one, so one prompt among decode rows (a step of
+    continuous batching: 63 rows of 1 token, a 32-token prompt) would multiply 64 x 32 slots
+    for 95 tokens. Segments longer than the returned length run as their own GEMM pair on views
+    (the loop path's way), the rest stay one padded bmm; None: no segment is that long."""
+    if len(seg_len) < 2:
+        return None
+    cut = SPLIT_FACTOR * sorted(seg_len)[(len(seg_len) - 1) // 2]
+    return cut if max(seg_len) > cut else None
 
 
 @dataclass
@@ -68,6 +80,9 @@ class SegmentLayout:
     # a scatter-add
     inv: torch.Tensor | None = None
     members_t: torch.Tensor | None = None  # [n_seg] long: member per segment; None when segment s is member s
+    # bmm: runs (first token, end token, member) of the members whose segment is too long to pad
+    # the others to (``split_cut``): each an mm pair on views; the segments above leave them out
+    split: list[tuple[int, int, int]] = field(default_factory=list)
     seg_start_t: torch.Tensor | None = None  # [n_seg] int32: first row of segment s in ``tok`` (triton)
     seg_len_t: torch.Tensor | None = None  # [n_seg] int32 (triton)
     seg_member_t: torch.Tensor | None = None  # [n_seg] int32 (triton)
@@ -86,10 +101,11 @@ def _runs(tok_member: list[int]) -> list[tuple[int, int, int]]:
 
 
 def build_layout(
-    tok_adapter: list[int], member_of: list[int], n_members: int, path: str, device: torch.device
+    tok_adapter: list[int], member_of: list[int], n_members: int, path: str, device: torch.device, split_off: int = 0
 ) -> SegmentLayout:
     """The layout ``path`` reads, for one group whose distinct adapter j is member ``member_of[j]``
-    (of ``n_members`` stacked members)."""
+    (of ``n_members`` stacked members); ``split_off``: members left out of these segments because
+    they run split (live, though they have no segment here)."""
     tok_member = [member_of[j] if j >= 0 else -1 for j in tok_adapter]  # [N] python
     n = len(tok_member)
     if path == "loop":
@@ -99,8 +115,14 @@ def build_layout(
     for t, m in enumerate(tok_member):
         if m >= 0:
             buckets.setdefault(m, []).append(t)
+    if path == "bmm" and (cut := split_cut([len(b) for b in buckets.values()])) is not None:
+        long = {m for m, b in buckets.items() if len(b) > cut}
+        short = [j if j < 0 or member_of[j] not in long else -1 for j in tok_adapter]
+        lay = build_layout(short, member_of, n_members, path, device, split_off + len(long))  # their slots: dead here
+        lay.split = [*lay.split, *(r for r in _runs(tok_member) if r[2] in long)]
+        return lay
     seg_member = sorted(buckets)
-    if path == "bmm" and len(seg_member) < n_members <= 2 * len(seg_member):
+    if path == "bmm" and len(seg_member) < n_members <= 2 * (len(seg_member) + split_off):
         # Members of the stack with no token this step (a slot buffer's dead slots, lora_slots.py)
         # ride along as empty, padded segments whose outputs are dropped: reading their weights
         # costs less than gathering the live members' weights into a copy (``members_t``).

@@ -9,7 +9,9 @@ Two ways to make each token pay only for its own adapter's rank:
 - ``bmm``: tokens sorted by adapter, each adapter's segment padded to the longest one, and one
   batched GEMM pair for all segments (BGMV/SGMV as two ``torch.bmm``). A fixed number of ops
   whatever the number of adapters; every adapter's weights are read once per step. Padding
-  slots repeat their own segment's first token and are dropped before the scatter.
+  slots repeat their own segment's first token and are dropped before the scatter. A segment
+  far longer than the others (a prompt among decode rows, ``layout.split_cut``) is not padded
+  to: it runs as ``loop`` does, on views, and the bmm covers the rest.
 """
 
 from __future__ import annotations
@@ -19,8 +21,16 @@ import torch
 from serve_app.engine.lora_kernels.layout import SegmentLayout
 
 
-def bmm_shrink(x2: torch.Tensor, a_l: torch.Tensor, lay: SegmentLayout) -> torch.Tensor:
-    """x2: [N, in], a_l: [n, in, Rp] -> h: [n_seg, S, Rp] (segment s = member seg_member[s])."""
+def bmm_shrink(x2: torch.Tensor, a_l: torch.Tensor, lay: SegmentLayout):
+    """x2: [N, in], a_l: [n, in, Rp] -> h: [n_seg, S, Rp] (segment s = member seg_member[s]);
+    with split runs, (h, per run [t1 - t0, Rp])."""
+    h = _bmm_shrink(x2, a_l, lay)
+    if lay.split:
+        return h, [torch.mm(x2[t0:t1], a_l[m]) for t0, t1, m in lay.split]
+    return h
+
+
+def _bmm_shrink(x2: torch.Tensor, a_l: torch.Tensor, lay: SegmentLayout) -> torch.Tensor:
     if lay.members_t is not None:
         a_l = a_l.index_select(0, lay.members_t)  # [n_seg, in, Rp]
     if lay.identity:
@@ -31,10 +41,16 @@ def bmm_shrink(x2: torch.Tensor, a_l: torch.Tensor, lay: SegmentLayout) -> torch
     return torch.bmm(xs, a_l)  # [n_seg, S, Rp]
 
 
-def bmm_expand(
-    out2: torch.Tensor, h: torch.Tensor, b_l: torch.Tensor, start: int, end: int, lay: SegmentLayout
-) -> None:
+def bmm_expand(out2: torch.Tensor, h, b_l: torch.Tensor, start: int, end: int, lay: SegmentLayout) -> None:
     """out2: [N, out] += per token h[.., start:end] @ its member's b_l: [n, r, out] (in place)."""
+    if lay.split:
+        h, hs = h
+        for (t0, t1, m), hr in zip(lay.split, hs):
+            out2[t0:t1].addmm_(hr[:, start:end], b_l[m])  # [t, r] @ [r, out] (zero rows past m's rank)
+    _bmm_expand(out2, h, b_l, start, end, lay)
+
+
+def _bmm_expand(out2: torch.Tensor, h: torch.Tensor, b_l: torch.Tensor, start: int, end: int, lay: SegmentLayout) -> None:
     if lay.members_t is not None:
         b_l = b_l.index_select(0, lay.members_t)  # [n_seg, r, out]
     if lay.identity:  # out's rows are the sorted tokens: accumulate in place

@@ -349,13 +349,16 @@ class LoRAManager:
         return batch
 
     def clear_set_caches(self) -> None:
-        """Drop the per-set gathers, prepared batches and slot buffers: the next step of every
-        adapter set re-reads its adapters from the pool, checked again (benchmarks: each row pays
-        its own gathers; tests: rows written into the pool behind the manager's back are seen)."""
+        """Drop the per-set gathers, prepared batches and what the slot buffers hold (not their
+        memory): the next step of every adapter set re-reads its adapters from the pool, checked
+        again (benchmarks: each row pays its own gathers; tests: rows written into the pool behind
+        the manager's back are seen)."""
         with self._lock:
             self._gather_cache.clear()
             self._batch_cache.clear()
-            self._slots.clear()
+            for stacks in self._slots.values():
+                for st in stacks:
+                    st.forget()
 
     def _choose(self, distinct: list[ResidentAdapter], tok_adapter: list[int], uniform: bool) -> tuple[str, dict]:
         """The cheapest path for this step by the cost model (cost.py), and every estimate."""

@@ -56,7 +56,7 @@ class SlotStack:
         self.gen: list[int] = [0] * capacity  # bumped whenever a slot's contents change
         self.used_at: list[int] = [0] * capacity  # the place() call that last read each slot (LRU)
         self.slot_of: dict[int, int] = {}  # load ID -> slot
-        self.writes = 0  # adapters written or moved into slots (a grown buffer carries the count on)
+        self.writes = 0  # adapters written or moved into slots since made or forget() (growing keeps the count)
         self._clock = 0
 
     def fits(self, shape: Shape) -> bool:
@@ -120,6 +120,16 @@ class SlotStack:
         # else the k free slots closest together (lowest first), so the range stays short
         best = min(range(len(free) - k + 1), key=lambda i: (free[i + k - 1] - free[i], i))
         return free[best : best + k]
+
+    def forget(self) -> None:
+        """Forget every slot's adapter (each is written again, from the pool, on its next use);
+        the memory stays allocated."""
+        c = self.capacity
+        self.occupant, self.ranks, self.bad = [None] * c, [{} for _ in range(c)], [False] * c
+        self.gen = [g + 1 for g in self.gen]
+        self.used_at = [0] * c
+        self.slot_of = {}
+        self.writes = 0
 
     def zero(self, s: int) -> None:
         """Clear slot ``s`` (every kind's A columns and B rows)."""

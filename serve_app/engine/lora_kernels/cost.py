@@ -10,6 +10,10 @@ step. The constants were fitted on the 2-core dev box (fp32, torch 2.13) with
 ``python -m benchmarks.lora_mix_bench --calibrate``, which re-measures and prints them; the
 choice only needs their ratios to be right within a factor of about two near the crossovers.
 
+The bmm terms count the step's members only: a slot buffer's range may also hold dead slots
+(lora_slots.py), read as empty segments, but compaction keeps them to max(2, n/8), so the
+estimate is low by at most that share of the weight bytes -- well inside the factor of two.
+
 On CUDA the choice is simpler: ``masked`` when one adapter serves every row (two plain GEMMs),
 else the Triton SGMV kernels.
 """

@@ -428,13 +428,12 @@ class LoRAManager:
             members = [r for r in distinct if r in in_users]
             shape = tuple((kind, max(len(r.rows[kind]) for r in users)) for kind, users in kinds)
             ss, slots = self._place(group, shape, members)
+            lo, hi = min(slots), max(slots) + 1  # the range of slots the step reads
             member_of = [-1] * len(distinct)
             for r, s in zip(members, slots):
+                member_of[position[r]] = s - lo
                 if ss.bad[s]:
                     poisoned.add(r.load_id)
-            lo, hi = min(slots), max(slots) + 1  # the range of slots the step reads
-            for r, s in zip(members, slots):
-                member_of[position[r]] = s - lo
             spans: dict[str, tuple[int, int, torch.Tensor]] = {}
             col = 0
             for kind, rk in ss.shape:

@@ -455,6 +455,11 @@ def test_prepare_caches_the_batch_while_its_gather_is_valid(tiny_assets):
         eng.shutdown()
 
 
+def _slot_writes(lm) -> int:
+    """Adapters written into the manager's slot buffers (every group and shape)."""
+    return sum(st.writes for stacks in lm._slots.values() for st in stacks)
+
+
 def test_a_new_adapter_set_writes_only_its_newcomers_into_the_slot_buffer(tiny_assets):
     """A set that grows (a prefill admitting requests) or swaps a member (a request finishing,
     another admitted) writes only the adapters that have no slot yet; a gather of another set
@@ -470,7 +475,7 @@ def test_a_new_adapter_set_writes_only_its_newcomers_into_the_slot_buffer(tiny_a
             lm = eng.lora
             res = [lm.current(a) for a in names]
             groups = lambda: [st for stacks in lm._slots.values() for st in stacks]  # noqa: E731
-            writes = lambda: sum(st.writes for st in groups())  # noqa: E731
+            writes = lambda: _slot_writes(lm)  # noqa: E731
             n_groups = len(lm.prepare([res[0], res[1]], path="bmm").groups)
             w0 = writes()
             b012 = lm.prepare([res[0], res[1], res[2]], path="bmm")
@@ -512,7 +517,7 @@ def test_chunked_prefill_sets_take_fresh_slots_and_the_decode_set_finds_them_who
             lm.prepare(res[:3], path="bmm")
             lm.prepare(res[3:], path="bmm")
             decode = lm.prepare(res, path="bmm")
-            writes = sum(st.writes for stacks in lm._slots.values() for st in stacks)
+            writes = _slot_writes(lm)
             return len(decode.groups), writes, [(g.stack.a.shape[1], g.layout.identity) for g in decode.groups.values()]
 
         n_groups, writes, views = eng.run_in_engine(run)
@@ -563,7 +568,7 @@ def test_churning_adapter_sets_decode_equals_peft(tiny_assets, many):
             eng.lora.path = path
             eng.run_in_engine(eng.lora.clear_set_caches)
             outs = eng.generate_batch([(p, sp, a) for p, sp, a in zip(prompts, sps, adapters)])
-            writes = eng.run_in_engine(lambda: sum(st.writes for stacks in eng.lora._slots.values() for st in stacks))
+            writes = eng.run_in_engine(_slot_writes, eng.lora)
             for i, (p, a, sp, o) in enumerate(zip(prompts, adapters, sps, outs)):
                 model = _peft_cache.setdefault(("model", a), peft_model(tiny_assets.base, None if a is None else many[a]))
                 assert o.token_ids == reference_greedy(model, p, sp.max_tokens), f"request {i} ({a}, {path}) differs from PEFT"

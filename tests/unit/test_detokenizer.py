@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from serve_app.engine.detokenizer import (
+    MAX_PENDING_TOKENS,
     PROMPT_CONTEXT_TOKENS,
     IncrementalDetokenizer,
     StopChecker,
@@ -187,6 +188,125 @@ def test_decode_window_stays_small(tokenizer):
     assert "".join(deltas) + tail == _continuation(tokenizer, prompt, generated)
     assert max(sizes) <= PROMPT_CONTEXT_TOKENS + 8
     assert len(sizes) <= 2 * len(generated) + 1
+
+
+class DecodeSpy:
+    """The tokenizer, counting what every decode call is given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.all_special_ids = tokenizer.all_special_ids
+        self.sizes: list[int] = []
+
+    def decode(self, ids, **kwargs):
+        self.sizes.append(len(ids))
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+def _byte_to_char() -> dict[int, str]:
+    """GPT-2's byte -> printable character map (what byte-level BPE vocabularies spell bytes with)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    out = {b: chr(b) for b in printable}
+    for b in range(256):
+        if b not in out:
+            out[b] = chr(256 + len(out) - len(printable))
+    return out
+
+
+def _byte_token(tok, byte: int) -> int:
+    """The id of the token that is exactly one byte (byte-level or sentencepiece byte fallback)."""
+    fallback = f"<0x{byte:02X}>"
+    token = fallback if fallback in tok.get_vocab() else _byte_to_char()[byte]
+    return tok.get_vocab()[token]
+
+
+# Invalid UTF-8 must not make a token's cost grow with the output (issue 25): with logit_bias
+# forcing a lone continuation byte, every token re-decoded the whole output (4,096 tokens:
+# 1.7 s on the engine thread). The bound: every decode sees at most the prompt context plus
+# twice MAX_PENDING_TOKENS ids, two decodes per token.
+WINDOW_BOUND = PROMPT_CONTEXT_TOKENS + 2 * MAX_PENDING_TOKENS
+
+
+@pytest.mark.parametrize("prompt_text", ["", "hello 日本"])
+def test_lone_continuation_bytes_decode_in_linear_time(tokenizer, prompt_text):
+    """Rule: the stream equals decode(generated) exactly, every U+FFFD where the decoder puts it
+    (byte-level: one per stray byte; byte fallback: one per byte of an invalid byte run), and
+    it flows: at most MAX_PENDING_TOKENS + 3 trailing U+FFFD are held back at any point."""
+    n = 4096
+    cont = _byte_token(tokenizer, 0x80)
+    assert tokenizer.decode([cont]) == "\ufffd"
+    prompt = tokenizer.encode(prompt_text) if prompt_text else []
+    spy = DecodeSpy(tokenizer)
+    asm = TextAssembler(spy, prompt)
+    emitted = ""
+    for i in range(n):
+        emitted += asm.add_token(cont)[0]
+        assert len(emitted) >= i + 1 - (MAX_PENDING_TOKENS + 3), f"token {i}: the stream stalled"
+    emitted += asm.finish()
+    assert emitted == asm.text == tokenizer.decode([cont] * n) == "\ufffd" * n
+    assert max(spy.sizes) <= WINDOW_BOUND and len(spy.sizes) <= 2 * n + 2
+    # The per-token work bound, as decode input: was n^2 / 2 = 8.4M ids for 4,096 tokens.
+    assert sum(spy.sizes) <= 2 * WINDOW_BOUND * n
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_invalid_utf8_mixed_with_characters_equals_decode(byte_level, seed):
+    """Byte-level decoding is prefix-stable on invalid UTF-8 (one U+FFFD per maximal invalid
+    run, one for a truncated tail), so the forced advances keep the stream exactly equal to
+    decode(): stray continuation and lead bytes between split multi-byte characters."""
+    rng = random.Random(seed)
+    byte_ids = [_byte_token(byte_level, b) for b in range(0x80, 0x100)]
+    chars = [byte_level.encode(c, add_special_tokens=False) for c in ["日", "🙂", "é", "a", " Привет", "🎉"]]
+    for _ in range(30):
+        generated: list[int] = []
+        while len(generated) < 300:
+            roll = rng.random()
+            if roll < 0.5:
+                generated += [rng.choice(byte_ids) for _ in range(rng.randint(1, 12))]
+            elif roll < 0.6:  # a character cut short
+                c = rng.choice(chars)
+                generated += c[: rng.randint(0, len(c))]
+            else:
+                generated += rng.choice(chars)
+        spy = DecodeSpy(byte_level)
+        deltas, tail = _stream(IncrementalDetokenizer(spy, []), generated)
+        assert "".join(deltas) + tail == byte_level.decode(generated)
+        assert max(spy.sizes) <= WINDOW_BOUND
+
+
+@pytest.fixture(scope="module")
+def straddling() -> PreTrainedTokenizerFast:
+    """Byte-level BPE with tokens that straddle characters (the end of one and the start of the
+    next: "\xa9\xc3" of "éé", "\x97\xa5\xe6" of "日日"), as large byte-level vocabularies have."""
+    b2c = _byte_to_char()
+    vocab = {c: i for i, c in enumerate(b2c.values())}
+    spell = lambda bs: "".join(b2c[b] for b in bs)  # noqa: E731
+    merges = [(spell(b"\xa9"), spell(b"\xc3")), (spell(b"\x97"), spell(b"\xa5")), (spell(b"\x97\xa5"), spell(b"\xe6"))]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab, merges))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.mark.parametrize(
+    ("text", "head", "straddler", "tail"),
+    [("é", b"\xc3", b"\xa9\xc3", b"\xa9"), ("日", b"\xe6", b"\x97\xa5\xe6", b"\x97\xa5")],
+)
+def test_valid_characters_split_by_straddling_tokens(straddling, text, head, straddler, tail):
+    """Valid text whose every window ends inside a character (C3 | A9 C3 | ... | A9): it used to
+    be held back to the end of the output, each token re-decoding all of it; it now flows and
+    still comes out whole."""
+    mid = straddling.get_vocab()["".join(_byte_to_char()[b] for b in straddler)]
+    ids = [_byte_token(straddling, b) for b in head] + [mid] * 200 + [_byte_token(straddling, b) for b in tail]
+    assert straddling.decode(ids) == text * 201
+    spy = DecodeSpy(straddling)
+    deltas, end = _stream(IncrementalDetokenizer(spy, []), ids)
+    assert "".join(deltas) + end == text * 201
+    assert "\ufffd" not in "".join(deltas) + end
+    assert len("".join(deltas)) >= 190, "the stream waited for the end"
+    assert max(spy.sizes) <= WINDOW_BOUND
 
 
 # --- StopChecker --------------------------------------------------------------

@@ -41,7 +41,8 @@ class EngineAPI(Protocol):
 
     # ---- requests
     def submit(self, prompt: str | list[int], params: "SamplingParams", adapter: "str | ResidentAdapter | None" = None,
-               request_id: str | None = None, *, tenant: str | None = None) -> "RequestStream": ...
+               request_id: str | None = None, *, tenant: str | None = None,
+               cache_salt: str | None = None) -> "RequestStream": ...
     async def compile_grammar(self, schema: str) -> None: ...  # before submit: a schema compiles off the loop
 
     # ---- the engine thread and its life

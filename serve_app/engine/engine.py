@@ -68,6 +68,12 @@ class EngineError(ServeAppError):
     code = "engine_error"
 
 
+class NonFiniteOutputError(EngineError):
+    """A row's logits came out NaN or inf: the adapter (or base) it ran with overflowed."""
+
+    code = "non_finite_output"
+
+
 @dataclass
 class Completion:
     """A whole finished request (the sync API's result)."""
@@ -91,7 +97,8 @@ class Request:
     stop_ids: frozenset[int]
     generator: torch.Generator | None = None
     tenant: str | None = None  # fair-admission key; None: the adapter ID
-    cache_key: tuple[str, int] | None = None  # prefix-cache key: (adapter id@vN, load id); None: base
+    # prefix-cache key: ((adapter id@vN, load id) or None for the base, salt); see ``_cache_key``
+    cache_key: tuple | None = None
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens (prompt, then output) whose KV is in ``blocks``
     blocks: list[int] = field(default_factory=list)  # block table
@@ -102,6 +109,9 @@ class Request:
     done: bool = False
     arrival: float = field(default_factory=time.monotonic)
     grammar: RowGrammar | None = None  # structured output: the matcher, on the request (survives a re-run)
+    # echo + logprobs: the prompt's own logprobs, filled as its chunks pass (the first entry has
+    # none); kept across a preemption, so a re-run only adds the positions still missing
+    prompt_lp: list[TokenLogprob] | None = None
 
     @property
     def length(self) -> int:
@@ -144,14 +154,25 @@ class FairQueue:
         q.append(req)
         self._len += 1
 
-    def appendleft(self, req: Request) -> None:
-        """Put a preempted request back first: the head of its tenant's queue, its tenant next."""
+    def appendleft(self, req: Request, *, jump: bool = True) -> None:
+        """Put a preempted request back first: the head of its tenant's queue, its tenant next
+        (``jump=False``: its tenant keeps its place in the rotation; a preemption for the row
+        share must not hand the freed row straight back)."""
         q = self._queues.get(k := self.key(req))
         if q is None:
             q = self._queues[k] = deque()
         q.appendleft(req)
-        self._queues.move_to_end(k, last=False)
+        if jump:
+            self._queues.move_to_end(k, last=False)
         self._len += 1
+
+    def promote(self, key: str | None) -> None:
+        """Move a waiting tenant to the front of the rotation (it is admitted next)."""
+        self._queues.move_to_end(key, last=False)
+
+    def keys(self) -> list[str | None]:
+        """The waiting tenants' keys, in rotation order."""
+        return list(self._queues)
 
     def peek(self) -> Request:
         """The request ``popleft`` would return next."""
@@ -201,6 +222,7 @@ class LoRAEngine:
         self._waiting = FairQueue()  # round-robin across tenants (see FairQueue)
         self._running: list[Request] = []  # holding KV blocks, oldest first (decoding or mid-prefill)
         self.preemptions = 0
+        self.share_preemptions = 0  # of those, for the row share (``_share_rows``)
         self._tasks: deque[tuple[Callable, tuple, Future]] = deque()  # run on the engine thread
         self._outbox: list[tuple[Request, RequestOutput]] = []
         self._stopped = False
@@ -383,7 +405,10 @@ class LoRAEngine:
         sink: Callable[[RequestOutput], None] | tuple[asyncio.AbstractEventLoop, asyncio.Queue],
         request_id: str | None = None,
         tenant: str | None = None,
+        cache_salt: str | None = None,
     ) -> Request:
+        """Queue one request. ``tenant``: its fair-admission key and, unless ``cache_salt`` is
+        given, the salt of its prefix-cache entries (see ``_cache_key``)."""
         prompt_ids = self.tokenize(prompt)
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise InvalidRequestError(
@@ -418,8 +443,9 @@ class LoRAEngine:
             stop_ids=stop_ids,
             generator=generator,
             tenant=tenant,
-            cache_key=None if resident is None else (resident.adapter_id, resident.load_id),
+            cache_key=self._cache_key(resident, tenant if cache_salt is None else cache_salt),
             grammar=grammar,
+            prompt_lp=[self._first_prompt_logprob(prompt_ids)] if params.echo and params.logprobs is not None else None,
         )
         with self._cv:
             if self._stopped:
@@ -430,6 +456,16 @@ class LoRAEngine:
             self._inflight += 1
             self._cv.notify()
         return req
+
+    @staticmethod
+    def _cache_key(resident: ResidentAdapter | None, salt: str | None) -> tuple:
+        """The prefix-cache key of a request's blocks: its adapter's version and load (None for
+        the base), salted with its tenant. Without the salt, the 1.5 ms vs 41 ms first token of a
+        hit tells a tenant whether ANOTHER tenant sent a given prompt prefix to the same model
+        (the base is shared by every tenant, an adapter by every key that may use it). Requests
+        share cached blocks only under equal salts: one tenant's own requests, or keys the
+        operator gave one salt (vLLM's ``cache_salt``). ``salt`` None: no salt (the offline API)."""
+        return (None if resident is None else (resident.adapter_id, resident.load_id), salt)
 
     def abort(self, req: Request) -> None:
         """Stop a request (client went away). Its adapter pin is dropped at the next step."""
@@ -445,6 +481,7 @@ class LoRAEngine:
         request_id: str | None = None,
         *,
         tenant: str | None = None,
+        cache_salt: str | None = None,
     ) -> "RequestStream":
         """Start a request from async code; iterate the returned stream for its outputs.
 
@@ -453,7 +490,8 @@ class LoRAEngine:
         """
         stream = RequestStream(self)
         stream.req = self.add_request(
-            prompt, params, adapter, (asyncio.get_running_loop(), stream.queue), request_id, tenant=tenant
+            prompt, params, adapter, (asyncio.get_running_loop(), stream.queue), request_id, tenant=tenant,
+            cache_salt=cache_salt,
         )
         return stream
 
@@ -519,6 +557,7 @@ class LoRAEngine:
                 "lora": self.lora.stats(),
                 **({} if self.runner is None else {"kv": {
                     **self.runner.blocks.stats(), "preemptions": self.preemptions,
+                    "share_preemptions": self.share_preemptions,
                     "decode_reads": dict(self.runner.decode_paths)}}),
             }
 
@@ -595,6 +634,8 @@ class LoRAEngine:
             if req.aborted and not req.done:
                 self._finish(req, "abort")
         self._running = [r for r in self._running if not r.done]
+        if self._waiting and len(self._running) >= cfg.max_num_seqs:
+            self._share_rows()
         budget = cfg.max_num_batched_tokens
         sched: dict[Request, int] = {}
         decoding = [r for r in self._running if r.length - r.num_computed == 1]
@@ -604,7 +645,7 @@ class LoRAEngine:
                 break
             if not req.running:  # preempted by a row before it
                 continue
-            take, cost = self._chunk(req.num_computed, req.length - req.num_computed, budget)
+            take, cost = self._chunk(req.num_computed, req.length - req.num_computed, budget, self._weight(req))
             if self._grow(req, take, sched):
                 sched[req] = take
                 budget -= cost
@@ -617,16 +658,18 @@ class LoRAEngine:
                 self._finish(self._waiting.popleft(), "abort")
                 continue
             limit = req.length - 1  # at least one token is computed: its logits are the next token's
+            if self._scores_prompt(req):  # its prompt's logprobs come from computing every position
+                limit = 0
             hits, nodes = pool.lookup(req.cache_key, req.tokens(0, limit), limit)
             computed = len(hits) * pool.block_size
             remaining = req.length - computed
-            take, cost = self._chunk(computed, remaining, budget)
+            take, cost = self._chunk(computed, remaining, budget, self._weight(req))
             need = pool.blocks_for(computed + take) - len(hits)
             if (take < remaining and take < _MIN_CHUNK) or need > pool.num_free - (watermark if self._running else 0):
                 pool.free(hits)
                 break
             self._waiting.popleft()
-            pool.prefix.add(req.cache_key and req.cache_key[0], limit // pool.block_size * pool.block_size, computed)
+            pool.prefix.add(req.adapter and req.adapter.adapter_id, limit // pool.block_size * pool.block_size, computed)
             req.blocks = hits + [pool.allocate() for _ in range(need)]
             req.nodes, req.num_computed, req.running = nodes, computed, True
             self._running.append(req)
@@ -634,20 +677,21 @@ class LoRAEngine:
             budget -= cost
         return list(sched.items())
 
-    def _chunk(self, start: int, remaining: int, budget: int) -> tuple[int, int]:
+    def _chunk(self, start: int, remaining: int, budget: int, weight: float = 1.0) -> tuple[int, int]:
         """How many of a sequence's ``remaining`` tokens from position ``start`` fit in ``budget``,
-        and what they cost: a token costs 1, plus its attention over the context before it in
-        units of a token's projections and MLP (``attn_ctx_ref``). A chunk deep into a long prompt
-        attends to everything before it, so it takes fewer tokens and the step stays as short as
-        one early in the prompt: the running rows' inter-token gap stays bounded all the way."""
+        and what they cost: a token costs ``weight`` (1: its projections and MLP; more when its
+        logits are computed too), plus its attention over the context before it in those units
+        (``attn_ctx_ref``). A chunk deep into a long prompt attends to everything before it, so it
+        takes fewer tokens and the step stays as short as one early in the prompt: the running
+        rows' inter-token gap stays bounded all the way."""
         if remaining == 1:  # a decode row (or a prompt's last token): its attention reads, it is not a chunk
             return (1, 1) if budget >= 1 else (0, 0)
         ref = self.runner.attn_ctx_ref
 
         def cost(n: int) -> int:
-            return n + int(n * (start + n / 2) / ref)
+            return int(n * weight) + int(n * (start + n / 2) / ref)
 
-        b = 1 + start / ref
+        b = weight + start / ref
         n = min(remaining, max(0, int((math.sqrt(b * b + 2 * budget / ref) - b) * ref)))
         while n < remaining and cost(n + 1) <= budget:
             n += 1
@@ -656,6 +700,40 @@ class LoRAEngine:
         if n == 0 and budget >= 1:  # deep in a very long prompt: one token a step, never starved
             return 1, budget
         return n, cost(n)
+
+    def _scores_prompt(self, req: Request) -> bool:
+        """Whether ``req`` still needs logprobs of prompt positions (echo + logprobs)."""
+        return req.prompt_lp is not None and len(req.prompt_lp) < len(req.prompt_ids)
+
+    def _weight(self, req: Request) -> float:
+        """A prompt token's cost for ``_chunk``: 1, plus the logits when its logprobs are asked
+        (``logits_cost``: the lm_head's FLOPs over the decoder's, 0.27 on SmolLM2), so echo with
+        logprobs is charged to the token budget like any other prefill work."""
+        return 1.0 + self.runner.logits_cost if self._scores_prompt(req) else 1.0
+
+    def _share_rows(self) -> None:
+        """Every row is taken and a tenant waits: if it holds less than its share of the rows
+        (``max_num_seqs`` over the tenants with work, at least 1) while another holds more,
+        preempt that tenant's newest row and admit the waiting tenant next. One tenant's 64 long
+        requests then no longer hold every row until one of them ends. At most one row a step;
+        the preempted request waits at the head of its own tenant's queue (its cached prefix
+        blocks make the re-run cheap)."""
+        held: dict[str | None, int] = {}
+        for r in self._running:
+            k = FairQueue.key(r)
+            held[k] = held.get(k, 0) + 1
+        waiting = self._waiting.keys()
+        share = max(1, self.config.max_num_seqs // len(set(held) | set(waiting)))
+        top = max(held, key=held.get)
+        if held[top] <= share:
+            return
+        starved = next((k for k in waiting if held.get(k, 0) < share and k != top), None)
+        if starved is None:
+            return
+        victim = next(r for r in reversed(self._running) if FairQueue.key(r) == top)
+        self._preempt(victim, jump=False)
+        self._waiting.promote(starved)
+        self.share_preemptions += 1
 
     def _grow(self, req: Request, take: int, sched: dict) -> bool:
         """Give ``req`` the blocks for ``take`` more tokens, preempting newer unscheduled rows."""
@@ -673,12 +751,12 @@ class LoRAEngine:
             need -= 1
         return True
 
-    def _preempt(self, req: Request) -> None:
+    def _preempt(self, req: Request, *, jump: bool = True) -> None:
         """Free a running row's blocks; it waits first in line and is recomputed when readmitted."""
         self.runner.blocks.free(req.blocks)
         req.blocks, req.nodes, req.num_computed, req.running = [], [], 0, False
         self._running.remove(req)
-        self._waiting.appendleft(req)
+        self._waiting.appendleft(req, jump=jump)
         self.preemptions += 1
         req.preemptions += 1
         logger.debug("preempted %s (%d tokens so far) for lack of KV blocks", req.request_id, req.length)
@@ -704,16 +782,35 @@ class LoRAEngine:
         self.steps += 1
 
     def _forward(self, sched: list[tuple[Request, int]], num_decode: int) -> None:
-        """One forward over ``sched`` (decode rows first), then the tokens it produced."""
+        """One forward over ``sched`` (decode rows first), then the tokens it produced.
+
+        A row whose logits come out non-finite (its adapter overflowed on this input) fails
+        here, naming its adapter, and its blocks are freed without entering the prefix cache:
+        non-finite KV is never found by a later request. Padding reads the null block only
+        (model.py), so such a row cannot touch another row of the step.
+        """
         rows, per_token = [], []
         for r, take in sched:
-            rows.append(SeqChunk(r.tokens(r.num_computed, r.num_computed + take), r.num_computed, r.blocks))
+            start = r.num_computed
+            every = self._scores_prompt(r) and start < len(r.prompt_ids) - 1
+            rows.append(SeqChunk(r.tokens(start, start + take), start, r.blocks, every_token=every))
             per_token += [r.adapter] * take
         lora = self.lora.prepare(per_token)
-        logits = self.runner.step(rows, num_decode, lora)  # [len(sched), vocab]
+        out = self.runner.step(rows, num_decode, lora)  # [len(sched) + the every-token rows' extra, vocab]
+        logits = out
+        if len(out) != len(sched):  # some rows returned every token: pick each row's last
+            ends = list(itertools.accumulate(len(c.tokens) if c.every_token else 1 for c in rows))
+            for (r, _), c, end in zip(sched, rows, ends):
+                if c.every_token:
+                    self._add_prompt_logprobs(r, out[end - len(c.tokens) : end], c.start)
+            logits = out[torch.tensor([e - 1 for e in ends], device=out.device)]
+        finite = torch.isfinite(logits.amax(dim=-1)).tolist()  # [len(sched)]: max propagates NaN
         ready, at = [], []
         for j, (r, take) in enumerate(sched):
             r.num_computed += take
+            if not finite[j]:
+                self._fail(r, self._overflow_error(r), "forward")
+                continue
             self._register_blocks(r)
             if r.num_computed == r.length:  # a whole sequence is in: its last logits give a token
                 ready.append(r)
@@ -722,6 +819,38 @@ class LoRAEngine:
             if len(ready) < len(sched):
                 logits = logits[torch.tensor(at, device=logits.device)]
             self._append_tokens(ready, logits, lora)
+
+    @staticmethod
+    def _overflow_error(req: Request) -> ServeAppError:
+        who = "the base model" if req.adapter is None else f"adapter '{req.adapter.adapter_id}'"
+        return NonFiniteOutputError(
+            f"{who} produced non-finite values on this request's input (its weights overflow on it); "
+            "the request was stopped. Retrain or rescale the adapter (smaller lora_alpha or weights)"
+        )
+
+    def _first_prompt_logprob(self, ids: list[int]) -> TokenLogprob:
+        return TokenLogprob(self._token_text(ids[0]), ids[0], None, None)  # nothing predicts the first token
+
+    def _add_prompt_logprobs(self, req: Request, logits: torch.Tensor, start: int) -> None:
+        """Prompt logprobs from one chunk's logits ``[n, vocab]`` at positions ``start ..``: the
+        logits at position t score prompt token t + 1. Only positions not scored yet count (a
+        re-run after a preemption computes them again)."""
+        ids = req.prompt_ids
+        first = len(req.prompt_lp) - 1  # the next position to score
+        stop = min(start + len(logits), len(ids) - 1)
+        if stop <= first:
+            return
+        logits = logits[first - start : stop - start].float()  # [m, vocab]
+        k = req.params.logprobs
+        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [m, 1]
+        targets = ids[first + 1 : stop + 1]
+        chosen = (logits.gather(1, torch.tensor(targets, device=logits.device)[:, None]) - lse)[:, 0].tolist()
+        tops: list[list] = [[] for _ in chosen]
+        if k:
+            top_v, top_i = logits.topk(k, dim=-1)
+            tops = [[(self._token_text(t), t, v) for t, v in zip(ti, tv)] for ti, tv in zip(top_i.tolist(), (top_v - lse).tolist())]
+        decode = self._token_text
+        req.prompt_lp += [TokenLogprob(decode(t), t, lp, top) for t, lp, top in zip(targets, chosen, tops)]
 
     def _register_blocks(self, req: Request) -> None:
         """Index the blocks ``req`` just filled in the prefix cache."""
@@ -805,12 +934,15 @@ class LoRAEngine:
 
     def _prompt_echo(self, req: Request) -> tuple[str, list[TokenLogprob] | None]:
         """echo: the prompt decoded, and with logprobs each prompt token's raw logprob and top-k
-        (the first one None) from a scoring forward of the whole prompt (engine thread, no KV)."""
+        (the first one None). On the LoRA engine they were collected from the request's own
+        prefill chunks (``_add_prompt_logprobs``); the merged engine scores the prompt."""
         ids = req.prompt_ids
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
         k = req.params.logprobs
         if k is None:
             return text, None
+        if req.prompt_lp is not None and len(req.prompt_lp) == len(ids):
+            return text, req.prompt_lp
         decode = self._token_text
         entries = [TokenLogprob(decode(ids[0]), ids[0], None, None)]
         if len(ids) == 1:

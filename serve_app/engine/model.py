@@ -140,11 +140,14 @@ def _padded_index(rows: list[tuple[int, "SeqChunk"]], offsets: list[int], dev) -
 @dataclass(slots=True)
 class SeqChunk:
     """One sequence's share of a step: ``tokens`` at positions ``start ..``, its KV written into
-    ``blocks`` (its block table, covering every position up to the chunk's last)."""
+    ``blocks`` (its block table, covering every position up to the chunk's last). ``every_token``:
+    the step returns this row's logits at each of its tokens, not only the last (a prompt's own
+    logprobs, computed as its chunks pass instead of in a second forward)."""
 
     tokens: list[int]
     start: int
     blocks: list[int]
+    every_token: bool = False
 
 
 class ModelRunner:
@@ -172,8 +175,14 @@ class ModelRunner:
         self._rope_table(cfg)
         self.block_size = block_size
         self.blocks = BlockPool(num_blocks, block_size, prefix_caching=prefix_caching)
+        # One block past the pool's: the null block. The pool never hands it out and nothing writes
+        # it, so it stays zero; padding in a block table points there, never at a block another
+        # sequence holds (whose values may be anything, NaN included, and a boolean mask does
+        # not stop NaN: SDPA adds -inf to a NaN score and multiplies a zero probability by a NaN
+        # value).
+        self.null_block = num_blocks
         with torch.inference_mode():  # the cache is written only under inference mode; allocate it there too
-            self.kv = torch.zeros(len(self.layers), 2, num_blocks, self.n_kv, block_size, self.head_dim,
+            self.kv = torch.zeros(len(self.layers), 2, num_blocks + 1, self.n_kv, block_size, self.head_dim,
                                   dtype=self.dtype, device=self.device)
         self.decode_paths = {"inplace": 0, "mixed": 0, "gather": 0}  # how decode steps read the pool (stats)
         # The context length at which a prefill token's attention (4 * heads * head_dim FLOPs per
@@ -183,6 +192,9 @@ class ModelRunner:
         q_dim, kv_dim, inter = self.n_heads * self.head_dim, self.n_kv * self.head_dim, cfg.intermediate_size
         linear_per_layer = cfg.hidden_size * (2 * q_dim + 2 * kv_dim + 3 * inter)
         self.attn_ctx_ref = linear_per_layer / (2 * q_dim)
+        # A token's logits (lm_head) in the same units: what a prompt position costs on top when
+        # its logprobs are asked (SmolLM2: 0.27, Llama-2-7B: 0.02).
+        self.logits_cost = cfg.vocab_size * cfg.hidden_size / (len(self.layers) * linear_per_layer)
 
     @staticmethod
     def bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
@@ -339,7 +351,8 @@ class ModelRunner:
         The projections, norms and MLP run once over all N tokens (on these CPUs per-op overhead
         dominates, so one forward beats a prefill forward plus a decode forward); attention runs
         per kind of row. ``lora`` is per flattened token in this order. Returns float logits
-        ``[len(rows), vocab]``: each row's last token.
+        ``[sum(len(r.tokens) if r.every_token else 1), vocab]``: each row's last token, or each of
+        its tokens for a row that asks (rows in order); ``[len(rows), vocab]`` when none does.
         """
         dev, bs = self.device, self.block_size
         dirty = self.blocks.take_dirty()
@@ -358,7 +371,10 @@ class ModelRunner:
             positions += span
             slot_block += [r.blocks[p // bs] for p in span]
             slot_off += [p % bs for p in span]
-            last.append(len(ids) - 1)
+            if r.every_token:
+                last += range(len(ids) - n, len(ids))
+            else:
+                last.append(len(ids) - 1)
         if any(len(r.tokens) != 1 for r in rows[:D]):
             raise ValueError("decode rows carry one token each")
         ids_t = torch.tensor(ids, dtype=torch.long, device=dev)[None]  # [1, N]
@@ -377,8 +393,8 @@ class ModelRunner:
             f_idx, f_valid, f_out = _padded_index(fresh, offsets, dev)  # [W, Tmax] x2, [sum(lens)]
         if cont:
             # Rows that continue a sequence attend to the KV already in their blocks: one padded
-            # batch, keys gathered through the block tables [C, nbmax] (padding reads block 0,
-            # masked). Query j of row i (position start_i + j) sees keys 0 .. start_i + j.
+            # batch, keys gathered through the block tables [C, nbmax] (padding reads the null
+            # block: zeros, masked). Query j of row i (position start_i + j) sees keys 0 .. start_i + j.
             c_lens = [len(r.tokens) for _, r in cont]
             c_ends = [r.start + n for (_, r), n in zip(cont, c_lens)]
             c = len(cont)
@@ -386,7 +402,7 @@ class ModelRunner:
             tables: list[int] = []
             for (_, r), e in zip(cont, c_ends):
                 nb_i = self.blocks.blocks_for(e)
-                tables += r.blocks[:nb_i] + [0] * (c_nb - nb_i)
+                tables += r.blocks[:nb_i] + [self.null_block] * (c_nb - nb_i)
             c_tables = torch.tensor(tables, dtype=torch.long, device=dev)  # [C * nbmax]
             c_idx, c_valid, c_out = _padded_index(cont, offsets, dev)  # [C, Lmax] x2, [sum(lens)]
             q_pos = torch.tensor([r.start for _, r in cont], device=dev)[:, None] + torch.arange(c_idx.shape[1], device=dev)

@@ -5,13 +5,23 @@ own KV cache, so the paged cache of model.py does not apply. This engine admits 
 runs it to completion with ``generate`` and streams every step. A logits processor makes the
 choice of each token ours (same sampler, seeds, stop strings, EOS and max_tokens rules as the
 iteration-level engine), so the output is the same; only the batching is coarser.
+
+A batch's rows live only in ``_step`` (never in the loop's ``_running``), so when ``generate``
+raises (out of memory, a fused kernel, our processor) this engine must finish every row itself,
+with an error naming the batch: the loop's own handler would not see them, and their callers
+would wait forever.
 """
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
-from serve_app.engine.engine import LoRAEngine, Request
+from serve_app.engine.engine import EngineError, LoRAEngine, Request
+from serve_app.errors import EngineOverloadedError, ServeAppError
+
+logger = logging.getLogger(__name__)
 
 
 class GenerateEngine(LoRAEngine):
@@ -25,13 +35,25 @@ class GenerateEngine(LoRAEngine):
             admitted.append(self._waiting.popleft())
         return admitted
 
-    @torch.inference_mode()
     def _step(self, admitted: list[Request]) -> None:
-        from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
-
         rows = [r for r in admitted if not (r.aborted and self._finish(r, "abort"))]
         if not rows:
             return
+        try:
+            self._generate(rows)
+        except Exception as e:
+            open_rows = [r for r in rows if not r.done]
+            logger.exception("static batch of %d rows failed; failing the %d still open", len(rows), len(open_rows))
+            err = self._batch_error(e, rows)
+            for r in open_rows:
+                self._finish(r, None, error=err)
+        finally:
+            self.steps += 1
+
+    @torch.inference_mode()
+    def _generate(self, rows: list[Request]) -> None:
+        from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria
+
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         width = max(len(r.prompt_ids) for r in rows)
         ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -73,4 +95,20 @@ class GenerateEngine(LoRAEngine):
         for r in rows:  # generate() ended (its own length cap): nothing may stay open
             if not r.done:
                 self._finish(r, "length")
-        self.steps += 1
+
+    @staticmethod
+    def _batch_error(e: Exception, rows: list[Request]) -> ServeAppError:
+        """What each open row of a failed batch is told: the batch's shape and what to do."""
+        if isinstance(e, ServeAppError):
+            return e
+        shape = (f"{len(rows)} requests, {max(len(r.prompt_ids) for r in rows)} prompt tokens wide, "
+                 f"up to {max(r.params.max_tokens for r in rows)} new tokens")
+        if isinstance(e, torch.OutOfMemoryError):
+            return EngineOverloadedError(
+                f"the merged replica ran out of memory on a batch of {shape}; retry shortly, "
+                "or send a shorter prompt or a smaller max_tokens"
+            )
+        return EngineError(
+            f"the merged replica's batch ({shape}) failed in generate ({type(e).__name__}); "
+            "retry the request; the replica log has the cause"
+        )

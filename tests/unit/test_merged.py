@@ -3,6 +3,7 @@
 import shutil
 
 import pytest
+import torch
 
 from serve_app.config import EngineConfig
 from serve_app.engine.engine import LoRAEngine
@@ -92,3 +93,74 @@ def test_broken_adapters_are_refused_by_name(tiny_assets, tmp_path):
     huge = lambda t: {k: v * 1e30 for k, v in t.items()}  # noqa: E731
     with pytest.raises(InvalidAdapterError, match="'tenant-y'.*LoRA gain .* exceeds"):
         build_merged_engine(cfg, "tenant-y", _bad_copy(tiny_assets, tmp_path, huge))
+
+
+def _run_batch(engine, prompts, params, timeout=60.0):
+    """Submit ``prompts`` as one batch; each row's outputs, or a failure if any row hangs."""
+    import threading
+
+    outs = [[] for _ in prompts]
+    finished = threading.Semaphore(0)
+
+    def sink_for(i):
+        def sink(out):
+            outs[i].append(out)
+            if out.finished:
+                finished.release()
+        return sink
+
+    for i, p in enumerate(prompts):
+        engine.add_request(p, params, None, sink_for(i))
+    for i in range(len(prompts)):
+        assert finished.acquire(timeout=timeout), f"{len(prompts) - i} rows of the batch never finished"
+    return outs
+
+
+@pytest.mark.parametrize("failure", ["mid-batch", "oom"])
+def test_failed_static_batch_finishes_every_row_with_an_error(tiny_assets, failure):
+    """generate() raising (a fused kernel, out of memory) used to leave the batch's rows open:
+    they are not in the loop's _running, so nobody finished them and their callers hung. Every
+    row now ends with an error naming the batch, and the engine serves the next batch."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from serve_app.errors import EngineOverloadedError, ServeAppError
+
+    cfg = EngineConfig(model=str(tiny_assets.base), lora_target_modules=())
+    static = GenerateEngine(cfg)
+    real = static.model.generate
+
+    def broken(**kw):
+        static.model.generate = real  # this batch only
+        if failure == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        steps = []
+
+        class Boom(LogitsProcessor):  # runs after our token choice: 3 tokens streamed, then a crash
+            def __call__(self, input_ids, scores):
+                steps.append(1)
+                if len(steps) == 3:
+                    raise RuntimeError("CUDA error: an illegal memory access was encountered")
+                return scores
+
+        kw["logits_processor"] = LogitsProcessorList([*kw["logits_processor"], Boom()])
+        return real(**kw)
+
+    try:
+        static.model.generate = broken
+        outs = _run_batch(static, PROMPTS, GREEDY)
+        for rows in outs:
+            last = rows[-1]
+            assert last.finished and isinstance(last.error, ServeAppError), rows
+            assert f"{len(PROMPTS)} requests, {max(map(len, PROMPTS))} prompt tokens wide" in last.error.message
+            assert "retry" in last.error.message
+            if failure == "oom":
+                assert isinstance(last.error, EngineOverloadedError) and last.error.status_code == 503
+            else:
+                assert last.error.status_code == 500 and "RuntimeError" in last.error.message
+                assert sum(len(o.token_ids) for o in rows) == 3  # what was streamed before the crash
+        # The engine thread survived: the next batch is served in full.
+        again = _run_batch(static, PROMPTS, GREEDY)
+        assert all(rows[-1].error is None and rows[-1].finish_reason == "length" for rows in again)
+    finally:
+        static.model.generate = real
+        static.shutdown()

@@ -339,3 +339,104 @@ def test_serve_configs_restrict_admin_copy_sources(name, cfg):
     for p in prefixes:
         assert p.endswith("/") and ".." not in p, f"{name}: prefix {p!r} must be a folder ending in '/'"
         assert not p.startswith(("/etc", "/root", "/home", "/var", "~")), f"{name}: {p!r} exposes the node"
+
+
+# ------------------------------------------------------------ dashboard auth (issue 25, part 10)
+
+
+def _version(v: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in re.findall(r"\d+", v)[:3])
+
+
+def _env_names(group: dict) -> set[str]:
+    return {e["name"] for c in _containers(group) for e in c.get("env", [])}
+
+
+def rayservice_dashboard_problems(rs: dict) -> list[str]:
+    rc = rs["spec"]["rayClusterConfig"]
+    auth = rc.get("authOptions") or {}
+    problems = []
+    if auth.get("mode") != "token":
+        problems.append(f"authOptions {auth!r}: the dashboard is open to the pod network")
+    if auth.get("enableK8sTokenAuth"):
+        problems.append("enableK8sTokenAuth: KubeRay does not support K8s-delegated token auth for a RayService")
+    if _version(rc["rayVersion"]) < (2, 52, 0):
+        problems.append(f"rayVersion {rc['rayVersion']}: Ray token auth needs Ray >= 2.52")
+    for group in [rc["headGroupSpec"], *rc["workerGroupSpecs"]]:
+        hand_set = _env_names(group) & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}
+        if hand_set:
+            problems.append(f"{sorted(hand_set)} set by hand: the operator sets them from its token Secret")
+    return problems
+
+
+def test_rayservice_dashboard_requires_a_token():
+    """The head's dashboard listens on 0.0.0.0 and its job API runs any code: KubeRay's token
+    auth must be on (authOptions.mode: token, KubeRay >= v1.5.1 with Ray >= 2.52), in the mode
+    KubeRay supports for a RayService (no enableK8sTokenAuth), and no container may set Ray's
+    auth variables by hand (the operator sets them from the Secret it generates)."""
+    rs = rayservice()
+    assert rs["spec"]["rayClusterConfig"]["headGroupSpec"]["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert rayservice_dashboard_problems(rs) == []
+
+
+def _start_commands(cfg: dict) -> list[tuple[str, str]]:
+    return [(key, cmd) for key in ("head_start_ray_commands", "worker_start_ray_commands")
+            for cmd in cfg[key] if "ray start" in cmd]
+
+
+def launcher_dashboard_problems(cfg: dict) -> list[str]:
+    problems = []
+    starts = _start_commands(cfg)
+    if {k for k, _ in starts} != {"head_start_ray_commands", "worker_start_ray_commands"}:
+        problems.append("no `ray start` line for the head or the workers")
+    for key, cmd in starts:
+        if not re.search(r"(^|[;&|\s])(export\s+)?RAY_AUTH_MODE=token\b[^;]*\bray start\b", cmd):
+            problems.append(f"{key}: `ray start` without RAY_AUTH_MODE=token: {cmd!r}")
+        if re.search(r"RAY_AUTH_MODE=(?!token\b)", cmd):
+            problems.append(f"{key}: RAY_AUTH_MODE set to something other than token: {cmd!r}")
+    # Every node reads the token from Ray's default path; the source is the user's own token file,
+    # never a file in the repository (file_mounts "." would otherwise carry it too).
+    mounts = cfg.get("file_mounts") or {}
+    src = mounts.get("~/.ray/auth_token")
+    if not src:
+        problems.append("file_mounts does not put a token at ~/.ray/auth_token on the nodes")
+    elif not src.startswith("~/"):
+        problems.append(f"the token comes from {src!r}: keep it outside the repository (~/.ray/auth_token)")
+    return problems
+
+
+def test_launcher_dashboard_requires_a_token():
+    """The launcher's head starts its dashboard on 0.0.0.0: every node must start Ray with
+    RAY_AUTH_MODE=token and the same token (the user's ~/.ray/auth_token, mounted on every
+    node), and the README's commands for that cluster must send it."""
+    cfg = launcher()
+    assert any("--dashboard-host=0.0.0.0" in cmd for cmd in cfg["head_start_ray_commands"])
+    assert launcher_dashboard_problems(cfg) == []
+    readme = (CLUSTER / "README.md").read_text()
+    section = readme.split("## VMs with the Ray cluster launcher", 1)[1].split("\n## ", 1)[0]
+    for line in section.splitlines():
+        if re.match(r"^(RAY_AUTH_MODE=\S+ )?serve (deploy|status)", line):
+            assert line.startswith("RAY_AUTH_MODE=token "), f"cluster/README.md: {line!r} sends no token"
+    assert "ray get-auth-token --generate" in section
+
+
+def test_dashboard_auth_checks_can_fail():
+    """The checks above catch a config without token auth."""
+    for change in (lambda rc: rc.pop("authOptions"), lambda rc: rc["authOptions"].update(mode="disabled"),
+                   lambda rc: rc["authOptions"].update(enableK8sTokenAuth=True),
+                   lambda rc: rc.update(rayVersion="2.51.0"),
+                   lambda rc: _containers(rc["headGroupSpec"])[0].setdefault("env", []).append(
+                       {"name": "RAY_AUTH_MODE", "value": "disabled"})):
+        rs = rayservice()
+        change(rs["spec"]["rayClusterConfig"])
+        assert rayservice_dashboard_problems(rs), change
+    bad = launcher()
+    bad["head_start_ray_commands"] = [c.replace("RAY_AUTH_MODE=token ", "") for c in bad["head_start_ray_commands"]]
+    assert any("head_start_ray_commands" in p for p in launcher_dashboard_problems(bad))
+    bad = launcher()
+    bad["worker_start_ray_commands"] = [c.replace("RAY_AUTH_MODE=token", "RAY_AUTH_MODE=disabled")
+                                        for c in bad["worker_start_ray_commands"]]
+    assert any("worker_start_ray_commands" in p for p in launcher_dashboard_problems(bad))
+    bad = launcher()
+    bad["file_mounts"] = {k: v for k, v in bad["file_mounts"].items() if k != "~/.ray/auth_token"}
+    assert any("~/.ray/auth_token" in p for p in launcher_dashboard_problems(bad))

@@ -39,10 +39,36 @@ class PrefixStats:
 
     queried: dict[str | None, int] = field(default_factory=dict)
     hit: dict[str | None, int] = field(default_factory=dict)
+    # What forgotten versions had counted, so the totals below never go back.
+    forgotten_queried: int = 0
+    forgotten_hit: int = 0
 
     def add(self, adapter: str | None, queried: int, hit: int) -> None:
         self.queried[adapter] = self.queried.get(adapter, 0) + queried
         self.hit[adapter] = self.hit.get(adapter, 0) + hit
+
+    def forget(self, adapter_key: str | tuple | None) -> bool:
+        """Drop one adapter version's counts (its ``id@vN``, or its cache key ``(id@vN, load
+        id)``), e.g. once the version retires. Without this the dicts (and the per-adapter
+        hit-rate gauge exported from them) grow by one entry per version ever served. Its
+        gauge series then stops being set and Ray's agent drops it (see serve_app/metrics.py).
+        True if there was something to drop. The base model (None) is never forgotten."""
+        adapter = adapter_key[0] if isinstance(adapter_key, tuple) else adapter_key
+        if adapter is None or adapter not in self.queried:
+            return False
+        self.forgotten_queried += self.queried.pop(adapter)
+        self.forgotten_hit += self.hit.pop(adapter, 0)
+        return True
+
+    @property
+    def total_queried(self) -> int:
+        """Prompt tokens ever looked up, forgotten versions included (monotonic)."""
+        return sum(self.queried.values()) + self.forgotten_queried
+
+    @property
+    def total_hit(self) -> int:
+        """Prompt tokens ever found, forgotten versions included (monotonic)."""
+        return sum(self.hit.values()) + self.forgotten_hit
 
 
 class BlockPool:

@@ -225,6 +225,14 @@ class PolicyConfig(BaseModel):
         description="Most tenants merged dynamically at once (warming, ready or demoting). hot_tenants come "
         "on top of this.",
     )
+    max_merged_per_owner: int = Field(
+        default=1,
+        ge=1,
+        description="Most of those dynamic merged slots one owner holds at once: the adapters an API key's "
+        "tenant (auth's key list) sends traffic to count together, so a customer with several hot adapters "
+        "cannot take every slot from the others. With auth off each adapter is its own owner. hot_tenants "
+        "do not count.",
+    )
 
     @field_validator("hot_tenants")
     @classmethod

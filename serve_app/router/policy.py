@@ -30,6 +30,12 @@ Decisions (``PathPolicy.decide``):
   qualifying tenant may also preempt the coldest ready dynamic tenant, but only one whose
   rate is no longer above ``promote_rps`` and is lower than the candidate's: two tenants
   that are both hot keep what they have, so the slot does not thrash between them.
+* At most ``max_merged_per_owner`` of those slots per *owner*: the API-key tenant whose
+  requests drive an adapter's rate (routers report it with the counts). A "tenant" here is an
+  adapter ID, and one customer may own many: counted per adapter, one customer with a few hot
+  adapters took every slot. A candidate whose owner is at its cap waits (its free slot goes to
+  the next candidate) and may preempt only its own owner's coldest adapter. An adapter with no
+  reported owner (auth off) is its own owner.
 * ``hot_tenants`` are always merged. They do not use dynamic slots (``max_merged_tenants``
   counts dynamic tenants only), are never demoted, and ``decide`` asks for them at start.
 
@@ -199,15 +205,21 @@ class PathPolicy:
         self._entries: dict[str, _Entry] = {}
         self._cooldown_until: dict[str, float] = {}
         self._versions: dict[str, int] = {}  # newest version routers reported per tenant
+        self._owners: dict[str, str] = {}  # tenant (adapter) -> the API-key tenant last reported for it
         self._now = -math.inf  # latest time seen; the default for mark_* calls
         self.counters = {"promotions": 0, "demotions": 0, "failures": 0, "version_updates": 0}
 
     # -- inputs ---------------------------------------------------------------------------
 
-    def record(self, tenant: str, now: float, n: int = 1, version: int | None = None) -> None:
-        """Count ``n`` requests for ``tenant`` at ``now``, resolved to ``version`` (None: unknown)."""
+    def record(
+        self, tenant: str, now: float, n: int = 1, version: int | None = None, owner: str | None = None
+    ) -> None:
+        """Count ``n`` requests for ``tenant`` at ``now``, resolved to ``version`` (None: unknown),
+        sent by API-key tenant ``owner`` (None: unknown, the adapter is its own owner)."""
         if version is not None and version > self._versions.get(tenant, -1):
             self._versions[tenant] = version
+        if owner is not None:
+            self._owners[tenant] = owner
         if n <= 0:
             return
         self._tick(now)
@@ -319,31 +331,55 @@ class PathPolicy:
             ),
             key=lambda c: (-c[0], c[1]),  # hottest first; name breaks ties for determinism
         )
-        used = sum(1 for e in self._entries.values() if not e.static and e.state != "failed")
-        free = max(0, cfg.max_merged_tenants - used)
-        for rate, tenant in candidates[:free]:
-            actions.append(
-                self._promote(tenant, now, f"rate {rate:.2f} rps above {cfg.promote_rps} for {cfg.window_s:g} s",
-                    static=False,
+        held = self._slots_by_owner()
+        free = max(0, cfg.max_merged_tenants - sum(held.values()))
+        waiting = []
+        for rate, tenant in candidates:
+            owner = self.owner(tenant)
+            if free and held.get(owner, 0) < cfg.max_merged_per_owner:
+                actions.append(
+                    self._promote(tenant, now, f"rate {rate:.2f} rps above {cfg.promote_rps} for {cfg.window_s:g} s",
+                        static=False,
+                    )
                 )
-            )
+                held[owner] = held.get(owner, 0) + 1
+                free -= 1
+            else:
+                waiting.append((rate, tenant, owner))
 
         # Full: a waiting candidate may push out a merged tenant that has cooled below the
-        # promote threshold. The candidate is promoted by a later decide(), once the victim's
-        # replica is unloaded and its slot really free.
+        # promote threshold, hottest candidate against coldest victim; one whose owner is at its
+        # cap only its own owner's (another owner's slot would not become its). The candidate is
+        # promoted by a later decide(), once the victim's replica is unloaded and its slot really free.
         victims = sorted(
             (self._rate(t), t)
             for t, e in self._entries.items()
             if not e.static and e.state == "ready" and not self._cooling(t, now)
             and self._rate(t) <= cfg.promote_rps
         )
-        for (rate, tenant), (victim_rate, victim) in zip(candidates[free:], victims):
-            if rate <= victim_rate:
-                break
+        for rate, tenant, owner in waiting:
+            capped = held.get(owner, 0) >= cfg.max_merged_per_owner
+            pick = next((v for v in victims if not capped or self.owner(v[1]) == owner), None)
+            if pick is None or rate <= pick[0]:
+                continue
+            victims.remove(pick)
+            victim_rate, victim = pick
             actions.append(
                 self._demote(victim, now, f"preempted by {tenant} ({rate:.2f} rps > {victim_rate:.2f} rps)")
             )
         return actions
+
+    def owner(self, tenant: str) -> str:
+        """The API-key tenant whose slots ``tenant`` (an adapter ID) counts against."""
+        return self._owners.get(tenant, tenant)
+
+    def _slots_by_owner(self) -> dict[str, int]:
+        """Dynamic slots held (warming, ready or demoting) per owner."""
+        held: dict[str, int] = {}
+        for tenant, e in self._entries.items():
+            if not e.static and e.state != "failed":
+                held[self.owner(tenant)] = held.get(self.owner(tenant), 0) + 1
+        return held
 
     def _decide_versions(self, now: float) -> list[Action]:
         """Re-warm every warming or ready tenant whose routers now resolve a newer version."""
@@ -414,6 +450,7 @@ class PathPolicy:
                 "route": self.route(tenant),
                 "version": e.version,
                 "latest_version": self._versions.get(tenant),
+                "owner": self.owner(tenant),
             }
         return {
             "now": self._now if math.isfinite(self._now) else None,
@@ -421,6 +458,8 @@ class PathPolicy:
             "dynamic_slots": {
                 "used": sum(1 for e in self._entries.values() if not e.static and e.state != "failed"),
                 "max": cfg.max_merged_tenants,
+                "max_per_owner": cfg.max_merged_per_owner,
+                "by_owner": dict(sorted(self._slots_by_owner().items())),
             },
             "tracked_tenants": len(self._trackers),
             "counters": dict(self.counters),
@@ -462,6 +501,8 @@ class PathPolicy:
                 del self._trackers[tenant]
         for tenant in [t for t in self._versions if t not in self._trackers and t not in self._entries]:
             del self._versions[tenant]
+        for tenant in [t for t in self._owners if t not in self._trackers and t not in self._entries]:
+            del self._owners[tenant]
         for tenant in [t for t, until in self._cooldown_until.items() if now >= until]:
             del self._cooldown_until[tenant]
         # A failure stays visible until it could be retried and the tenant has gone quiet.
@@ -483,19 +524,25 @@ class PolicyState:
     def __init__(self, config: PolicyConfig | dict[str, Any]):
         self._policy = PathPolicy(PolicyConfig.model_validate(config))
 
-    def record_batch(self, counts: dict[str, int], now: float | None = None) -> dict[str, Path]:
+    def record_batch(
+        self, counts: dict[str, int], now: float | None = None, owners: dict[str, str] | None = None
+    ) -> dict[str, Path]:
         """Add a router's request counts since its last flush, keyed by the multiplexed ID each
-        request resolved to (``<id>@v<n>``; a bare ID is version 0); returns ``routes()``."""
+        request resolved to (``<id>@v<n>``; a bare ID is version 0), with the API-key tenant that
+        sent most of them (``owners``, same keys; missing: unknown); returns ``routes()``."""
         t = self._now(now)
+        owners = owners or {}
         for mux, n in counts.items():
             tenant, version = parse_mux_id(mux)
-            self._policy.record(tenant, t, n, version=version)
+            self._policy.record(tenant, t, n, version=version, owner=owners.get(mux))
         return self._policy.routes()
 
-    def sync(self, counts: dict[str, int], now: float | None = None) -> dict[str, str]:
+    def sync(
+        self, counts: dict[str, int], now: float | None = None, owners: dict[str, str] | None = None
+    ) -> dict[str, str]:
         """``record_batch``, returning ``ready_table()``: one round trip both reports a router's
         counts and refreshes its table of which version each merged copy holds."""
-        self.record_batch(counts, now)
+        self.record_batch(counts, now, owners)
         return self._policy.ready_table()
 
     def decide(self, now: float | None = None) -> list[Action]:

@@ -1,8 +1,9 @@
 """Router-side glue of the path policy: count, sync with the shared policy, act on decisions.
 
 Each router replica counts requests per multiplexed ID (``<id>@v<n>``, the version it resolved)
-locally and, every ``interval_s``, flushes the counts to the shared policy actor, gets back the
-table of merged copies (tenant -> the version each holds), and asks for decisions. A request
+and per owner (the API-key tenant that sent them: the policy caps merged slots per owner, not per
+adapter) locally and, every ``interval_s``, flushes the counts to the shared policy actor, gets
+back the table of merged copies (tenant -> the version each holds), and asks for decisions. A request
 goes to the merged path only when the version this router resolved is the one the tenant's
 ready merged copy holds; any other version (an update this router already sees, or one it
 does not see yet) goes to the LoRA path, which serves every version. The policy hands each
@@ -45,7 +46,7 @@ class Promoter:
         self.merged = merged_handle
         self.interval_s = interval_s
         self.table: dict[str, str] = {}  # tenant -> multiplexed ID of its ready merged copy
-        self._counts: Counter[str] = Counter()
+        self._counts: Counter[tuple[str, str | None]] = Counter()  # (mux, owner) -> requests
         self._task: asyncio.Task | None = None
         self._jobs: set[asyncio.Task] = set()
 
@@ -53,17 +54,30 @@ class Promoter:
         if self._task is None:
             self._task = loop.create_task(self._run())
 
-    def path_for(self, adapter_id: str, mux: str | None = None) -> str:
+    def path_for(self, adapter_id: str, mux: str | None = None, owner: str | None = None) -> str:
         """'merged' or 'lora' for a request of ``adapter_id`` resolved to ``mux`` (``<id>@v<n>``;
-        None: version 0), and count it toward the tenant's rate."""
+        None: version 0) and sent by API-key tenant ``owner`` (None: unknown, e.g. auth off), and
+        count it toward the adapter's rate and its owner's merged slots."""
         self.start(asyncio.get_running_loop())
         mux = mux or adapter_id
-        self._counts[mux] += 1
+        self._counts[mux, owner] += 1
         return "merged" if self.table.get(adapter_id) == mux else "lora"
 
+    def _take_counts(self) -> tuple[dict[str, int], dict[str, str]]:
+        """(requests per mux, the owner that sent most of them per mux) since the last flush."""
+        taken, self._counts = self._counts, Counter()
+        counts: Counter[str] = Counter()
+        for (mux, _), n in taken.items():
+            counts[mux] += n
+        owners: dict[str, str] = {}
+        for (mux, owner), n in sorted(taken.items(), key=lambda kv: (-kv[1], kv[0][1] or "")):
+            if owner is not None:
+                owners.setdefault(mux, owner)
+        return dict(counts), owners
+
     async def sync(self) -> None:
-        counts, self._counts = dict(self._counts), Counter()
-        self.table = await self.actor.sync.remote(counts)
+        counts, owners = self._take_counts()
+        self.table = await self.actor.sync.remote(counts, owners=owners)
         for action in await self.actor.decide.remote():
             job = asyncio.get_running_loop().create_task(self._apply(action))
             self._jobs.add(job)

@@ -343,3 +343,31 @@ def test_merged_generate_needs_a_multiplexed_id(base, make_dep, tmp_path):
         dep._reconciler.cancel()
 
     asyncio.run(run())
+
+
+def test_promoter_reports_each_adapters_owner_with_its_counts():
+    """The router knows which API-key tenant sent a request; the policy needs it to cap merged
+    slots per owner (an adapter's owner: the tenant that sent most of its requests)."""
+    async def run():
+        state = PolicyState({"promote_rps": 5.0, "demote_rps": 1.0, "window_s": 1.0, "rate_window_s": 1.0,
+                             "max_merged_tenants": 3})
+        actor = _FakeActor(state)
+        p = Promoter(actor, _FakeMerged(current="x@v1"), interval_s=0.01)
+        p._task = object()  # no background loop: the test calls sync() itself
+        for _ in range(3):
+            p.path_for("acme-1", "acme-1@v2", owner="acme")
+        p.path_for("acme-1", "acme-1@v2", owner="other")  # a second key allowed on the same adapter
+        p.path_for("acme-2", None, owner="acme")
+        p.path_for("open", "open@v1")  # auth off: no owner
+        seen = []
+        real = state.record_batch
+        state.record_batch = lambda counts, now=None, owners=None: seen.append((counts, owners)) or real(
+            counts, now, owners)
+        await p.sync()
+        assert seen == [({"acme-1@v2": 4, "acme-2": 1, "open@v1": 1}, {"acme-1@v2": "acme", "acme-2": "acme"})]
+        assert state._policy.owner("acme-1") == state._policy.owner("acme-2") == "acme"
+        assert state._policy.owner("open") == "open"
+        await p.sync()  # counts were taken: nothing new
+        assert seen[-1] == ({}, {})
+
+    asyncio.run(run())

@@ -100,7 +100,7 @@ def test_static_tenants_do_not_use_dynamic_slots():
     p.mark_ready("vip")
     acts = drive(p, {"t1": 10}, 0.5, 20)
     assert kinds(acts) == [("promote", "t1")]  # the one dynamic slot is still free
-    assert p.snapshot()["dynamic_slots"] == {"used": 1, "max": 1}
+    assert p.snapshot()["dynamic_slots"] == {"used": 1, "max": 1, "max_per_owner": 1, "by_owner": {"t1": 1}}
 
 
 def test_failed_static_tenant_is_retried_after_cooldown():
@@ -218,7 +218,8 @@ def test_max_merged_tenants_hottest_win():
     p = make(max_merged_tenants=2)
     acts = drive(p, {"warm": 7, "hot": 30, "hotter": 40}, 0, 30)
     assert sorted(kinds(acts)) == [("promote", "hot"), ("promote", "hotter")]
-    assert p.snapshot()["dynamic_slots"] == {"used": 2, "max": 2}
+    slots = p.snapshot()["dynamic_slots"]
+    assert slots == {"used": 2, "max": 2, "max_per_owner": 1, "by_owner": {"hot": 1, "hotter": 1}}
     # Warming tenants hold their slots too.
     assert drive(p, {"warm": 7, "hot": 30, "hotter": 40}, 30, 60) == []
     p.mark_ready("hot")
@@ -241,6 +242,78 @@ def test_cooled_incumbent_is_preempted_by_hot_candidate():
     p.mark_demoted("a")
     acts = drive(p, {"a": 3, "b": 20}, 70, 80)
     assert kinds(acts) == [("promote", "b")]
+
+
+# -- slots per owner: one API-key tenant may own many adapters ----------------------------------
+
+
+def drive_owned(policy: PathPolicy, rates: dict[str, Rate], owners: dict[str, str], start: float, end: float):
+    """``drive``, with each adapter's requests reported as sent by ``owners[adapter]``."""
+    real = policy.record
+    policy.record = lambda tenant, now, n=1, version=None, owner=None: real(  # type: ignore[method-assign]
+        tenant, now, n, version=version, owner=owners.get(tenant))
+    try:
+        return drive(policy, rates, start, end)
+    finally:
+        policy.record = real  # type: ignore[method-assign]
+
+
+ACME = {"acme-1": "acme", "acme-2": "acme", "acme-3": "acme", "globex-1": "globex"}
+
+
+def test_one_owner_cannot_take_every_merged_slot():
+    """Counted per adapter, acme's three hot adapters took all three slots and globex's hot
+    adapter stayed on LoRA. Per owner (default 1), acme gets one, its hottest, and globex one."""
+    p = make(max_merged_tenants=3)
+    rates = {"acme-1": 40, "acme-2": 30, "acme-3": 20, "globex-1": 10}
+    acts = drive_owned(p, rates, ACME, 0, 30)
+    assert sorted(kinds(acts)) == [("promote", "acme-1"), ("promote", "globex-1")]
+    slots = p.snapshot()["dynamic_slots"]
+    assert slots["by_owner"] == {"acme": 1, "globex": 1} and slots["used"] == 2
+    assert p.snapshot()["tenants"]["acme-1"]["owner"] == "acme"
+    # The free slot stays free for another owner: acme's other adapters keep waiting.
+    p.mark_ready("acme-1")
+    p.mark_ready("globex-1")
+    assert drive_owned(p, rates, ACME, 30, 60) == []
+    acts = drive_owned(p, {**rates, "initech-1": 15}, {**ACME, "initech-1": "initech"}, 60, 90)
+    assert kinds(acts) == [("promote", "initech-1")]
+
+
+def test_merged_slots_per_owner_is_configurable():
+    p = make(max_merged_tenants=3, max_merged_per_owner=2)
+    acts = drive_owned(p, {"acme-1": 40, "acme-2": 30, "acme-3": 20}, ACME, 0, 30)
+    assert sorted(kinds(acts)) == [("promote", "acme-1"), ("promote", "acme-2")]
+
+
+def test_adapters_without_a_reported_owner_are_their_own_owners():
+    # Auth off (or a router that does not report owners): per adapter, as before.
+    p = make(max_merged_tenants=3)
+    acts = drive(p, {"acme-1": 40, "acme-2": 30, "acme-3": 20}, 0, 30)
+    assert len(kinds(acts)) == 3
+
+
+def test_an_owner_at_its_cap_preempts_only_its_own_adapter():
+    p = make(max_merged_tenants=2, cooldown_s=5)
+    drive_owned(p, {"acme-1": 20, "globex-1": 20}, ACME, 0, 15)
+    p.mark_ready("acme-1")
+    p.mark_ready("globex-1")
+    # globex-1 cools into the hysteresis band; acme-2 is hot but acme already holds its one
+    # slot: demoting globex-1 would not give it a slot, so globex-1 stays.
+    assert drive_owned(p, {"acme-1": 20, "globex-1": 3, "acme-2": 30}, ACME, 15, 45) == []
+    # Once acme-1 cools too, acme-2 takes acme's own slot from it.
+    acts = drive_owned(p, {"acme-1": 2, "globex-1": 3, "acme-2": 30}, ACME, 45, 75)
+    assert kinds(acts) == [("demote", "acme-1")] and "preempted by acme-2" in acts[0][1].reason
+    p.mark_demoted("acme-1")
+    acts = drive_owned(p, {"acme-1": 2, "globex-1": 3, "acme-2": 30}, ACME, 75, 85)
+    assert kinds(acts) == [("promote", "acme-2")]
+
+
+def test_policy_state_takes_owners_with_the_counts():
+    s = PolicyState({**BASE, "max_merged_tenants": 2})
+    for i in range(40):  # two adapters of one owner at 10 rps each
+        s.sync({"acme-1@v1": 5, "acme-2": 5}, now=i * 0.5, owners={"acme-1@v1": "acme", "acme-2": "acme"})
+    assert [a.tenant for a in s.decide(now=20.0)] == ["acme-1"]  # same rate: the name breaks the tie
+    assert s.snapshot()["dynamic_slots"]["by_owner"] == {"acme": 1}
 
 
 # -- failures -----------------------------------------------------------------------------------
@@ -323,7 +396,7 @@ def test_snapshot_shape():
     assert set(snap) == {"now", "tenants", "dynamic_slots", "tracked_tenants", "counters", "config"}
     t1 = snap["tenants"]["t1"]
     assert set(t1) == {"state", "since", "reason", "rps", "static", "failures", "retry_at", "route", "version",
-                       "latest_version"}
+                       "latest_version", "owner"}
     assert t1["rps"] == pytest.approx(10.0, abs=1.0) and t1["route"] == "merged"
     assert snap["counters"] == {"promotions": 2, "demotions": 0, "failures": 0, "version_updates": 0}
     assert snap["config"]["promote_rps"] == 5.0
@@ -360,6 +433,7 @@ def test_module_imports_without_ray():
         (dict(window_s=-1), ["window_s"]),
         (dict(cooldown_s=-1), ["cooldown_s"]),
         (dict(promot_rps=3), ["promot_rps", "Extra inputs are not permitted"]),
+        (dict(max_merged_per_owner=0), ["max_merged_per_owner", "greater than or equal to 1"]),
     ],
 )
 def test_config_validation(overrides, needles):

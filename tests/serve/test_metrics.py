@@ -111,3 +111,44 @@ def test_metrics_are_exported_with_values(serve_env):
     # The lora path's request counter splits by adapter: tenant-5 and base are counted too.
     for model in ("tenant-5", "base"):
         assert total(samples, exported_name(metrics.REQUESTS), adapter=model, path="lora") >= 2, model
+
+
+def test_a_gauge_series_nobody_sets_any_more_leaves_the_export(serve_env):
+    """What retiring a version's label series stands on (serve_app/metrics.py): Ray's metrics API
+    cannot remove a label set, but a gauge value that is no longer set leaves the agent's export
+    after two export periods, while one still set stays. So the per-version prefix hit-rate
+    series goes once PrefixStats.forget stops the replica from setting it."""
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    name = exported_name(metrics.PREFIX_HIT_RATE)
+
+    @ray.remote(num_cpus=0)
+    class Setter:  # a live process, like a replica: its series cannot go by the process dying
+        def set(self, adapter: str, value: float) -> None:
+            metrics.PREFIX_HIT_RATE.set(value, tags={"adapter": adapter})
+
+    setter = Setter.remote()
+    retired, kept = "probe-retired@v1", "probe-kept@v1"
+
+    def exported() -> set[str]:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+        return {lab.get("adapter") for n, lab, _ in parse(text) if n == name}
+
+    try:
+        ray.get(setter.set.remote(retired, 0.25))
+        t0 = time.monotonic()
+        appeared = gone = None
+        while time.monotonic() - t0 < 120:
+            ray.get(setter.set.remote(kept, 0.5))
+            labels = exported()
+            if appeared is None and retired in labels:
+                appeared = time.monotonic() - t0
+            if appeared is not None and retired not in labels and kept in labels:
+                gone = time.monotonic() - t0
+                break
+            time.sleep(2)
+        assert appeared is not None, "the probe gauge was never exported"
+        assert gone is not None, f"a gauge nobody set for {time.monotonic() - t0:.0f} s is still exported"
+    finally:
+        ray.kill(setter)

@@ -333,8 +333,12 @@ class LoRAEngine:
         return self.lora.add(weights)
 
     def unload_adapter(self, adapter: str | ResidentAdapter) -> None:
-        """Retire an adapter; its memory is reused once the requests using it finish."""
+        """Retire an adapter; its memory is reused once the requests using it finish. Its
+        prefix-cache counts go too (the stats and their metric labels do not grow per version)."""
         self.lora.remove(adapter)
+        if self.runner is not None:
+            with self._cv:  # the scheduler adds to them under this lock
+                self.runner.blocks.prefix.forget(adapter if isinstance(adapter, str) else adapter.adapter_id)
 
     # The engine API's names (engine/api.py) for the pool's operations.
 

@@ -237,3 +237,17 @@ def test_one_tenant_holding_every_row_gives_one_up_to_a_waiting_tenant(tiny_asse
         assert outs["b"] == _ref(tiny_assets, "tenant-1", b_prompt)
     finally:
         eng.shutdown()
+
+
+def test_an_unloaded_versions_prefix_stats_are_dropped(tiny_assets):
+    """Per-version stats (and the hit-rate gauge labels exported from them) do not grow with
+    every version ever served: unloading a version forgets its counts."""
+    eng = _engine(tiny_assets)
+    try:
+        _run(eng, [(PREFIX, GREEDY, "tenant-1"), (PREFIX, GREEDY, None)])
+        assert "tenant-1" in eng.stats()["kv"]["prefix_hit_rate_by_adapter"]
+        eng.unload_adapter("tenant-1")
+        rates = eng.stats()["kv"]["prefix_hit_rate_by_adapter"]
+        assert "tenant-1" not in rates and "base" in rates
+    finally:
+        eng.shutdown()

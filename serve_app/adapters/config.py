@@ -80,6 +80,13 @@ class StoreConfig(BaseModel):
         ge=1,
         description="Largest adapter weight file accepted (checked before any download and again on load).",
     )
+    max_safetensors_header_bytes: int = Field(
+        default=1 << 20,
+        ge=8,
+        description="Largest safetensors header (the file's JSON tensor index) the LoRA path reads; a larger "
+        "one is refused (HTTP 422) from its 8-byte length field, before it is read. A LoRA adapter needs about "
+        "150 bytes per tensor (a 7B all-linear adapter ~70 KB); the merged path uses the default.",
+    )
     base_model_mismatch: Literal["ignore", "warn", "refuse"] = Field(
         default="warn",
         description="What to do when an adapter's base_model_name_or_path names another base than the served "

@@ -15,26 +15,39 @@ What it adds to a fetch, for the LoRA replica:
   (``refused``; a hand-placed version-0 folder is retried after ``_INVALID_V0_TTL_S``, as it may
   be fixed in place).
 
+* a file that vanishes between the fetch and the end of the parse (the node's disk cache evicted
+  the folder, a hand-placed folder was replaced) is a miss: fetched again, up to
+  ``_VANISHED_RETRIES`` times, then a 503 to retry; never a remembered refusal. Only refusals
+  about the content (its config, shapes, values, size) are remembered.
+
+Threads: fetches (store and registry reads, downloads) run on this loader's own small executor,
+parses (config, then tensors: numpy, no torch kernel) on another with one thread -- never on the
+engine thread, whose stall would be every tenant's decode stall, and never on asyncio's default
+executor, which other work (structured-output compiles) can fill. The deployment copies the
+parsed weights into the pool on the engine thread; that copy is all the engine thread does.
+
 adapters/ never imports the engine: the engine's two parse halves (``parse_config``: the
-tenant's JSON, pure Python, on a worker thread; ``load_tensors``: torch work) and its
-``run_in_engine`` (the tensor half runs on the engine thread) are passed in as callables, as
-Ray's LoraModelLoader takes its loader.
+tenant's JSON; ``load_tensors``: the tensors) are passed in as callables, as Ray's
+LoraModelLoader takes its loader.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Awaitable, Callable, TypeVar
 
 from serve_app.adapters.config import StoreConfig
 from serve_app.adapters.fetch import Fetched, adapter_pipeline
 from serve_app.adapters.ids import validate_adapter_id
+from serve_app.adapters.peft_files import MissingAdapterFileError
 from serve_app.adapters.ram_cache import RamCache
 from serve_app.adapters.registry import parse_mux_id
-from serve_app.errors import AdapterNotFoundError, InvalidAdapterError
+from serve_app.errors import AdapterNotFoundError, AdapterStoreUnavailableError, InvalidAdapterError
 
 logger = logging.getLogger("ray.serve")
 
@@ -43,6 +56,9 @@ T = TypeVar("T")
 _HANDOFF_MAX = 16  # prefetched adapters waiting for Serve's load lock (when the RAM tier can't hold them)
 _INVALID_MAX = 1024  # refused adapters remembered per replica
 _INVALID_V0_TTL_S = 10.0  # a hand-placed folder may be fixed in place; a version never changes
+_VANISHED_RETRIES = 3  # fetches again after the local copy vanished during a use (then a 503)
+_FETCH_THREADS = 4  # concurrent store reads / downloads per replica
+_PARSE_THREADS = 1  # parses at a time: CPU work beside the engine's threads (2-core replicas)
 
 
 def _no_event(event: str, tier: str) -> None:
@@ -51,8 +67,9 @@ def _no_event(event: str, tier: str) -> None:
 
 class AdapterLoader:
     """One replica's adapter pipeline. ``parse_config(mux, path) -> spec`` and
-    ``load_tensors(spec, path) -> weights`` (run through ``run_in_engine``) are needed only for
-    ``weights``; ``on_event(event, tier)`` counts hits, misses and evictions per tier."""
+    ``load_tensors(spec, path) -> weights`` (both on the parse thread: neither may need the
+    engine thread) are needed only for ``weights``; ``on_event(event, tier)`` counts hits,
+    misses and evictions per tier."""
 
     def __init__(
         self,
@@ -61,7 +78,6 @@ class AdapterLoader:
         *,
         parse_config: Callable[[str, str], Any] | None = None,
         load_tensors: Callable[[Any, str], Any] | None = None,
-        run_in_engine: Callable[..., Any] | None = None,
         ram_tier: bool = True,
         on_event: Callable[[str, str], None] | None = None,
     ):
@@ -72,7 +88,9 @@ class AdapterLoader:
                             on_evict=lambda key: self._on_event("eviction", "ram"))
         self._parse_config = parse_config
         self._load_tensors = load_tensors
-        self._run_in_engine = run_in_engine
+        # Threads start on first use; both pools are this replica's own (see the module docstring).
+        self._fetch_pool = ThreadPoolExecutor(_FETCH_THREADS, thread_name_prefix="adapter-fetch")
+        self._parse_pool = ThreadPoolExecutor(_PARSE_THREADS, thread_name_prefix="adapter-parse")
         self._fetching: dict[str, asyncio.Task] = {}
         self._handoff: OrderedDict[str, tuple[Any, str, float, str | None]] = OrderedDict()  # weights, tier, t0, fingerprint
         self._invalid: OrderedDict[str, tuple[str, float]] = OrderedDict()
@@ -100,19 +118,40 @@ class AdapterLoader:
         RAM hit, not a hand-off."""
         self._handoff.pop(mux, None)
 
+    async def _in(self, pool: ThreadPoolExecutor, fn: Callable[..., T], *args) -> T:
+        return await asyncio.get_running_loop().run_in_executor(pool, functools.partial(fn, *args))
+
+    async def fetch(self, adapter_id: str, version: int, fingerprint: str | None = None) -> Fetched:
+        """``fetcher.fetch`` on the fetch threads."""
+        return await self._in(self._fetch_pool, self.fetcher.fetch, adapter_id, version, fingerprint)
+
     async def with_local_copy(self, adapter_id: str, version: int, use: Callable[[str], Awaitable[T]],
                               fingerprint: str | None = None) -> tuple[T, Fetched]:
-        """``await use(local folder)`` on a fetched copy of one version; fetched again once if the
-        disk cache evicted the folder in between (a tiny cap)."""
-        for attempt in range(2):
-            fetched = await asyncio.to_thread(self.fetcher.fetch, adapter_id, version, fingerprint)
+        """``await use(local folder)`` on a fetched copy of one version.
+
+        The fetch saw both files listed, so a folder or file missing during ``use`` (or the
+        fetch's own read of a local folder) means the copy vanished under it -- the node's disk
+        cache evicted it for another adapter, a hand-placed folder was replaced -- not that the
+        adapter lacks it: fetched again, up to ``_VANISHED_RETRIES`` times, then a 503 (retry)."""
+        label = f"adapter '{adapter_id}'" + (f" version {version}" if version else "")
+        for attempt in range(1 + _VANISHED_RETRIES):
             try:
-                return await use(fetched.path), fetched
-            except AdapterNotFoundError:
-                # The disk cache evicted the folder between fetch and use: fetch again.
-                if self.store.is_local or attempt == 1:
-                    raise
-        raise AssertionError("unreachable")
+                fetched = await self.fetch(adapter_id, version, fingerprint)
+            except FileNotFoundError as e:  # a local folder changed while it was fingerprinted
+                vanished = e
+            else:
+                try:
+                    return await use(fetched.path), fetched
+                except (AdapterNotFoundError, MissingAdapterFileError, FileNotFoundError) as e:
+                    vanished = e
+            why = getattr(vanished, "message", None) or type(vanished).__name__
+            logger.warning("%s: its local copy vanished while it was read (%s); fetching it again (%d of %d)",
+                           label, why, attempt + 1, _VANISHED_RETRIES)
+        raise AdapterStoreUnavailableError(
+            f"{label}: its local copy was removed while it was read, {1 + _VANISHED_RETRIES} times in a row (this "
+            "node's adapter disk cache is evicting it for other adapters); retry, and if it persists raise "
+            "store.disk_cache_bytes"
+        )
 
     async def weights(self, mux: str, fingerprint: str | None = None) -> tuple[Any, str, float]:
         """(parsed weights, the tier they came from, when the load started): handoff, RAM, or a
@@ -125,7 +164,7 @@ class AdapterLoader:
         adapter_id, version = parse_mux_id(mux)
         expected = fingerprint
         if expected is None and version > 0:
-            expected = await asyncio.to_thread(self.fetcher.expected_fingerprint, adapter_id, version)
+            expected = await self._in(self._fetch_pool, self.fetcher.expected_fingerprint, adapter_id, version)
 
         def current(fp: str) -> bool:
             if not expected or fp == expected:
@@ -167,14 +206,18 @@ class AdapterLoader:
         validate_adapter_id(adapter_id)
         t1 = t0
 
+        def parse_both(path: str):
+            return self._load_tensors(self._parse_config(mux, path), path)
+
         async def parse(path: str):
             nonlocal t1
             t1 = time.perf_counter()
-            spec = await asyncio.to_thread(self._parse_config, mux, path)
-            return await asyncio.to_thread(self._run_in_engine, self._load_tensors, spec, path)
+            return await self._in(self._parse_pool, parse_both, path)
 
         try:
             weights, fetched = await self.with_local_copy(adapter_id, version, parse, fingerprint)
+        except MissingAdapterFileError:  # with_local_copy turns these into fetches; never remembered
+            raise
         except InvalidAdapterError as e:
             # Remembered, so a hostile adapter costs one download and one parse, not one per request.
             self._invalid[mux] = (e.message, time.monotonic())

@@ -16,8 +16,9 @@ Tiers, top to bottom, each checked before the next:
 The device tier is here; the tiers below it are adapters/loader.py (one pipeline for both
 deployments: fetch de-duplication, the prefetch hand-off, remembered refusals). Downloading
 and parsing happen before Serve's one-load-at-a-time lock is taken, so a slow
-download of one tenant does not hold up another tenant's load; parsing runs on the engine
-thread (engine.run_in_engine), like every torch operation of the replica.
+download of one tenant does not hold up another tenant's load; parsing runs on the loader's
+parse thread (numpy, no torch kernel), and only the copy into the pool runs on the engine thread
+(engine.run_in_engine), like every torch operation of the replica.
 
 Versions: loading ``id@v2`` retires older versions of ``id`` on this replica at once; every
 ``registry_refresh_s`` the replica re-reads the manifest and retires versions that are no
@@ -129,9 +130,10 @@ class LoRADeployment(ChannelMixin):
         base, adapters_uri = cfg.resolve_paths()
         self.engine: EngineAPI = LoRAEngine(cfg.engine_config(base))
         self.store_config = scfg = cfg.store
-        # An adapter is parsed in two halves: its config (a tenant's JSON: pure Python) on a
-        # worker thread, so a hostile config never holds the engine thread; its tensors (torch
-        # work, bounded by max_adapter_bytes) on the engine thread, like every torch op here.
+        # An adapter is parsed in two halves, both on the loader's parse thread, never the
+        # engine's: its config (a tenant's JSON: pure Python) and its tensors (numpy, no torch
+        # kernel, bounded by max_adapter_bytes and max_safetensors_header_bytes). The engine
+        # thread only copies the validated weights into the pool (add_adapter below).
         checks = validation_settings(scfg, self.engine.config.max_adapter_bytes)  # the merged path's too
         self._parse_config = functools.partial(
             parse_adapter_config,
@@ -146,12 +148,13 @@ class LoRADeployment(ChannelMixin):
             max_rank=self.engine.config.max_lora_rank,
             dtype=self.engine.dtype,
             max_bytes=checks["max_bytes"],
+            max_header_bytes=scfg.max_safetensors_header_bytes,
         )
-        # The one adapter pipeline (store -> disk -> RAM -> parse); the engine's parse halves and
-        # its thread are handed in, so adapters/ never imports the engine.
+        # The one adapter pipeline (store -> disk -> RAM -> parse); the engine's parse halves are
+        # handed in, so adapters/ never imports the engine.
         self.loader = AdapterLoader(
             adapters_uri, scfg, parse_config=self._parse_config, load_tensors=self._load_tensors,
-            run_in_engine=self.engine.run_in_engine, on_event=self._event)
+            on_event=self._event)
         self.store, self.registry, self.fetcher, self.ram = (
             self.loader.store, self.loader.registry, self.loader.fetcher, self.loader.ram)
         self._reconciler: asyncio.Task | None = None

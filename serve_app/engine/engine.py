@@ -319,17 +319,17 @@ class LoRAEngine:
     def load_adapter(self, adapter_id: str, path: str) -> ResidentAdapter:
         """Validate and copy an adapter into device memory; it becomes the ID's current version.
 
-        The config is parsed on the caller's thread (pure Python); only the tensor work waits for
-        the engine thread.
+        Config and tensors are parsed and validated on the caller's thread (numpy, no torch
+        kernel: lora_weights.py); only the copy into the pool waits for the engine thread.
         """
         spec = parse_adapter_config(adapter_id, path, self.base_shape, max_rank=self.config.max_lora_rank)
-        return self.run_in_engine(self._load_adapter, spec, path)
-
-    def _load_adapter(self, spec: AdapterSpec, path: str) -> ResidentAdapter:
         weights = load_adapter_tensors(
             spec, path, self.base_shape,
             max_rank=self.config.max_lora_rank, dtype=self.dtype, max_bytes=self.config.max_adapter_bytes,
         )
+        return self.run_in_engine(self._load_adapter, weights)
+
+    def _load_adapter(self, weights: LoRAWeights) -> ResidentAdapter:
         return self.lora.add(weights)
 
     def unload_adapter(self, adapter: str | ResidentAdapter) -> None:

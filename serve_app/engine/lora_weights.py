@@ -4,11 +4,17 @@ Everything that can be wrong with an adapter is caught here, before any byte rea
 memory, and reported with the adapter's name, the offending value, the limit and the fix.
 Weights load only from safetensors: a pickle (``adapter_model.bin``) can run code on load.
 
-Two halves, because a tenant controls both files: ``parse_adapter_config`` is pure Python (JSON,
-scalars, rank_pattern / alpha_pattern matched literally -- never a tenant's regex) and runs on
-any thread, so a hostile config never holds the engine thread; ``load_adapter_tensors`` does the
-torch work on the engine thread and validates what the pool will hold: the weights after the
-alpha/r scaling and the cast to the compute dtype, finite, with a gain that cannot overflow it.
+Two halves, because a tenant controls both files, and neither needs the engine thread:
+``parse_adapter_config`` is pure Python (JSON, scalars, rank_pattern / alpha_pattern matched
+literally -- never a tenant's regex); ``load_adapter_tensors`` reads the safetensors file with
+numpy (its header length first: a header over ``max_header_bytes`` is refused unread) and
+validates what the pool will hold: the weights after the alpha/r scaling and the cast to the
+compute dtype, finite, with a gain that cannot overflow it. It runs no torch kernel, so it can
+run on a worker thread beside the engine's OpenMP team; only the copy into the pool
+(``LoRAManager.add``) runs on the engine thread.
+
+A file missing from the folder is ``MissingAdapterFileError`` (a 422 for a folder given by path;
+the loader, whose fetch saw it listed, takes it for a vanished copy and fetches it again).
 """
 
 from __future__ import annotations
@@ -22,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
+import numpy as np
 import torch
-from safetensors import safe_open
 
 from serve_app.adapters.peft_files import (
     CONFIG_NAME,
@@ -31,8 +37,19 @@ from serve_app.adapters.peft_files import (
     PICKLE_NAME,
     WEIGHTS_NAME,
     config_too_large,
+    header_too_large,
+    missing_file,
     pickle_refused,
     weights_too_large,
+)
+from serve_app.adapters.safetensors_file import (
+    FLOAT_DTYPES,
+    MAX_HEADER_BYTES,
+    HeaderTooLargeError,
+    SafetensorsFormatError,
+    TensorEntry,
+    read_array,
+    read_index,
 )
 from serve_app.errors import AdapterNotFoundError, InvalidAdapterError
 
@@ -86,14 +103,26 @@ def read_adapter_config(adapter_id: str, path: str | os.PathLike) -> dict:
         logger.info("adapter %s: no folder at %s", adapter_id, path)  # the path is for the log, not the tenant
         raise AdapterNotFoundError(f"adapter '{adapter_id}' not found in the adapter store")
     cfg_path = path / CONFIG_NAME
-    if not cfg_path.is_file():
-        raise _fail(adapter_id, f"{CONFIG_NAME} is missing in the adapter folder; save the adapter with PEFT's save_pretrained")
-    size = cfg_path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise config_too_large(adapter_id, size)
     try:
-        cfg = json.loads(cfg_path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        # One open: a file that vanishes after a check (a disk-cache eviction) is "missing", a
+        # miss the loader fetches again, never "not valid JSON", a refusal it would remember.
+        with open(cfg_path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_CONFIG_BYTES:
+                raise config_too_large(adapter_id, size)
+            text = f.read(MAX_CONFIG_BYTES + 1).decode("utf-8")
+    except (FileNotFoundError, NotADirectoryError):
+        raise missing_file(adapter_id, CONFIG_NAME) from None
+    except UnicodeDecodeError as e:
+        raise _fail(adapter_id, f"{CONFIG_NAME} is not valid JSON ({e})") from None
+    except IsADirectoryError:
+        raise _fail(adapter_id, f"{CONFIG_NAME} is a folder, not a file; save the adapter with PEFT's save_pretrained") from None
+    except OSError as e:
+        logger.warning("adapter %s: %s could not be read: %s", adapter_id, cfg_path, e)
+        raise _fail(adapter_id, f"{CONFIG_NAME} could not be read ({type(e).__name__})") from None
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
         raise _fail(adapter_id, f"{CONFIG_NAME} is not valid JSON ({e})") from None
     if not isinstance(cfg, dict):
         raise _fail(adapter_id, f"{CONFIG_NAME} must hold a JSON object, got {type(cfg).__name__}")
@@ -146,7 +175,6 @@ def check_base_model(
 # that is exactly PEFT's result.
 _PATTERN_KEY_RE = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 MAX_PATTERN_KEYS = 4096
-_ALLOWED_DTYPES = {torch.float32, torch.float16, torch.bfloat16, torch.float64}
 
 
 def peft_module_name(layer: int, kind: str) -> str:
@@ -296,7 +324,15 @@ def parse_adapter_config(
     )
 
 
-# ---- the tensor half: torch work, run on the engine thread --------------------------------------
+# ---- the tensor half: numpy, no torch kernel, safe on any thread ---------------------------------
+#
+# It runs on a worker thread (the deployment's parse executor), not the engine thread: an 86 MB
+# safetensors header alone held the engine thread, and every tenant's decode, for 825 ms. It
+# uses no torch kernel, because a torch op on a second thread starts a second OpenMP team
+# beside the engine's, and that slows every decode step afterwards (engine.py, LoRAEngine):
+# the file is read with numpy (adapters/safetensors_file.py), checked and cast with numpy, and
+# the pool-layout arrays are handed to torch without a copy (``torch.from_numpy``). Only the
+# copy into the pool (``LoRAManager.add``) runs on the engine thread.
 
 
 def lora_gain_bound(dtype: torch.dtype) -> float:
@@ -311,6 +347,44 @@ def lora_gain_bound(dtype: torch.dtype) -> float:
     return math.sqrt(torch.finfo(dtype).max)
 
 
+# The pool dtype -> the numpy dtype its values are stored in (bfloat16: its bit pattern).
+_STORAGE = {torch.float32: np.float32, torch.float64: np.float64, torch.float16: np.float16,
+            torch.bfloat16: np.uint16}
+
+
+def _cast(x: np.ndarray, dtype: torch.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(the values ``x.to(dtype)`` holds, as float16/32/64; its storage for the pool), rounded as
+    torch rounds: float64 -> float32 -> float16 / bfloat16, each round-to-nearest-even."""
+    if dtype == torch.float64:
+        out = np.asarray(x, dtype=np.float64)
+        return out, out
+    f32 = np.asarray(x, dtype=np.float32)
+    if dtype == torch.float32:
+        return f32, f32
+    if dtype == torch.float16:
+        f16 = f32.astype(np.float16)
+        return f16, f16
+    if dtype != torch.bfloat16:
+        raise ValueError(f"pool dtype {dtype} is not float32, float16, bfloat16 or float64")
+    if not np.isfinite(f32).all():  # beyond float32 already: no rounding can make it finite
+        return f32, np.zeros(f32.shape, np.uint16)
+    bits = np.ascontiguousarray(f32).view(np.uint32)
+    # c10::BFloat16's round-to-nearest-even (finite inputs: no uint32 wrap-around)
+    b16 = ((bits + (((bits >> 16) & 1) + 0x7FFF)) >> 16).astype(np.uint16)
+    return (b16.astype(np.uint32) << 16).view(np.float32), b16
+
+
+def _to_torch(storage: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(storage)  # no copy, no kernel
+    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+
+
+def _sq_norms(x: np.ndarray, axis: int | None) -> np.ndarray:
+    """Squared norms in float64 without BLAS (numpy's dot would start OpenBLAS threads)."""
+    x64 = x.astype(np.float64)
+    return np.einsum("ij,ij->i" if axis == 1 else "ij,ij->j" if axis == 0 else "ij,ij->", x64, x64)
+
+
 def load_adapter_tensors(
     spec: AdapterSpec,
     path: str | os.PathLike,
@@ -319,136 +393,50 @@ def load_adapter_tensors(
     max_rank: int,
     dtype: torch.dtype,
     max_bytes: int = 1 << 30,
+    max_header_bytes: int = MAX_HEADER_BYTES,
 ) -> LoRAWeights:
-    """Read, check and scale an adapter's tensors into the pool layout (``LoRAWeights``).
+    """Read, check and scale an adapter's tensors into the pool layout (``LoRAWeights``), on
+    the caller's thread (numpy; see above).
 
     Validates what the pool will hold, not only the file: after the alpha/r scaling and the cast
     to ``dtype`` every value is finite and the adapter's gain is within ``lora_gain_bound``.
+    The header is checked before any tensor is read: its size (``max_header_bytes``, refused
+    before it is read), names, dtypes, shapes and ranks.
     """
     adapter_id = spec.adapter_id
     path = Path(path)
     weights_path = path / WEIGHTS_NAME
-    if not weights_path.is_file():
-        if (path / PICKLE_NAME).exists():
-            raise pickle_refused(adapter_id)
-        raise _fail(adapter_id, f"{WEIGHTS_NAME} is missing")
-    size = weights_path.stat().st_size
-    if size > max_bytes:
-        raise weights_too_large(adapter_id, size, max_bytes)
-
-    # kind -> layer -> {"A": tensor, "B": tensor}
-    found: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
-    raw_bytes = 0
+    if dtype not in _STORAGE:
+        raise ValueError(f"pool dtype {dtype} is not float32, float16, bfloat16 or float64")
     try:
-        with safe_open(weights_path, framework="pt") as f:
-            for key in f.keys():
-                m = _KEY_RE.search(key)
-                if m is None:
-                    if "lora_embedding" in key or "magnitude" in key:
-                        raise _fail(adapter_id, f"tensor {key[:200]} is not supported (embedding LoRA / DoRA)")
-                    raise _fail(adapter_id, f"tensor {key[:200]} is not a LoRA weight of a decoder projection")
-                layer, kind, ab = int(m.group(1)), m.group(2), m.group(3)
-                if kind not in base.kinds:
-                    raise _fail(
-                        adapter_id,
-                        f"target module {kind} (tensor {key[:200]}) is not a LoRA-capable projection of the base "
-                        f"model (this server wraps {sorted(base.kinds)})",
-                    )
-                if layer >= base.num_layers:
-                    raise _fail(adapter_id, f"tensor {key[:200]} is for layer {layer}; the base has {base.num_layers} layers")
-                t = f.get_tensor(key)
-                if t.dtype not in _ALLOWED_DTYPES:
-                    raise _fail(
-                        adapter_id,
-                        f"tensor {key[:200]} has dtype {str(t.dtype).removeprefix('torch.')}; LoRA weights must be "
-                        "float32, float16, bfloat16 or float64 (re-save the adapter unquantized)",
-                    )
-                raw_bytes += t.numel() * t.element_size()
-                found.setdefault(kind, {}).setdefault(layer, {})[ab] = t
-    except InvalidAdapterError:
-        raise
-    except Exception as e:  # safetensors raises its own error types for corrupt headers
-        # The library's message may name the file's path: it goes to the log, not to the tenant.
-        logger.warning("adapter %s: %s could not be read: %s", adapter_id, weights_path, e)
+        f = open(weights_path, "rb")
+    except (FileNotFoundError, NotADirectoryError):
+        if (path / PICKLE_NAME).exists():
+            raise pickle_refused(adapter_id) from None
+        raise missing_file(adapter_id, WEIGHTS_NAME) from None
+    except OSError as e:
+        logger.warning("adapter %s: %s could not be opened: %s", adapter_id, weights_path, e)
         raise _fail(adapter_id, f"{WEIGHTS_NAME} could not be read ({type(e).__name__}); re-export the adapter") from None
-    if not found:
-        raise _fail(adapter_id, f"{WEIGHTS_NAME} holds no LoRA weights")
-
-    bound = lora_gain_bound(dtype)
-    dtype_name = str(dtype).removeprefix("torch.")
-    a_out: dict[str, torch.Tensor] = {}
-    b_out: dict[str, torch.Tensor] = {}
-    for kind, layers in sorted(found.items()):
-        in_f, out_f = base.kinds[kind]
-        ranks = set()
-        for layer, ab in layers.items():
-            if set(ab) != {"A", "B"}:
-                raise _fail(adapter_id, f"layer {layer} {kind} has lora_{next(iter(ab))} but not its pair")
-            a, b = ab["A"], ab["B"]
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
-                raise _fail(
-                    adapter_id,
-                    f"layer {layer} {kind}: lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)} are not a rank-r pair",
-                )
-            if a.shape[1] != in_f or b.shape[0] != out_f:
-                raise _fail(
-                    adapter_id,
-                    f"layer {layer} {kind}: shapes lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not fit "
-                    f"the base projection ({in_f} -> {out_f}); was it trained for another base model?",
-                )
-            if a.shape[0] > max_rank:
-                raise _fail(
-                    adapter_id, f"LoRA rank {a.shape[0]} is greater than max_lora_rank {max_rank}; raise max_lora_rank"
-                )
-            expected = spec.rank_for(layer, kind)
-            if a.shape[0] != expected:
-                raise _fail(
-                    adapter_id,
-                    f"layer {layer} {kind} has rank {a.shape[0]} but {CONFIG_NAME} says {expected} "
-                    "(r / rank_pattern); re-export the adapter with PEFT's save_pretrained",
-                )
-            for name, t in (("lora_A", a), ("lora_B", b)):
-                if not torch.isfinite(t).all():
-                    raise _fail(
-                        adapter_id,
-                        f"layer {layer} {kind} {name} has NaN or inf values (every value must be finite); "
-                        "the training diverged or the file is corrupt: re-export the adapter",
-                    )
-            ranks.add(a.shape[0])
-        # rank_pattern can give layers different ranks; pad within this kind only.
-        r_kind = max(ranks)
-        a_kind = torch.zeros(base.num_layers, r_kind, in_f, dtype=dtype)
-        b_kind = torch.zeros(base.num_layers, r_kind, out_f, dtype=dtype)
-        for layer, ab in layers.items():
-            a, b = ab["A"], ab["B"]
-            rl = a.shape[0]
-            scale = spec.scale_for(layer, kind, rl)
-            a_cast = a.to(dtype)  # [r, in]
-            b_cast = (b.double().t() * scale).to(dtype)  # [r, out], alpha/r folded in
-            # What the pool will hold: finite after the scaling and the cast, and a gain that
-            # cannot overflow ``dtype`` (float64 norms: the squares of float32 values fit).
-            if not (torch.isfinite(a_cast).all() and torch.isfinite(b_cast).all()):
-                raise _fail(
-                    adapter_id,
-                    f"layer {layer} {kind}: after scaling by lora_alpha/r = {scale:.3g} and the cast to {dtype_name} "
-                    f"the weights are not finite (beyond {dtype_name}'s max {torch.finfo(dtype).max:.3g}); "
-                    "check lora_alpha / alpha_pattern, or serve with dtype float32",
-                )
-            a64, b64 = a_cast.double(), b_cast.double()
-            a_row = float(a64.norm(dim=1).max())
-            gain = float(a64.norm()) * float(b64.norm(dim=0).max())
-            if a_row > bound or not math.isfinite(gain) or gain > bound:
-                raise _fail(
-                    adapter_id,
-                    f"layer {layer} {kind}: LoRA gain ||A||_F * max column norm of B = {gain:.3g} after scaling by "
-                    f"lora_alpha/r = {scale:.3g} (largest A row norm {a_row:.3g}) exceeds {bound:.3g} = "
-                    f"sqrt({dtype_name} max), the bound that keeps x @ A and h @ B finite in {dtype_name} for "
-                    f"activations up to sqrt(max / in_features {in_f}) per element; check lora_alpha / alpha_pattern",
-                )
-            a_kind[layer, :rl] = a_cast
-            b_kind[layer, :rl] = b_cast
-        a_out[kind], b_out[kind] = a_kind, b_kind
-
+    # From here on the open file is read: a disk-cache eviction cannot take it away mid-parse.
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        if size > max_bytes:
+            raise weights_too_large(adapter_id, size, max_bytes)
+        try:
+            index = read_index(f, max_header_bytes=max_header_bytes)
+        except HeaderTooLargeError as e:
+            raise header_too_large(adapter_id, e.size, e.limit) from None
+        except (SafetensorsFormatError, OSError) as e:
+            # The reason may name tensors but never the file's path (it goes to the log).
+            logger.warning("adapter %s: %s could not be read: %s", adapter_id, weights_path, e)
+            raise _fail(adapter_id, f"{WEIGHTS_NAME} could not be read ({e}); re-export the adapter") from None
+        found = _index_lora_pairs(adapter_id, index, base, spec, max_rank)
+        try:
+            a_out, b_out = _read_checked(adapter_id, f, found, base, spec, dtype)
+        except (SafetensorsFormatError, OSError) as e:
+            logger.warning("adapter %s: %s could not be read: %s", adapter_id, weights_path, e)
+            raise _fail(adapter_id, f"{WEIGHTS_NAME} could not be read ({e}); re-export the adapter") from None
+    raw_bytes = sum(e.nbytes for layers in found.values() for ab in layers.values() for e in ab.values())
     return LoRAWeights(
         adapter_id=adapter_id,
         a=a_out,
@@ -461,6 +449,120 @@ def load_adapter_tensors(
     )
 
 
+def _index_lora_pairs(adapter_id: str, index: dict[str, TensorEntry], base: BaseShape, spec: AdapterSpec,
+                      max_rank: int) -> dict[str, dict[int, dict[str, TensorEntry]]]:
+    """kind -> layer -> {"A": entry, "B": entry}, every name, dtype, shape and rank checked from
+    the header alone (no tensor read yet)."""
+    found: dict[str, dict[int, dict[str, TensorEntry]]] = {}
+    for key, entry in index.items():
+        m = _KEY_RE.search(key)
+        if m is None:
+            if "lora_embedding" in key or "magnitude" in key:
+                raise _fail(adapter_id, f"tensor {key[:200]} is not supported (embedding LoRA / DoRA)")
+            raise _fail(adapter_id, f"tensor {key[:200]} is not a LoRA weight of a decoder projection")
+        layer, kind, ab = int(m.group(1)), m.group(2), m.group(3)
+        if kind not in base.kinds:
+            raise _fail(
+                adapter_id,
+                f"target module {kind} (tensor {key[:200]}) is not a LoRA-capable projection of the base "
+                f"model (this server wraps {sorted(base.kinds)})",
+            )
+        if layer >= base.num_layers:
+            raise _fail(adapter_id, f"tensor {key[:200]} is for layer {layer}; the base has {base.num_layers} layers")
+        if entry.dtype not in FLOAT_DTYPES:
+            raise _fail(
+                adapter_id,
+                f"tensor {key[:200]} has dtype {entry.dtype_name}; LoRA weights must be "
+                "float32, float16, bfloat16 or float64 (re-save the adapter unquantized)",
+            )
+        found.setdefault(kind, {}).setdefault(layer, {})[ab] = entry
+    if not found:
+        raise _fail(adapter_id, f"{WEIGHTS_NAME} holds no LoRA weights")
+    for kind, layers in sorted(found.items()):
+        in_f, out_f = base.kinds[kind]
+        for layer, ab in layers.items():
+            if set(ab) != {"A", "B"}:
+                raise _fail(adapter_id, f"layer {layer} {kind} has lora_{next(iter(ab))} but not its pair")
+            a, b = ab["A"].shape, ab["B"].shape
+            if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+                raise _fail(
+                    adapter_id,
+                    f"layer {layer} {kind}: lora_A {tuple(a)} and lora_B {tuple(b)} are not a rank-r pair",
+                )
+            if a[1] != in_f or b[0] != out_f:
+                raise _fail(
+                    adapter_id,
+                    f"layer {layer} {kind}: shapes lora_A {tuple(a)} / lora_B {tuple(b)} do not fit "
+                    f"the base projection ({in_f} -> {out_f}); was it trained for another base model?",
+                )
+            if a[0] > max_rank:
+                raise _fail(
+                    adapter_id, f"LoRA rank {a[0]} is greater than max_lora_rank {max_rank}; raise max_lora_rank"
+                )
+            expected = spec.rank_for(layer, kind)
+            if a[0] != expected:
+                raise _fail(
+                    adapter_id,
+                    f"layer {layer} {kind} has rank {a[0]} but {CONFIG_NAME} says {expected} "
+                    "(r / rank_pattern); re-export the adapter with PEFT's save_pretrained",
+                )
+    return found
+
+
+def _read_checked(adapter_id: str, f, found: dict[str, dict[int, dict[str, TensorEntry]]], base: BaseShape,
+                  spec: AdapterSpec, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Read every pair, check it finite, scale and cast it as the pool will hold it, check its
+    gain, and lay it out as ``LoRAWeights`` (a ``[layers, r, in]``, b ``[layers, r, out]``)."""
+    bound = lora_gain_bound(dtype)
+    dtype_name = str(dtype).removeprefix("torch.")
+    storage = _STORAGE[dtype]
+    a_out: dict[str, torch.Tensor] = {}
+    b_out: dict[str, torch.Tensor] = {}
+    for kind, layers in sorted(found.items()):
+        in_f, out_f = base.kinds[kind]
+        # rank_pattern can give layers different ranks; pad within this kind only.
+        r_kind = max(ab["A"].shape[0] for ab in layers.values())
+        a_kind = np.zeros((base.num_layers, r_kind, in_f), dtype=storage)
+        b_kind = np.zeros((base.num_layers, r_kind, out_f), dtype=storage)
+        for layer, ab in sorted(layers.items()):
+            a, b = read_array(f, ab["A"]), read_array(f, ab["B"])
+            for name, t in (("lora_A", a), ("lora_B", b)):
+                if not np.isfinite(t).all():
+                    raise _fail(
+                        adapter_id,
+                        f"layer {layer} {kind} {name} has NaN or inf values (every value must be finite); "
+                        "the training diverged or the file is corrupt: re-export the adapter",
+                    )
+            rl = a.shape[0]
+            scale = spec.scale_for(layer, kind, rl)
+            a_vals, a_store = _cast(a, dtype)  # [r, in]
+            with np.errstate(over="ignore"):  # an overflow is caught below, by name
+                b_vals, b_store = _cast(b.astype(np.float64).T * scale, dtype)  # [r, out], alpha/r folded in
+            # What the pool will hold: finite after the scaling and the cast, and a gain that
+            # cannot overflow ``dtype`` (float64 norms: the squares of float32 values fit).
+            if not (np.isfinite(a_vals).all() and np.isfinite(b_vals).all()):
+                raise _fail(
+                    adapter_id,
+                    f"layer {layer} {kind}: after scaling by lora_alpha/r = {scale:.3g} and the cast to {dtype_name} "
+                    f"the weights are not finite (beyond {dtype_name}'s max {torch.finfo(dtype).max:.3g}); "
+                    "check lora_alpha / alpha_pattern, or serve with dtype float32",
+                )
+            a_row = math.sqrt(float(_sq_norms(a_vals, 1).max()))
+            gain = math.sqrt(float(_sq_norms(a_vals, None))) * math.sqrt(float(_sq_norms(b_vals, 0).max()))
+            if a_row > bound or not math.isfinite(gain) or gain > bound:
+                raise _fail(
+                    adapter_id,
+                    f"layer {layer} {kind}: LoRA gain ||A||_F * max column norm of B = {gain:.3g} after scaling by "
+                    f"lora_alpha/r = {scale:.3g} (largest A row norm {a_row:.3g}) exceeds {bound:.3g} = "
+                    f"sqrt({dtype_name} max), the bound that keeps x @ A and h @ B finite in {dtype_name} for "
+                    f"activations up to sqrt(max / in_features {in_f}) per element; check lora_alpha / alpha_pattern",
+                )
+            a_kind[layer, :rl] = a_store
+            b_kind[layer, :rl] = b_store
+        a_out[kind], b_out[kind] = _to_torch(a_kind, dtype), _to_torch(b_kind, dtype)
+    return a_out, b_out
+
+
 def load_lora_weights(
     adapter_id: str,
     path: str | os.PathLike,
@@ -469,6 +571,7 @@ def load_lora_weights(
     max_rank: int,
     dtype: torch.dtype,
     max_bytes: int = 1 << 30,
+    max_header_bytes: int = MAX_HEADER_BYTES,
     base_mismatch: Literal["ignore", "warn", "refuse"] = "warn",
     base_aliases: Sequence[str] = (),
 ) -> LoRAWeights:
@@ -476,4 +579,5 @@ def load_lora_weights(
     spec = parse_adapter_config(
         adapter_id, path, base, max_rank=max_rank, base_mismatch=base_mismatch, base_aliases=base_aliases
     )
-    return load_adapter_tensors(spec, path, base, max_rank=max_rank, dtype=dtype, max_bytes=max_bytes)
+    return load_adapter_tensors(spec, path, base, max_rank=max_rank, dtype=dtype, max_bytes=max_bytes,
+                                max_header_bytes=max_header_bytes)

@@ -191,8 +191,8 @@ class BlockPool:
             "evictable_blocks": len(self._evictable),
             "cache_evictions": self.evictions,
             "prefix_caching": self.prefix_caching,
-            "prefix_query_tokens": sum(q.values()),
-            "prefix_hit_tokens": sum(h.values()),
+            "prefix_query_tokens": self.prefix.total_queried,  # forgotten versions included: monotonic
+            "prefix_hit_tokens": self.prefix.total_hit,
             "prefix_hit_rate_by_adapter": {
                 ("base" if a is None else a): round(h.get(a, 0) / n, 4) for a, n in q.items() if n
             },

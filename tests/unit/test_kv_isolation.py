@@ -251,3 +251,17 @@ def test_an_unloaded_versions_prefix_stats_are_dropped(tiny_assets):
         assert "tenant-1" not in rates and "base" in rates
     finally:
         eng.shutdown()
+
+
+def test_prefix_totals_stay_monotonic_when_a_version_is_forgotten(tiny_assets):
+    eng = _engine(tiny_assets)
+    try:
+        _run(eng, [(PREFIX, GREEDY, "tenant-1")])
+        _run(eng, [(PREFIX, GREEDY, "tenant-1")])
+        kv = eng.stats()["kv"]
+        eng.unload_adapter("tenant-1")
+        after = eng.stats()["kv"]
+        assert after["prefix_hit_tokens"] == kv["prefix_hit_tokens"] == 32
+        assert after["prefix_query_tokens"] == kv["prefix_query_tokens"] == 64
+    finally:
+        eng.shutdown()

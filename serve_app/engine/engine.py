@@ -174,11 +174,29 @@ class FairQueue:
         """The waiting tenants' keys, in rotation order."""
         return list(self._queues)
 
-    def peek(self) -> Request:
-        """The request ``popleft`` would return next."""
+    def peek(self, skip: set | frozenset = frozenset()) -> Request | None:
+        """The request ``popleft`` would return next, passing over the tenants in ``skip``
+        (None when every waiting tenant is skipped)."""
         if not self._len:
             raise IndexError("peek into an empty FairQueue")
-        return next(iter(self._queues.values()))[0]
+        if not skip:
+            return next(iter(self._queues.values()))[0]
+        return next((q[0] for k, q in self._queues.items() if k not in skip), None)
+
+    def remove(self, req: Request) -> Request:
+        """Take ``req``, the head of its tenant's queue (from ``peek``); its tenant goes to the
+        back of the rotation, as ``popleft`` does."""
+        k = self.key(req)
+        q = self._queues[k]
+        if q[0] is not req:
+            raise ValueError("FairQueue.remove takes the head of a tenant's queue")
+        q.popleft()
+        if q:
+            self._queues.move_to_end(k)
+        else:
+            del self._queues[k]
+        self._len -= 1
+        return req
 
     def popleft(self) -> Request:
         if not self._len:
@@ -644,41 +662,88 @@ class LoRAEngine:
         sched: dict[Request, int] = {}
         decoding = [r for r in self._running if r.length - r.num_computed == 1]
         prefilling = [r for r in self._running if r.length - r.num_computed > 1]
-        for req in [*decoding, *prefilling]:
+        for req in decoding:
             if budget <= 0:
                 break
             if not req.running:  # preempted by a row before it
                 continue
-            take, cost = self._chunk(req.num_computed, req.length - req.num_computed, budget, self._weight(req))
-            if self._grow(req, take, sched):
-                sched[req] = take
-                budget -= cost
+            if self._grow(req, 1, sched):
+                sched[req] = 1
+                budget -= 1
             else:
                 self._preempt(req)
+        # Prefill: the budget left is shared among the tenants with prefill work (prompts being
+        # chunked, or waiting while a row is free). Each takes at most its share in a first pass,
+        # so one tenant's long prompts (or echo requests) cannot hold back every other tenant's
+        # first token for their whole prefill; a second pass gives what is left to the rows
+        # that could use more.
+        free_rows = len(self._running) < cfg.max_num_seqs
+        tenants = {FairQueue.key(r) for r in prefilling} | (set(self._waiting.keys()) if free_rows else set())
+        share = max(_MIN_CHUNK, budget // max(1, len(tenants)))
+        used: dict[str | None, int] = {}
+        costs: dict[Request, int] = {}
+
+        def prefill(req: Request, room: int) -> None:
+            nonlocal budget
+            take, cost = self._chunk(req.num_computed, req.length - req.num_computed, room, self._weight(req))
+            if take <= sched.get(req, 0):
+                return
+            if self._grow(req, take, sched):
+                sched[req] = take
+                budget -= cost - costs.get(req, 0)
+                costs[req] = cost
+                k = FairQueue.key(req)
+                used[k] = used.get(k, 0) + cost
+            else:
+                self._preempt(req)
+
+        for req in prefilling:
+            if budget > 0 and req.running:
+                prefill(req, min(budget, share - used.get(FairQueue.key(req), 0)))
         watermark = max(1, pool.num_blocks // 100)  # left free for the running rows' next blocks
+        full: set[str | None] = {k for k, u in used.items() if u >= share}  # tenants at their share this step
         while self._waiting and len(self._running) < cfg.max_num_seqs and budget > 0:
-            req = self._waiting.peek()
+            req = self._waiting.peek(skip=full)
+            if req is None:
+                break
             if req.aborted:
-                self._finish(self._waiting.popleft(), "abort")
+                self._finish(self._waiting.remove(req), "abort")
                 continue
+            key = FairQueue.key(req)
             limit = req.length - 1  # at least one token is computed: its logits are the next token's
             if self._scores_prompt(req):  # its prompt's logprobs come from computing every position
                 limit = 0
             hits, nodes = pool.lookup(req.cache_key, req.tokens(0, limit), limit)
             computed = len(hits) * pool.block_size
             remaining = req.length - computed
-            take, cost = self._chunk(computed, remaining, budget, self._weight(req))
+            room = share - used.get(key, 0)
+            take, cost = self._chunk(computed, remaining, min(budget, room), self._weight(req))
             need = pool.blocks_for(computed + take) - len(hits)
-            if (take < remaining and take < _MIN_CHUNK) or need > pool.num_free - (watermark if self._running else 0):
+            if need > pool.num_free - (watermark if self._running else 0):
                 pool.free(hits)
                 break
-            self._waiting.popleft()
+            if take < remaining and take < _MIN_CHUNK:
+                pool.free(hits)
+                if room >= budget:  # the step's budget, not this tenant's share, is what ran out
+                    break
+                full.add(key)  # no room for this tenant this step; others may fit
+                continue
+            self._waiting.remove(req)
             pool.prefix.add(req.adapter and req.adapter.adapter_id, limit // pool.block_size * pool.block_size, computed)
             req.blocks = hits + [pool.allocate() for _ in range(need)]
             req.nodes, req.num_computed, req.running = nodes, computed, True
             self._running.append(req)
             sched[req] = take
+            costs[req] = cost
+            used[key] = used.get(key, 0) + cost
             budget -= cost
+            if used[key] >= share:
+                full.add(key)
+        for req in [r for r in self._running if r.running and r.length - r.num_computed > 1]:  # the rest
+            if budget <= 0:
+                break
+            if sched.get(req, 0) < req.length - req.num_computed:
+                prefill(req, budget + costs.get(req, 0))
         return list(sched.items())
 
     def _chunk(self, start: int, remaining: int, budget: int, weight: float = 1.0) -> tuple[int, int]:

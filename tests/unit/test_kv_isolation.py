@@ -265,3 +265,41 @@ def test_prefix_totals_stay_monotonic_when_a_version_is_forgotten(tiny_assets):
         assert after["prefix_query_tokens"] == kv["prefix_query_tokens"] == 64
     finally:
         eng.shutdown()
+
+
+def test_another_tenants_long_prefill_does_not_hold_back_a_short_prompt(tiny_assets):
+    """Tenant A's 600-token prompt is being prefilled in chunks under a 64-token budget when
+    tenant B's 5-token prompt arrives: B takes its share of the next step's budget and gets its
+    first token at once, not after A's ~10 remaining chunks."""
+    eng = _engine(tiny_assets, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=1024)
+    try:
+        steps: dict[str, int] = {}
+        done = threading.Semaphore(0)
+        outs: dict[str, list[int]] = {}
+
+        def sink_for(name):
+            def sink(out):
+                outs.setdefault(name, []).extend(out.token_ids)
+                if out.token_ids and name not in steps:
+                    steps[name] = eng.steps
+                if out.finished or out.error is not None:
+                    assert out.error is None, out.error
+                    done.release()
+            return sink
+
+        long_prompt = [1] + [(17 * i) % 500 + 4 for i in range(599)]
+        eng.add_request(long_prompt, SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True), None,
+                        sink_for("a"), tenant="A")
+        while eng.steps < 1:
+            threading.Event().wait(0.001)
+        b_prompt = [1, 50, 60, 70, 80]
+        eng.add_request(b_prompt, GREEDY, "tenant-2", sink_for("b"), tenant="B")
+        submitted = eng.steps
+        for _ in range(2):
+            assert done.acquire(timeout=120)
+        assert steps["b"] - submitted <= 2, f"B's first token came {steps['b'] - submitted} steps after it arrived"
+        assert steps["a"] > steps["b"]
+        assert outs["b"] == _ref(tiny_assets, "tenant-2", b_prompt)
+        assert outs["a"] == _ref(tiny_assets, None, long_prompt, 2)
+    finally:
+        eng.shutdown()

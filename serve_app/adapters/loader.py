@@ -145,8 +145,15 @@ class AdapterLoader:
                 except (AdapterNotFoundError, MissingAdapterFileError, FileNotFoundError) as e:
                     vanished = e
             why = getattr(vanished, "message", None) or type(vanished).__name__
-            logger.warning("%s: its local copy vanished while it was read (%s); fetching it again (%d of %d)",
-                           label, why, attempt + 1, _VANISHED_RETRIES)
+            if attempt < _VANISHED_RETRIES:
+                logger.warning("%s: its local copy vanished while it was read (%s); fetching it again (%d of %d)",
+                               label, why, attempt + 1, _VANISHED_RETRIES)
+        logger.error("%s: its local copy vanished while it was read, %d times in a row (last: %s)", label,
+                     1 + _VANISHED_RETRIES, why)
+        if self.store.is_local:
+            raise AdapterStoreUnavailableError(
+                f"{label}: its folder in the adapter store changed while it was read, {1 + _VANISHED_RETRIES} "
+                "times in a row (is it being replaced?); retry once it is in place")
         raise AdapterStoreUnavailableError(
             f"{label}: its local copy was removed while it was read, {1 + _VANISHED_RETRIES} times in a row (this "
             "node's adapter disk cache is evicting it for other adapters); retry, and if it persists raise "

@@ -167,8 +167,7 @@ class LoRADeployment(ChannelMixin):
 
         async def load_adapter(mux: str) -> _LoadedAdapter:
             weights, tier, t0 = await self._weights(mux)  # a RAM or prefetch hit: no wait here
-            pending = asyncio.ensure_future(
-                asyncio.to_thread(self.engine.run_in_engine, self.engine.add_adapter, weights))
+            pending = asyncio.ensure_future(self.engine.run_in_engine_async(self.engine.add_adapter, weights))
 
             def installed(fut: asyncio.Future) -> None:
                 if fut.cancelled() or fut.exception() is not None:

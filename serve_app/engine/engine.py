@@ -291,6 +291,14 @@ class LoRAEngine:
         """Run ``fn(*args)`` on the engine thread between steps and return its result."""
         if threading.current_thread() is self._thread:
             return fn(*args)
+        return self._queue_task(fn, args).result()
+
+    async def run_in_engine_async(self, fn: Callable, *args):
+        """``run_in_engine`` from async code: awaits the engine thread without holding a worker
+        of the default executor (which adapter fetches and registry reads use) while it waits."""
+        return await asyncio.wrap_future(self._queue_task(fn, args))
+
+    def _queue_task(self, fn: Callable, args: tuple) -> Future:
         fut: Future = Future()
         with self._cv:
             if self._stopped:

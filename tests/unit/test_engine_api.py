@@ -50,3 +50,30 @@ def test_deployments_use_only_the_engine_api():
             if on_engine and node.attr not in MEMBERS:
                 bad.append(f"{path.name}:{node.lineno} engine.{node.attr}")
     assert not bad, "deployments reach past the engine API:\n" + "\n".join(bad)
+
+
+def test_run_in_engine_async_holds_no_default_executor_worker(tiny_assets):
+    """The adapter pool copy waits for the engine thread; it must not pin a worker of the
+    default executor that adapter fetches and registry reads share (issue 25)."""
+    import asyncio
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    eng = LoRAEngine(EngineConfig(model=str(tiny_assets.base), max_num_seqs=4))
+    release = threading.Event()
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_default_executor(ThreadPoolExecutor(max_workers=1))
+        blocked = asyncio.ensure_future(asyncio.to_thread(release.wait))  # the one default worker, busy
+        await asyncio.sleep(0.05)
+        value = await asyncio.wait_for(eng.run_in_engine_async(lambda: threading.current_thread().name), timeout=10)
+        release.set()
+        await blocked
+        return value
+
+    try:
+        assert asyncio.run(main()) == "lora-engine"
+    finally:
+        release.set()
+        eng.shutdown()

@@ -305,7 +305,7 @@ class LoRAEngine:
                 raise EngineError("engine is shut down")
             self._tasks.append((fn, args, fut))
             self._cv.notify()
-        return fut.result()
+        return fut
 
     def _make_runner(self) -> ModelRunner:
         cfg = self.config

@@ -15,11 +15,13 @@ after Serve rewrites the methods' signatures.
 
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
 from typing import AsyncIterator
 
+import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -57,7 +59,7 @@ from serve_app.api.protocol import (
 from serve_app.api.wire import GenerateRequest, RequestOutput
 from serve_app.config import AppConfig
 from serve_app.router.auth import Authenticator, AuthMiddleware, principal_of
-from serve_app.router.streams import ChannelHub, StreamOutput
+from serve_app.router.streams import ChannelHub, StreamOutput, settle
 from serve_app.router.limits import (
     BodySizeLimitMiddleware,
     Lease,
@@ -119,6 +121,32 @@ app.add_middleware(RouterReplicaHeader)  # outermost: also on 401 / 413 answers
 
 
 REPLICA_RETRIES = 1  # retries of a request whose replica died before it sent anything
+
+
+async def _all_settled(coros: list) -> list:
+    """Run a batch's engine requests (prompts x n, best_of candidates, chat's n) together; their
+    results in order.
+
+    The first failure cancels the others and is raised only once every one of them has settled:
+    each cancelled ``_generate`` cancels its call on its replica and waits for it to end there
+    (streams.settle), so the tenant's lease, held around this, is not free while any of the
+    batch still generates. Without this, a batch ``[bad prompt, 63 long prompts]`` got its 400 at
+    once and left 63 sequences running outside the tenant's concurrency cap. The same holds when
+    this task is cancelled (the client went away).
+    """
+    tasks = [asyncio.ensure_future(c) for c in coros]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+    finally:
+        pending = [t for t in tasks if not t.done()]
+        for t in pending:
+            t.cancel()
+        if pending:
+            await asyncio.wait(pending)
+    failed = [t for t in tasks if not t.cancelled() and t.exception() is not None]  # each one retrieved
+    if failed:
+        raise next((t for t in failed if t in done), failed[0]).exception()  # the one that failed first
+    return [t.result() for t in tasks]
 
 
 def _replica_died(exc: BaseException) -> bool:
@@ -196,7 +224,11 @@ async def _sse_response(chunks: AsyncIterator, path: str = "lora"):
             logger.warning("stream failed after it started: %r", e)
             yield sse.encode_error(e)
         finally:
-            await chunks.aclose()
+            # Shielded: a client that went away cancels this scope, and closing the chunks
+            # cancels the batch's requests on their replicas and waits for them (the lease
+            # is released after that), which must not be cut short by that cancellation.
+            with anyio.CancelScope(shield=True):
+                await chunks.aclose()
         yield sse.DONE
 
     return StreamingResponse(
@@ -205,10 +237,18 @@ async def _sse_response(chunks: AsyncIterator, path: str = "lora"):
 
 
 async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Interleave several prompts' streams as their chunks arrive, tagged with the prompt index."""
+    """Interleave several prompts' streams as their chunks arrive, tagged with the prompt index.
+
+    The first error is raised after every other stream has been cancelled and has settled (each
+    one's request aborted on its replica: streams.settle), and so is the end of a merge the
+    consumer closes early; the tenant's lease (``Lease.guard``) is released only after that.
+    """
     if len(streams) == 1:
-        async for out in streams[0]:
-            yield 0, out
+        try:
+            async for out in streams[0]:
+                yield 0, out
+        finally:
+            await streams[0].aclose()
         return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
@@ -236,6 +276,7 @@ async def _merge(streams: list[AsyncIterator[RequestOutput]]) -> AsyncIterator[t
     finally:
         for t in tasks:
             t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _echoed(request: CompletionRequest, prompt, out) -> str:
@@ -261,6 +302,7 @@ class Router:
         self.auth = Authenticator.from_config(cfg.auth)  # logs a warning when auth is off
         # Prompts per request are capped at max_num_seqs even without a limits config.
         self.limiter = TenantLimiter.from_config(cfg.limits, tokenizer_path=base_path, max_num_seqs=cfg.max_num_seqs)
+        self.limiter.vocab_size  # read now (config.json), not on the first request's event loop turn
         _EDGE.update(auth=self.auth, max_body_bytes=cfg.limits.max_body_bytes)
         self.lora = lora
         self.merged = merged
@@ -293,7 +335,9 @@ class Router:
         check_unicode(body, name)  # a lone surrogate would fail in the tokenizer (or in an echo) as a 500
         # Before the adapter is looked up: the answer must not depend on whether it exists.
         self.auth.authorize(principal, adapter_id)
-        counts = await self.limiter.count_prompts(body)  # 400 first if it holds more than max_num_seqs prompts
+        # Token IDs outside the vocabulary: 400 here, before any prompt of the batch reaches a replica.
+        self.limiter.check_token_ids(body)  # (400 first if it holds more than max_num_seqs prompts)
+        counts = await self.limiter.count_prompts(body)
         if body.sequences > 1:  # every choice (best_of: candidate) is its own sequence: against the same limits
             counts = [c for c in counts for _ in range(body.sequences)]
             self.limiter.check_prompt_count(len(counts))
@@ -341,9 +385,16 @@ class Router:
 
     async def _generate(self, adapter_id: str | None, path: str, req: GenerateRequest) -> RequestOutput:
         for attempt in range(REPLICA_RETRIES + 1):
+            call = self._handle(adapter_id, path, stream=False).generate.remote(req)
             try:
-                out = await self._handle(adapter_id, path, stream=False).generate.remote(req)
+                out = await call
                 break
+            except asyncio.CancelledError:
+                # A sibling in the batch failed, or the client went away. Cancelling the task
+                # that awaits a DeploymentResponse does not reach the replica: cancel() does.
+                # Return (the lease is released) only once the replica has let go of it.
+                await settle(call)
+                raise
             except Exception as e:
                 # Nothing has reached the client yet, so a request whose replica died under it
                 # (killed, OOM) is retried on a live one instead of being lost.
@@ -368,15 +419,19 @@ class Router:
                         source = self._direct_stream(adapter_id, path, req)
                     else:
                         source = self.streams.stream(self._handle(adapter_id, path, stream=False), path, req)
-                    async for out in source:
-                        if first:
-                            metrics.TTFT.observe(time.perf_counter() - t0, tags={"path": path})
-                            first = False
-                        if out.finished:
-                            metrics.GENERATED_TOKENS.inc(
-                                out.completion_tokens, tags={"adapter": adapter_id or self.base_model_name}
-                            )
-                        yield out
+                    # aclosing: a consumer that closes this stream early (a sibling failed, the
+                    # client left) closes the source too, at once, which aborts it on its replica;
+                    # an abandoned generator would only be closed whenever it is collected.
+                    async with contextlib.aclosing(source):
+                        async for out in source:
+                            if first:
+                                metrics.TTFT.observe(time.perf_counter() - t0, tags={"path": path})
+                                first = False
+                            if out.finished:
+                                metrics.GENERATED_TOKENS.inc(
+                                    out.completion_tokens, tags={"adapter": adapter_id or self.base_model_name}
+                                )
+                            yield out
                     break
                 except Exception as e:
                     # Only a stream that has sent nothing is retried: a started one would repeat text.
@@ -392,9 +447,20 @@ class Router:
     async def _direct_stream(self, adapter_id: str | None, path: str, req: GenerateRequest) -> AsyncIterator[StreamOutput]:
         """One Serve message per engine step's output: for requests that need each token's data
         (logprobs), which the channels (text only) do not carry."""
-        async for out in self._handle(adapter_id, path, stream=True).generate_stream.remote(req):
-            yield StreamOutput(out.text, out.finished, out.finish_reason, out.prompt_tokens, out.completion_tokens,
-                               out.logprobs, out.prompt_text, out.prompt_logprobs)
+        call = self._handle(adapter_id, path, stream=True).generate_stream.remote(req)
+        ended = False  # the call ended on the replica: its last output or its error came back
+        try:
+            async for out in call:
+                ended = out.finished
+                yield StreamOutput(out.text, out.finished, out.finish_reason, out.prompt_tokens,
+                                   out.completion_tokens, out.logprobs, out.prompt_text, out.prompt_logprobs)
+            ended = True
+        except Exception:
+            ended = True
+            raise
+        finally:
+            if not ended:  # closed early (a sibling failed, the client left): abort it on the replica
+                await settle(call)
 
     # ---- the API, for HTTP routes and Python handles alike --------------------------------------
 
@@ -489,10 +555,10 @@ class Router:
         tenant = tenant or header or request.model
         prompts = request.prompts()
         t0 = time.perf_counter()
-        outs = await asyncio.gather(  # choice index = prompt index * n + j, as OpenAI orders them
-            *(self._generate(adapter_id, path, GenerateRequest(params=cp, prompt=p, tenant=tenant))
-              for p in prompts for cp in choices)
-        )
+        outs = await _all_settled([  # choice index = prompt index * n + j, as OpenAI orders them
+            self._generate(adapter_id, path, GenerateRequest(params=cp, prompt=p, tenant=tenant))
+            for p in prompts for cp in choices
+        ])
         metrics.LATENCY.observe(time.perf_counter() - t0, tags={"path": path})
         kept = []  # (prompt, output) of each returned choice
         for pi, p in enumerate(prompts):
@@ -530,22 +596,23 @@ class Router:
             ]
             sent: dict[int, int] = {}  # choice -> characters sent (logprobs' text_offset)
             seen: set[int] = set()  # choices whose first output arrived (echo rides on it)
-            async for i, out in _merge(streams):
-                first = i not in seen
-                seen.add(i)
-                text = (_echoed(request, prompts[i // len(choices)], out) if first else "") + out.text
-                if text or out.finished or out.logprobs or (first and request.echo):
-                    entries = _echo_logprobs(request, out) if first else out.logprobs
-                    lp = None if entries is None else CompletionLogprobs.of(entries, sent.get(i, 0))
-                    sent[i] = sent.get(i, 0) + len(text)
-                    yield CompletionStreamResponse(
-                        id=cid, model=model,
-                        choices=[CompletionResponseStreamChoice(index=i, text=text, finish_reason=out.finish_reason,
-                                                                logprobs=lp)],
-                    )
-                if out.finished:
-                    usage[0] += out.prompt_tokens
-                    usage[1] += out.completion_tokens
+            async with contextlib.aclosing(_merge(streams)) as merged:  # closed with this stream
+                async for i, out in merged:
+                    first = i not in seen
+                    seen.add(i)
+                    text = (_echoed(request, prompts[i // len(choices)], out) if first else "") + out.text
+                    if text or out.finished or out.logprobs or (first and request.echo):
+                        entries = _echo_logprobs(request, out) if first else out.logprobs
+                        lp = None if entries is None else CompletionLogprobs.of(entries, sent.get(i, 0))
+                        sent[i] = sent.get(i, 0) + len(text)
+                        yield CompletionStreamResponse(
+                            id=cid, model=model,
+                            choices=[CompletionResponseStreamChoice(index=i, text=text, finish_reason=out.finish_reason,
+                                                                    logprobs=lp)],
+                        )
+                    if out.finished:
+                        usage[0] += out.prompt_tokens
+                        usage[1] += out.completion_tokens
             if request.include_usage:
                 yield CompletionStreamResponse(id=cid, model=model, choices=[], usage=UsageInfo.of(*usage))
 
@@ -562,8 +629,8 @@ class Router:
     ) -> tuple[str, ChatCompletionResponse]:
         adapter_id, path = self._resolve(request.model, header)
         t0 = time.perf_counter()
-        outs = await asyncio.gather(*(self._generate(adapter_id, path, r)
-                                      for r in self._chat_requests(request, tenant or header or request.model)))
+        outs = await _all_settled([self._generate(adapter_id, path, r)
+                                   for r in self._chat_requests(request, tenant or header or request.model)])
         metrics.LATENCY.observe(time.perf_counter() - t0, tags={"path": path})
         return path, ChatCompletionResponse(
             model=header or request.model,
@@ -596,19 +663,20 @@ class Router:
             started: set[int] = set()
             usage = [0, 0]
             streams = [self._generate_stream(adapter_id, path, r) for r in gen_requests]
-            async for j, out in _merge(streams):
-                if j not in started:
-                    # OpenAI's first chunk of a choice carries the role; sent once it is accepted.
-                    yield chunk(j, DeltaMessage(role="assistant", content=""))
-                    started.add(j)
-                # A step whose text the detokenizer holds back (half a UTF-8 character) still sends its logprobs.
-                body = bool(out.text) or (bool(out.logprobs) and not out.finished)
-                if body:
-                    yield chunk(j, DeltaMessage(content=out.text), logprobs=out.logprobs)
-                if out.finished:
-                    yield chunk(j, DeltaMessage(), out.finish_reason, logprobs=None if body else out.logprobs)
-                    usage[0] += out.prompt_tokens
-                    usage[1] += out.completion_tokens
+            async with contextlib.aclosing(_merge(streams)) as merged:  # closed with this stream
+                async for j, out in merged:
+                    if j not in started:
+                        # OpenAI's first chunk of a choice carries the role; sent once it is accepted.
+                        yield chunk(j, DeltaMessage(role="assistant", content=""))
+                        started.add(j)
+                    # A step whose text the detokenizer holds back (half a UTF-8 character) still sends its logprobs.
+                    body = bool(out.text) or (bool(out.logprobs) and not out.finished)
+                    if body:
+                        yield chunk(j, DeltaMessage(content=out.text), logprobs=out.logprobs)
+                    if out.finished:
+                        yield chunk(j, DeltaMessage(), out.finish_reason, logprobs=None if body else out.logprobs)
+                        usage[0] += out.prompt_tokens
+                        usage[1] += out.completion_tokens
             if request.include_usage:
                 yield ChatCompletionStreamResponse(id=cid, model=model, choices=[], usage=UsageInfo.of(*usage))
 

@@ -8,6 +8,7 @@ What a request can be refused for, and how:
 | more prompts in one request than ``max_prompts_per_request`` (default: ``max_num_seqs``) | 400, before any is counted |
 | a prompt longer than ``max_prompt_tokens`` | 400 |
 | ``max_tokens`` above the ``max_tokens`` cap | 400 |
+| a prompt token ID (or ``logit_bias`` key) outside the model's vocabulary | 400, before anything reaches a replica |
 | a request that could never fit a limit (more prompts or tokens than the burst or the concurrency cap) | 400: retrying cannot help |
 | over the tenant's request or token bucket | 429 + ``Retry-After``: when the bucket will hold enough |
 | over the tenant's concurrency cap | 429 + ``Retry-After: 1`` |
@@ -25,12 +26,19 @@ base model's name), so each adapter still gets its own buckets.
 
 The body size and the prompts per request are capped even with no ``limits`` config at all:
 without them one 4 MB body of token-ID lists fanned out to ~1M engine requests.
+
+A batch's lease covers all of its engine requests (prompts x n, best_of): the router holds it
+until every one of them has settled on its replica, the ones it cancelled after a sibling's
+error included (router/ingress.py), so an early 400 cannot free the tenant's slots while its
+other prompts still generate.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import os
 import threading
 import time
 from dataclasses import dataclass
@@ -124,15 +132,19 @@ class Lease:
         self.release()
 
     async def guard(self, stream: AsyncIterator) -> AsyncIterator:
-        """Yield ``stream``'s items; release when it ends, fails or is closed."""
+        """Yield ``stream``'s items; release when it ends, fails or is closed: after the stream is
+        closed, so that what closing it cancels (a batch's other engine requests) has settled
+        before the tenant's slots are free again."""
         try:
             async for item in stream:
                 yield item
         finally:
-            self.release()
-            aclose = getattr(stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            try:
+                aclose = getattr(stream, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+            finally:
+                self.release()
 
     def __del__(self):
         try:
@@ -160,6 +172,7 @@ class TenantLimiter:
         tokenizer: Any = None,
         tokenizer_path: str | None = None,
         max_num_seqs: int | None = None,
+        vocab_size: int | None = None,
     ):
         self.cfg = cfg
         # Prompts per request: the configured cap, else the engine's batch size.
@@ -167,6 +180,7 @@ class TenantLimiter:
         self.clock = clock
         self._tokenizer = tokenizer
         self._tokenizer_path = tokenizer_path
+        self._vocab_size = vocab_size  # None: read from tokenizer_path's config.json on first use
         self._lock = threading.Lock()
         self._tenants: dict[str, _TenantState] = {}
         self._prune_at = 1024
@@ -178,12 +192,14 @@ class TenantLimiter:
 
     @classmethod
     def from_config(
-        cls, cfg: LimitsConfig, *, tokenizer_path: str | None = None, max_num_seqs: int | None = None
+        cls, cfg: LimitsConfig, *, tokenizer_path: str | None = None, max_num_seqs: int | None = None,
+        vocab_size: int | None = None,
     ) -> "TenantLimiter":
         """``tokenizer_path``: the base model folder; its tokenizer is loaded (once, lazily) only
-        if a limit needs prompt token counts. ``max_num_seqs``: the LoRA replicas' batch size,
-        the default cap on prompts per request."""
-        return cls(cfg, tokenizer_path=tokenizer_path, max_num_seqs=max_num_seqs)
+        if prompt token counts are needed, its config.json gives the vocabulary size token IDs
+        are checked against (``vocab_size`` overrides it). ``max_num_seqs``: the LoRA replicas'
+        batch size, the default cap on prompts per request."""
+        return cls(cfg, tokenizer_path=tokenizer_path, max_num_seqs=max_num_seqs, vocab_size=vocab_size)
 
     @property
     def needs_prompt_tokens(self) -> bool:
@@ -223,6 +239,45 @@ class TenantLimiter:
         if self.needs_prompt_tokens and _text_size(request) > _OFFLOAD_CHARS:
             return await asyncio.to_thread(self.count_prompts_sync, request)
         return self.count_prompts_sync(request)
+
+    # ---- the model's vocabulary -------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The model's vocabulary size (its config.json ``vocab_size``, what the engine checks
+        token IDs against), or None where the base model folder has none to read."""
+        if self._vocab_size is None and self._tokenizer_path is not None:
+            self._vocab_size = _read_vocab_size(self._tokenizer_path) or 0
+        return self._vocab_size or None
+
+    def check_token_ids(self, request: Any) -> None:
+        """400 for a prompt token ID or ``logit_bias`` key outside the model's vocabulary, naming
+        the ID and the range, before any prompt goes to a replica: there the first bad prompt of
+        a batch would fail while its siblings were already generating. No check without a
+        vocabulary size (the replica still checks)."""
+        vocab = self.vocab_size
+        if vocab is None:
+            return
+        prompts = [] if hasattr(request, "messages") else request.prompts()  # chat: no token IDs
+        self.check_prompt_count(len(prompts))
+        for i, p in enumerate(prompts):
+            if isinstance(p, list) and p and max(p) >= vocab:  # >= 0 and ints: the schema's checks
+                bad = max(p)
+                where = f"prompt {i}" if len(prompts) > 1 else "the prompt"
+                self._count("token_ids")
+                raise InvalidRequestError(
+                    f"{where} holds token ID {bad} (at position {p.index(bad)}), outside this model's vocabulary "
+                    f"[0, {vocab}); send token IDs below {vocab}",
+                    code="token_out_of_range",
+                )
+        for key in getattr(request, "logit_bias", None) or {}:
+            if int(key) >= vocab:
+                self._count("token_ids")
+                raise InvalidRequestError(
+                    f"logit_bias key {int(key)} is outside this model's vocabulary [0, {vocab}); "
+                    f"use token IDs below {vocab}",
+                    code="token_out_of_range",
+                )
 
     # ---- admission ------------------------------------------------------------------------------
 
@@ -396,6 +451,17 @@ def check_unicode(request: Any, *extra: str | None) -> None:
                 "send valid Unicode (UTF-8)",
                 code="invalid_unicode",
             ) from None
+
+
+def _read_vocab_size(model_dir: str) -> int | None:
+    """``vocab_size`` of a model folder's config.json (multimodal configs: its text_config's)."""
+    try:
+        with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    v = cfg.get("vocab_size") or (cfg.get("text_config") or {}).get("vocab_size")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
 def _text_size(request: Any) -> int:

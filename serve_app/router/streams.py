@@ -34,6 +34,7 @@ from serve_app.errors import ServeAppError
 logger = logging.getLogger("ray.serve")
 
 OPEN_TIMEOUT_S = 10.0  # a channel that does not say Hello by then is given up (requests still finish)
+SETTLE_TIMEOUT_S = 30.0  # how long a cancelled call may take to end on its replica before the router stops waiting
 MAX_INTERVAL_S = 1.0  # however many streams are open, each gets a chunk at least this often
 LOST_WAIT_S = 30.0  # how long a finished request waits for channel deltas it was promised
 
@@ -56,6 +57,45 @@ class StreamOutput:
     logprobs: list | None = None  # TokenLogprob entries of this chunk's tokens (api/wire.py), when asked
     prompt_text: str | None = None  # echo: on the first chunk (api/wire.py RequestOutput)
     prompt_logprobs: list | None = None
+
+
+async def settle(call, pending: asyncio.Future | None = None, timeout: float = SETTLE_TIMEOUT_S) -> bool:
+    """Cancel a Serve call on its replica and wait until it has ended there.
+
+    ``call``: a ``DeploymentResponse`` (awaitable) or ``DeploymentResponseGenerator`` (async
+    iterator). Cancelling the asyncio task that awaits one does not reach the replica (Ray Serve
+    2.60's ``__await__`` / ``__anext__`` only turn that into a local CancelledError); its
+    ``cancel()`` does: it ``ray.cancel``s the replica's task, whose ``finally`` aborts the engine
+    request (deployments/lora.py ``collect`` / ``chunks``, channel.py). Awaiting the call after
+    that returns once the replica's task has ended (RequestCancelledError, or its result if it
+    finished first), so a caller that holds a tenant's lease across ``settle`` frees the slot
+    only when the replica has let go. ``pending``: an ``__anext__`` of the call already in
+    flight, awaited instead of starting a new one. Returns whether the call ended within
+    ``timeout`` (a replica that never answers must not hold the lease for ever).
+    """
+    try:
+        call.cancel()
+    except Exception as e:  # best effort: the replica's own end of the request still finishes it
+        logger.warning("cancelling a request on its replica failed: %r", e)
+
+    async def ended() -> None:
+        try:
+            if pending is not None:
+                await pending
+            if hasattr(call, "__anext__"):
+                while True:
+                    await call.__anext__()
+            else:
+                await call
+        except (Exception, asyncio.CancelledError):  # cancelled, finished, failed: all mean it ended
+            pass
+
+    try:
+        await asyncio.wait_for(ended(), timeout)
+        return True
+    except asyncio.TimeoutError:
+        logger.warning("a cancelled request did not end on its replica within %.0f s; no longer waiting", timeout)
+        return False
 
 
 class _Mailbox:
@@ -143,10 +183,15 @@ class ChannelHub:
         mb = self._mail[rid] = _Mailbox()
         call = handle.options(stream=True).generate_channeled.remote(req, self.key)
         final_next: asyncio.Future | None = None
-        done = False
+        done = False  # the Final arrived
+        ended = False  # the call ended on the replica (its Final or its error came back)
         on = None
         try:
-            first = await call.__anext__()  # errors before the first output raise here
+            try:
+                first = await call.__anext__()  # errors before the first output raise here
+            except Exception:
+                ended = True
+                raise
             if isinstance(first, Final):
                 done = True
                 yield StreamOutput(first.text, True, first.finish_reason, first.prompt_tokens, first.completion_tokens)
@@ -185,6 +230,7 @@ class ChannelHub:
                 if mb.orphaned:
                     attach()
                 if final_next.done():
+                    ended = True
                     try:
                         final = final_next.result()  # a replica error raises here
                     except StopAsyncIteration:
@@ -224,13 +270,10 @@ class ChannelHub:
                 waiting = self._on.get(on)
                 if waiting is not None:
                     waiting.discard(rid)
-            if final_next is not None and not final_next.done():
-                final_next.cancel()
-            if not done:
-                try:
-                    call.cancel()  # the client went away or something failed: abort on the replica
-                except Exception:
-                    pass
+            if not done and not ended:
+                # The client went away, a sibling of a batch failed, or the text was lost: abort
+                # on the replica, and return only once it has (the tenant's lease waits for this).
+                await settle(call, final_next if final_next is not None and not final_next.done() else None)
 
     def interval(self) -> float:
         """Seconds between a stream's chunks: ``interval_s``, or longer when this router's streams

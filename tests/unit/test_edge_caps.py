@@ -116,18 +116,18 @@ class FakeAdmin:
 
 @pytest.fixture
 def edge(monkeypatch):
-    """A factory: ``edge(auth=..., limits=..., max_num_seqs=..., fail=...)`` -> (TestClient, seen requests)."""
+    """A factory: ``edge(auth=..., limits=..., max_num_seqs=..., fail=..., vocab_size=...)`` -> (TestClient, seen requests)."""
     for name in ("REQUESTS", "ROUTER_PATH", "LATENCY", "TTFT", "GENERATED_TOKENS"):
         monkeypatch.setattr(ingress.metrics, name, _Metric())
 
     def make(auth: Authenticator | None = None, limits: LimitsConfig | None = None, max_num_seqs: int = 8,
-             fail: Exception | None = None, admin: FakeAdmin | None = None):
+             fail: Exception | None = None, admin: FakeAdmin | None = None, vocab_size: int | None = None):
         seen: list = []
         # The class under Serve's ASGI wrapper (whose async __del__ would warn in tests).
         router = object.__new__(ingress.Router.__mro__[1])
         router.auth = auth or Authenticator(enabled=False)
         cfg = limits or LimitsConfig()
-        router.limiter = TenantLimiter.from_config(cfg, max_num_seqs=max_num_seqs)
+        router.limiter = TenantLimiter.from_config(cfg, max_num_seqs=max_num_seqs, vocab_size=vocab_size)
         router.lora = FakeHandle(seen, fail)
         router.merged = None
         router.admin = admin or FakeAdmin()
@@ -245,6 +245,31 @@ def test_stop_and_token_id_caps(edge, body, needle):
     r = client.post(CMPL, json={"model": "base", "prompt": "x", **body})
     assert needle in _is_openai_error(r, 400)["message"]
     assert seen == []
+
+
+# ------------------------------------------------------- token IDs against the model's vocabulary
+
+
+def test_out_of_vocab_token_ids_are_400_at_the_router_naming_the_id_and_range(edge):
+    client, seen = edge(vocab_size=512)
+    # A batch: the bad prompt is refused before any prompt of it reaches a replica (where it would
+    # fail while its siblings were already generating).
+    r = client.post(CMPL, json={"model": "base", "prompt": [[1, 2], [3, 600, 4], [5]], "max_tokens": 1})
+    err = _is_openai_error(r, 400)
+    assert err["code"] == "token_out_of_range", err
+    assert "prompt 1 holds token ID 600 (at position 1)" in err["message"] and "[0, 512)" in err["message"], err
+    assert "below 512" in err["message"]
+    err = _is_openai_error(client.post(CMPL, json={"model": "base", "prompt": [1, 512], "stream": True}), 400)
+    assert "the prompt holds token ID 512 (at position 1)" in err["message"], err
+    err = _is_openai_error(client.post(CMPL, json={"model": "base", "prompt": [1], "logit_bias": {"700": 5}}), 400)
+    assert "logit_bias key 700" in err["message"] and "[0, 512)" in err["message"], err
+    err = _is_openai_error(client.post(CHAT, json={"model": "base", "messages": [{"role": "user", "content": "x"}],
+                                                   "logit_bias": {"512": 5}}), 400)
+    assert "logit_bias key 512" in err["message"], err
+    assert seen == []
+    r = client.post(CMPL, json={"model": "base", "prompt": [[0, 511], [7]], "logit_bias": {"511": 1}, "max_tokens": 1})
+    assert r.status_code == 200, r.text
+    assert len(seen) == 2
 
 
 # ---------------------------------------------------------------------------- echoed values

@@ -188,6 +188,24 @@ def test_lease_as_context_manager_stream_guard_and_gc():
         await g.aclose()
         assert lim.active("t") == 0
 
+        # ...but only once the stream is closed: what closing it cancels (a batch's other
+        # requests, on their replicas) has settled before the tenant's slots are free.
+        seen_active = []
+
+        async def settling():
+            try:
+                yield 0
+                yield 1
+            finally:
+                await asyncio.sleep(0.01)  # the replicas acknowledging the cancel
+                seen_active.append(lim.active("t"))
+
+        lease = lim.admit("t", 1, 1)
+        g = lease.guard(settling())
+        assert await g.__anext__() == 0
+        await g.aclose()
+        assert seen_active == [1] and lim.active("t") == 0
+
         async def failing():
             yield 1
             raise RuntimeError("replica died")
@@ -249,6 +267,21 @@ def test_prompt_counts_match_the_replicas_tokenization(tiny_assets):
     # No limit needs counts: no tokenizer is loaded.
     off = TenantLimiter(LimitsConfig())
     assert off.count_prompts_sync(req) == [0, 0] and off._tokenizer is None
+
+
+def test_the_vocabulary_comes_from_the_model_folder(tiny_assets, tmp_path):
+    lim = TenantLimiter(LimitsConfig(), tokenizer_path=str(tiny_assets.base))
+    assert lim.vocab_size == 512  # TINY's config.json, what the engine checks against too
+    lim.check_token_ids(CompletionRequest(model="base", prompt=[[0, 511], [3]], logit_bias={"511": 1}))
+    with pytest.raises(InvalidRequestError, match=r"token ID 512 \(at position 2\), outside this model's vocabulary \[0, 512\)"):
+        lim.check_token_ids(CompletionRequest(model="base", prompt=[1, 2, 512]))
+    with pytest.raises(InvalidRequestError, match="logit_bias key 999"):
+        lim.check_token_ids(CompletionRequest(model="base", prompt="text", logit_bias={"999": 1}))
+    assert lim._tokenizer is None  # the vocabulary is config.json's: no tokenizer needed
+    # No config.json (a hub ID, or none given): no check here, the replica still checks.
+    for none in (TenantLimiter(LimitsConfig(), tokenizer_path=str(tmp_path)), TenantLimiter(LimitsConfig())):
+        assert none.vocab_size is None
+        none.check_token_ids(CompletionRequest(model="base", prompt=[10**6]))
 
 
 # ---- HTTP edge --------------------------------------------------------------------------------------

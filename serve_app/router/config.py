@@ -20,6 +20,8 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # 4 MiB: a full batch of max_num_seqs (64) prompts of 4096 tokens as token IDs (~1.8 MB of
 # JSON) fits, and JSON-parsing the largest body costs the router milliseconds.
 DEFAULT_MAX_BODY_BYTES = 4 << 20
+# Logprob entries per response (LimitsConfig.max_logprob_entries): 15-30 MB of JSON.
+DEFAULT_MAX_LOGPROB_ENTRIES = 1_000_000
 # Ten buckets per rate window: fine enough that "for window_s" is accurate to a tenth of
 # the rate window, small enough that thousands of tenants cost next to nothing.
 BUCKETS_PER_RATE_WINDOW = 10
@@ -73,8 +75,8 @@ class AuthConfig(BaseModel):
 
 
 class LimitsConfig(BaseModel):
-    """``limits`` in build_app's args. Every limit but the body size and the prompts per
-    request is off unless set."""
+    """``limits`` in build_app's args. Every limit but the body size, the prompts per request
+    and the logprob entries per response is off unless set."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -132,6 +134,17 @@ class LimitsConfig(BaseModel):
         ge=1,
         description="Per-tenant prompts in flight at once (streams count until they end). Over it: 429 with "
         "Retry-After. Keep it below lora_max_ongoing_requests so one tenant cannot fill a replica's queue.",
+    )
+    max_logprob_entries: int | None = Field(
+        default=DEFAULT_MAX_LOGPROB_ENTRIES,
+        ge=1,
+        description="Most logprob entries one response may carry: per sequence (prompts x n, or best_of), its "
+        "token positions (max_tokens, plus the prompt's tokens with echo) x (logprobs + 1), summed. A request "
+        "that could go over it gets 400 before anything is generated. Each entry is 15-30 bytes of JSON and "
+        "~1 us of router CPU, and at the other caps' limits one echo + logprobs=20 response was 75 MB of JSON "
+        "that held the router's event loop for seconds; the default (1,000,000: 15-30 MB) still fits an "
+        "lm-eval loglikelihood batch (echo, logprobs <= 6, 64 prompts of 2,048 tokens). Responses of more "
+        "than 20,000 entries are built and encoded on a worker thread, off the event loop. Null: no cap.",
     )
 
     @model_validator(mode="after")

@@ -15,16 +15,19 @@ after Serve rewrites the methods' signatures.
 
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
+import gc
+import json
 import logging
 import time
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -121,6 +124,80 @@ app.add_middleware(RouterReplicaHeader)  # outermost: also on 401 / 413 answers
 
 
 REPLICA_RETRIES = 1  # retries of a request whose replica died before it sent anything
+# A response carrying more logprob entries than this is built and JSON-encoded on a worker thread
+# (one choice at a time), not on the event loop: ~1 us per entry, so this is ~20 ms of the loop.
+LARGE_RESPONSE_ENTRIES = 20_000
+_build_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def freeze_startup_objects() -> None:
+    """Take every object alive now (Ray, FastAPI, pydantic's schemas: ~130k in a router) out of
+    the cyclic collector's reach (``gc.freeze``). A full collection walks every tracked object
+    with the GIL held, wherever it runs; the allocations of a large response trigger them, and on
+    benchmarks/response_stall.py one held the event loop for ~300 ms (~40 ms once frozen).
+    Frozen objects are never collected: fine for what a process holds from its start."""
+    gc.collect()
+    gc.freeze()
+
+
+async def _off_loop(fn: Callable, *args):
+    """``fn(*args)`` on the router's response-building threads: a dedicated pool, so that large
+    responses queue behind each other, never behind (or in front of) the default executor's
+    prompt tokenizing. The loop keeps serving other requests meanwhile (the worker gives up the
+    GIL every switch interval, and each pydantic-core call it makes covers one choice)."""
+    global _build_pool
+    if _build_pool is None:
+        _build_pool = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="response-build")
+    return await asyncio.get_running_loop().run_in_executor(_build_pool, fn, *args)
+
+
+def _logprob_entries(outs) -> int:
+    """Logprob entries the engine outputs ``outs`` carry (positions x (alternatives + 1)), cheaply."""
+    total = 0
+    for o in outs:
+        for entries in (o.logprobs, o.prompt_logprobs):
+            if entries:
+                top = entries[-1].top
+                total += len(entries) * (1 + (len(top) if top else 0))
+    return total
+
+
+def _response_entries(resp) -> int:
+    """Logprob entries of a built response (completions or chat), cheaply."""
+    total = 0
+    for c in resp.choices:
+        lp = c.logprobs
+        if lp is None:
+            continue
+        if hasattr(lp, "content"):  # chat
+            if lp.content:
+                total += len(lp.content) * (1 + len(lp.content[-1].top_logprobs))
+        elif lp.tokens:
+            top = lp.top_logprobs[-1]
+            total += len(lp.tokens) * (1 + (len(top) if top else 0))
+    return total
+
+
+def _encode(resp) -> bytes:
+    """``resp`` as JSON bytes, the same document as ``JSONResponse(resp.model_dump())``, built one
+    choice at a time (each pydantic-core call holds the GIL for one choice's data only)."""
+    head = resp.model_dump(exclude={"choices"})
+    parts = []
+    for name in type(resp).model_fields:
+        if name == "choices":
+            value = b"[" + b",".join(c.model_dump_json().encode() for c in resp.choices) + b"]"
+        else:
+            value = json.dumps(head[name], ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+        parts.append(json.dumps(name).encode() + b":" + value)
+    return b"{" + b",".join(parts) + b"}"
+
+
+async def _json_response(resp, path: str):
+    """The HTTP answer of a whole (non-streamed) response; a large one is encoded off the loop."""
+    headers = {SERVED_BY: path}
+    if _response_entries(resp) <= LARGE_RESPONSE_ENTRIES:
+        return JSONResponse(resp.model_dump(), headers=headers)
+    return Response(await _off_loop(_encode, resp), media_type="application/json", headers=headers)
 
 
 async def _all_settled(coros: list) -> list:
@@ -196,7 +273,7 @@ async def _respond(impl, body, header: str | None, stream: bool, lease: Lease):
     except Exception as e:
         lease.release()
         return error_response(e)
-    return JSONResponse(resp.model_dump(), headers={SERVED_BY: path})
+    return await _json_response(resp, path)
 
 
 @app.exception_handler(Exception)
@@ -325,6 +402,7 @@ class Router:
                 self.promoter.start(asyncio.get_running_loop())
             except RuntimeError:  # constructed outside the replica's loop: starts on first request
                 pass
+        freeze_startup_objects()
 
     # ---- HTTP admission: the caller may use this model (403), within its limits (400 / 429) ---------
 
@@ -341,7 +419,10 @@ class Router:
         if body.sequences > 1:  # every choice (best_of: candidate) is its own sequence: against the same limits
             counts = [c for c in counts for _ in range(body.sequences)]
             self.limiter.check_prompt_count(len(counts))
-        max_tokens = body.to_sampling_params(self.default_max_tokens).max_tokens
+        params = body.to_sampling_params(self.default_max_tokens)
+        max_tokens = params.max_tokens
+        # The response's size (logprob entries), before anything is generated.
+        self.limiter.check_response_size(counts, max_tokens, params.logprobs, params.echo)
         # The lease's tenant keys the limits and the engine's fair admission (GenerateRequest.tenant):
         # the API key's tenant, so its adapters and its base-model requests share one share; with
         # auth off, each model is its own "tenant".
@@ -560,25 +641,29 @@ class Router:
             for p in prompts for cp in choices
         ])
         metrics.LATENCY.observe(time.perf_counter() - t0, tags={"path": path})
-        kept = []  # (prompt, output) of each returned choice
-        for pi, p in enumerate(prompts):
-            group = outs[pi * k : (pi + 1) * k]
-            if k > n:  # best_of: the n most likely sequences, best first
-                group = sorted(group, key=lambda o: -sum(e.logprob for e in o.logprobs or []))[:n]
-            kept += [(p, o) for o in group]
-        strip = request.logprobs is None  # logprobs the client did not ask for (best_of's ranking)
-        return path, CompletionResponse(
-            model=header or request.model,
-            choices=[
-                CompletionResponseChoice(
-                    index=i, text=_echoed(request, p, o) + o.text, finish_reason=o.finish_reason,
-                    logprobs=None if strip or o.logprobs is None else CompletionLogprobs.of(_echo_logprobs(request, o)),
-                )
-                for i, (p, o) in enumerate(kept)
-            ],
-            # Usage counts every sequence generated, best_of's discarded ones too.
-            usage=UsageInfo.of(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs)),
-        )
+
+        def build() -> CompletionResponse:
+            kept = []  # (prompt, output) of each returned choice
+            for pi, p in enumerate(prompts):
+                group = outs[pi * k : (pi + 1) * k]
+                if k > n:  # best_of: the n most likely sequences, best first
+                    group = sorted(group, key=lambda o: -sum(e.logprob for e in o.logprobs or []))[:n]
+                kept += [(p, o) for o in group]
+            strip = request.logprobs is None  # logprobs the client did not ask for (best_of's ranking)
+            return CompletionResponse(
+                model=header or request.model,
+                choices=[
+                    CompletionResponseChoice(
+                        index=i, text=_echoed(request, p, o) + o.text, finish_reason=o.finish_reason,
+                        logprobs=None if strip or o.logprobs is None else CompletionLogprobs.of(_echo_logprobs(request, o)),
+                    )
+                    for i, (p, o) in enumerate(kept)
+                ],
+                # Usage counts every sequence generated, best_of's discarded ones too.
+                usage=UsageInfo.of(sum(o.prompt_tokens for o in outs), sum(o.completion_tokens for o in outs)),
+            )
+
+        return path, (await _off_loop(build) if _logprob_entries(outs) > LARGE_RESPONSE_ENTRIES else build())
 
     def _completions_stream(self, request: CompletionRequest, header: str | None, tenant: str | None = None):
         adapter_id, path = self._resolve(request.model, header)
@@ -632,17 +717,21 @@ class Router:
         outs = await _all_settled([self._generate(adapter_id, path, r)
                                    for r in self._chat_requests(request, tenant or header or request.model)])
         metrics.LATENCY.observe(time.perf_counter() - t0, tags={"path": path})
-        return path, ChatCompletionResponse(
-            model=header or request.model,
-            choices=[
-                ChatCompletionResponseChoice(
-                    index=j, message=ChatResponseMessage(content=out.text), finish_reason=out.finish_reason,
-                    logprobs=None if out.logprobs is None else ChatLogprobs.of(out.logprobs),
-                )
-                for j, out in enumerate(outs)
-            ],
-            usage=UsageInfo.of(outs[0].prompt_tokens * len(outs), sum(o.completion_tokens for o in outs)),
-        )
+
+        def build() -> ChatCompletionResponse:
+            return ChatCompletionResponse(
+                model=header or request.model,
+                choices=[
+                    ChatCompletionResponseChoice(
+                        index=j, message=ChatResponseMessage(content=out.text), finish_reason=out.finish_reason,
+                        logprobs=None if out.logprobs is None else ChatLogprobs.of(out.logprobs),
+                    )
+                    for j, out in enumerate(outs)
+                ],
+                usage=UsageInfo.of(outs[0].prompt_tokens * len(outs), sum(o.completion_tokens for o in outs)),
+            )
+
+        return path, (await _off_loop(build) if _logprob_entries(outs) > LARGE_RESPONSE_ENTRIES else build())
 
     def _chat_stream(self, request: ChatCompletionRequest, header: str | None, tenant: str | None = None):
         adapter_id, path = self._resolve(request.model, header)

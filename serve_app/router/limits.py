@@ -9,6 +9,7 @@ What a request can be refused for, and how:
 | a prompt longer than ``max_prompt_tokens`` | 400 |
 | ``max_tokens`` above the ``max_tokens`` cap | 400 |
 | a prompt token ID (or ``logit_bias`` key) outside the model's vocabulary | 400, before anything reaches a replica |
+| more logprob entries than ``max_logprob_entries`` (logprobs x positions, echo included) | 400, before generating |
 | a request that could never fit a limit (more prompts or tokens than the burst or the concurrency cap) | 400: retrying cannot help |
 | over the tenant's request or token bucket | 429 + ``Retry-After``: when the bucket will hold enough |
 | over the tenant's concurrency cap | 429 + ``Retry-After: 1`` |
@@ -24,8 +25,9 @@ can get up to N times the configured rates. Python handle callers are not limite
 The tenant key is the API key's tenant (``auth.py``); with auth off, the adapter ID (or the
 base model's name), so each adapter still gets its own buckets.
 
-The body size and the prompts per request are capped even with no ``limits`` config at all:
-without them one 4 MB body of token-ID lists fanned out to ~1M engine requests.
+The body size, the prompts per request and the logprob entries per response are capped even
+with no ``limits`` config at all: without them one 4 MB body of token-ID lists fanned out to ~1M
+engine requests, and one echo + logprobs response was 75 MB of JSON.
 
 A batch's lease covers all of its engine requests (prompts x n, best_of): the router holds it
 until every one of them has settled on its replica, the ones it cancelled after a sibling's
@@ -205,6 +207,13 @@ class TenantLimiter:
     def needs_prompt_tokens(self) -> bool:
         return self.cfg.needs_prompt_tokens
 
+    def _needs_counts(self, request: Any) -> bool:
+        """Whether this request's prompt token counts are needed: by a limit, or by the response
+        size cap for an echo of the prompt's logprobs."""
+        return self.needs_prompt_tokens or (
+            self.cfg.max_logprob_entries is not None and bool(getattr(request, "echo", False))
+            and getattr(request, "logprobs", None) is not None)
+
     # ---- prompt token counts ------------------------------------------------------------------
 
     @property
@@ -219,7 +228,7 @@ class TenantLimiter:
 
     def count_prompts_sync(self, request: Any) -> list[int]:
         """Tokens of each prompt of a CompletionRequest (one per prompt) or ChatCompletionRequest
-        (one), counted as the LoRA replica will tokenize them. Zeros when no limit needs them."""
+        (one), counted as the LoRA replica will tokenize them. Zeros when nothing needs them."""
         if hasattr(request, "messages"):
             if not self.needs_prompt_tokens:
                 return [0]
@@ -228,15 +237,19 @@ class TenantLimiter:
             return [len(chat_prompt_ids(self.tokenizer, request.messages))]
         prompts = request.prompts()
         self.check_prompt_count(len(prompts))
-        if not self.needs_prompt_tokens:
+        if not self._needs_counts(request):
             return [0] * len(prompts)
+        if self._tokenizer is None and self._tokenizer_path is None:
+            # No tokenizer to be had (a limiter built without one): a text's UTF-8 bytes (+ BOS/EOS)
+            # bound its tokens from above, which is what the response size cap needs.
+            return [len(p) if isinstance(p, list) else len(p.encode("utf-8", "surrogatepass")) + 2 for p in prompts]
         return [len(p) if isinstance(p, list) else len(self.tokenizer(p)["input_ids"]) for p in prompts]
 
     async def count_prompts(self, request: Any) -> list[int]:
         """``count_prompts_sync``, off the event loop when the prompts are long."""
         if not hasattr(request, "messages"):
             self.check_prompt_count(len(request.prompts()))
-        if self.needs_prompt_tokens and _text_size(request) > _OFFLOAD_CHARS:
+        if self._needs_counts(request) and _text_size(request) > _OFFLOAD_CHARS:
             return await asyncio.to_thread(self.count_prompts_sync, request)
         return self.count_prompts_sync(request)
 
@@ -278,6 +291,30 @@ class TenantLimiter:
                     f"use token IDs below {vocab}",
                     code="token_out_of_range",
                 )
+
+    # ---- response size ----------------------------------------------------------------------------
+
+    def check_response_size(self, prompt_tokens: Sequence[int], max_tokens: int, logprobs: int | None,
+                            echo: bool) -> None:
+        """400 for a request whose logprobs could make its response larger than
+        ``max_logprob_entries``, before anything is generated. ``prompt_tokens``: one count per
+        engine sequence (prompts x n / best_of); ``logprobs``: the alternatives asked per position
+        (None: no logprobs); ``echo``: the prompt's positions come back too."""
+        limit = self.cfg.max_logprob_entries
+        if limit is None or logprobs is None:
+            return
+        positions = sum(prompt_tokens) * echo + len(prompt_tokens) * max_tokens
+        entries = positions * (logprobs + 1)
+        if entries > limit:
+            self._count("logprob_entries")
+            raise InvalidRequestError(
+                f"this request could return {entries:,} logprob entries ({len(prompt_tokens)} sequences, "
+                f"{positions:,} token positions{' with the echoed prompts' if echo else ''}, x (logprobs "
+                f"{logprobs} + 1)), more than this server's limit of {limit:,} per response; ask for fewer "
+                f"logprobs, lower max_tokens, or send fewer prompts or choices (n, best_of) per request"
+                f"{', or drop echo' if echo else ''}",
+                code="response_too_large",
+            )
 
     # ---- admission ------------------------------------------------------------------------------
 

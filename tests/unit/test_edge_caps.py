@@ -10,6 +10,7 @@ find ``self``) returns it.
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -19,7 +20,7 @@ from ray import serve
 from serve_app.deployments.channel import Final
 from serve_app.router.streams import ChannelHub
 from serve_app.engine.engine import RequestOutput
-from serve_app.errors import AdapterNotFoundError, AdapterStoreUnavailableError
+from serve_app.errors import AdapterNotFoundError, AdapterStoreUnavailableError, InvalidRequestError
 from serve_app.router import ingress
 from serve_app.router.auth import Authenticator, KeyEntry
 from serve_app.router.limits import LimitsConfig, TenantLimiter
@@ -38,11 +39,11 @@ class _Metric:
 class FakeHandle:
     """Stands in for the LoRA deployment handle: answers every prompt with "ok", records requests."""
 
-    def __init__(self, seen: list, fail: Exception | None = None):
-        self.seen, self.fail, self.model_id = seen, fail, None
+    def __init__(self, seen: list, fail: Exception | None = None, output: RequestOutput | None = None):
+        self.seen, self.fail, self.model_id, self.output = seen, fail, None, output
 
     def options(self, multiplexed_model_id=None, stream=False):
-        h = FakeHandle(self.seen, self.fail)
+        h = FakeHandle(self.seen, self.fail, self.output)
         h.model_id = multiplexed_model_id or self.model_id
         return h
 
@@ -52,6 +53,8 @@ class FakeHandle:
             self.seen.append((self.model_id, req))
             if self.fail is not None:
                 raise self.fail
+            if self.output is not None:
+                return self.output
             return RequestOutput("r", "ok", [1], True, "length", prompt_tokens=1, completion_tokens=1)
 
         return types.SimpleNamespace(remote=remote)
@@ -116,19 +119,21 @@ class FakeAdmin:
 
 @pytest.fixture
 def edge(monkeypatch):
-    """A factory: ``edge(auth=..., limits=..., max_num_seqs=..., fail=..., vocab_size=...)`` -> (TestClient, seen requests)."""
+    """A factory: ``edge(auth=..., limits=..., max_num_seqs=..., fail=..., vocab_size=..., output=...)`` ->
+    (TestClient, seen requests). ``output``: what the fake engine answers every prompt with."""
     for name in ("REQUESTS", "ROUTER_PATH", "LATENCY", "TTFT", "GENERATED_TOKENS"):
         monkeypatch.setattr(ingress.metrics, name, _Metric())
 
     def make(auth: Authenticator | None = None, limits: LimitsConfig | None = None, max_num_seqs: int = 8,
-             fail: Exception | None = None, admin: FakeAdmin | None = None, vocab_size: int | None = None):
+             fail: Exception | None = None, admin: FakeAdmin | None = None, vocab_size: int | None = None,
+             output: RequestOutput | None = None):
         seen: list = []
         # The class under Serve's ASGI wrapper (whose async __del__ would warn in tests).
         router = object.__new__(ingress.Router.__mro__[1])
         router.auth = auth or Authenticator(enabled=False)
         cfg = limits or LimitsConfig()
         router.limiter = TenantLimiter.from_config(cfg, max_num_seqs=max_num_seqs, vocab_size=vocab_size)
-        router.lora = FakeHandle(seen, fail)
+        router.lora = FakeHandle(seen, fail, output)
         router.merged = None
         router.admin = admin or FakeAdmin()
         router.base_model_name = "base"
@@ -270,6 +275,116 @@ def test_out_of_vocab_token_ids_are_400_at_the_router_naming_the_id_and_range(ed
     r = client.post(CMPL, json={"model": "base", "prompt": [[0, 511], [7]], "logit_bias": {"511": 1}, "max_tokens": 1})
     assert r.status_code == 200, r.text
     assert len(seen) == 2
+
+
+# ------------------------------------------------------------------ response size (logprob entries)
+
+
+def test_logprob_entries_over_the_cap_are_400_before_generating(edge):
+    client, seen = edge(limits=LimitsConfig(max_logprob_entries=100_000))
+    long = [[5] * 2000] * 4
+    # echo + logprobs=20: 4 sequences x (2000 prompt + 16 generated positions) x 21 = 169,344 entries.
+    r = client.post(CMPL, json={"model": "base", "prompt": long, "echo": True, "logprobs": 20, "max_tokens": 16})
+    err = _is_openai_error(r, 400)
+    assert err["code"] == "response_too_large", err
+    assert "169,344 logprob entries" in err["message"] and "100,000" in err["message"], err
+    assert "logprobs" in err["message"] and "drop echo" in err["message"], err
+    # The same for a stream, for best_of's candidates, and for chat's top_logprobs x n.
+    r = client.post(CMPL, json={"model": "base", "prompt": long, "echo": True, "logprobs": 20, "max_tokens": 16,
+                                "stream": True})
+    _is_openai_error(r, 400)
+    r = client.post(CMPL, json={"model": "base", "prompt": [5] * 10, "logprobs": 20, "max_tokens": 700, "best_of": 8})
+    assert "117,600 logprob entries" in _is_openai_error(r, 400)["message"]
+    r = client.post(CHAT, json={"model": "base", "messages": [{"role": "user", "content": "x"}], "logprobs": True,
+                                "top_logprobs": 20, "max_tokens": 2000, "n": 4})
+    assert "168,000 logprob entries" in _is_openai_error(r, 400)["message"]
+    assert seen == []  # nothing was generated
+    # Under the cap: served. Without echo the prompt's positions do not count.
+    r = client.post(CMPL, json={"model": "base", "prompt": long, "logprobs": 20, "max_tokens": 16})
+    assert r.status_code == 200, r.text
+
+
+def test_the_logprob_cap_holds_without_limits_config():
+    field = LimitsConfig.model_fields["max_logprob_entries"]
+    assert LimitsConfig().max_logprob_entries == 1_000_000
+    assert "logprob" in field.description and "Null: no cap" in field.description
+    limiter = TenantLimiter(LimitsConfig(), max_num_seqs=64)
+    # The issue's response: 64 x 2,000-token prompts echoed with logprobs=20.
+    with pytest.raises(InvalidRequestError, match="2,709,504 logprob entries"):
+        limiter.check_response_size([2000] * 64, 16, 20, True)
+    limiter.check_response_size([2048] * 64, 1, 6, True)  # an lm-eval loglikelihood batch fits
+    TenantLimiter(LimitsConfig(max_logprob_entries=None)).check_response_size([2000] * 64, 16, 20, True)
+
+
+def _logprob_output(positions: int, top: int) -> RequestOutput:
+    from serve_app.api.wire import TokenLogprob
+
+    entries = [TokenLogprob(f"t\u00e9{i % 97}", i % 97, -1.5 - (i % 7) / 3,
+                            [(f"a{j}\"\n", j, -2.0 - j / 7) for j in range(top)]) for i in range(positions)]
+    return RequestOutput("r", "out", list(range(positions)), True, "length", prompt_tokens=positions,
+                         completion_tokens=positions, logprobs=entries, prompt_text="p",
+                         prompt_logprobs=[TokenLogprob("<s>", 1, None, None), *entries])
+
+
+def test_a_large_response_is_the_same_json_built_off_the_loop(edge):
+    out = _logprob_output(600, 20)  # 2 prompts x (601 + 600) positions x 21 > LARGE_RESPONSE_ENTRIES
+    client, seen = edge(output=out)
+    body = {"model": "base", "prompt": [[5] * 8, [6] * 8], "echo": True, "logprobs": 20, "max_tokens": 600}
+    r = client.post(CMPL, json=body)
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    got = r.json()
+    assert ingress._response_entries(types.SimpleNamespace(choices=[
+        types.SimpleNamespace(logprobs=types.SimpleNamespace(tokens=c["logprobs"]["tokens"],
+                                                             top_logprobs=c["logprobs"]["top_logprobs"]))
+        for c in got["choices"]])) > ingress.LARGE_RESPONSE_ENTRIES
+    # What the in-loop path (JSONResponse of model_dump) sends for the same response.
+    from serve_app.api.protocol import CompletionLogprobs, CompletionResponse, CompletionResponseChoice, UsageInfo
+
+    lp = CompletionLogprobs.of([*out.prompt_logprobs, *out.logprobs])
+    want = CompletionResponse(id=got["id"], created=got["created"], model="base", choices=[
+        CompletionResponseChoice(index=i, text="p" + "out", finish_reason="length", logprobs=lp) for i in range(2)],
+        usage=UsageInfo.of(1200, 1200))
+    assert got == json.loads(ingress.JSONResponse(want.model_dump()).body)
+    assert json.loads(ingress._encode(want)) == json.loads(ingress.JSONResponse(want.model_dump()).body)
+
+
+def test_a_large_response_does_not_hold_the_event_loop(edge):
+    """While one ~10 MB echo + logprobs response is built and encoded, the router's loop keeps
+    serving: its longest stall is a small part of the response's time (it was all of it)."""
+    import asyncio
+    import time
+
+    import httpx
+
+    out = _logprob_output(1000, 20)
+    edge(output=out)  # sets the router up; the request goes through httpx's ASGI transport below
+    body = {"model": "base", "prompt": [[5] * 8] * 8, "echo": True, "logprobs": 20, "max_tokens": 1000}
+
+    async def main():
+        gaps, stop = [], False
+
+        async def ticker():
+            last = time.perf_counter()
+            while not stop:
+                await asyncio.sleep(0.001)
+                now = time.perf_counter()
+                gaps.append(now - last)
+                last = now
+
+        t = asyncio.create_task(ticker())
+        await asyncio.sleep(0.02)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=ingress.app), base_url="http://x") as c:
+            t0 = time.perf_counter()
+            gaps.clear()
+            r = await c.post(CMPL, json=body, timeout=300)
+            wall = time.perf_counter() - t0
+        stop = True
+        await t
+        return r, wall, max(gaps)
+
+    r, wall, stall = asyncio.run(main())
+    assert r.status_code == 200 and len(r.content) > 5_000_000, r.text[:300]
+    assert stall < wall / 2, (stall, wall)
 
 
 # ---------------------------------------------------------------------------- echoed values

@@ -269,6 +269,25 @@ def test_prompt_counts_match_the_replicas_tokenization(tiny_assets):
     assert off.count_prompts_sync(req) == [0, 0] and off._tokenizer is None
 
 
+def test_echoed_prompts_are_counted_for_the_response_size_cap(tiny_assets):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tiny_assets.base))
+    lim = TenantLimiter(LimitsConfig(), tokenizer_path=str(tiny_assets.base))  # no limit needs counts...
+    text = "the quick brown fox " * 50
+    plain = CompletionRequest(model="base", prompt=[text], logprobs=5)
+    assert lim.count_prompts_sync(plain) == [0] and lim._tokenizer is None
+    # ...but an echo of the prompt's logprobs does: the prompt's positions come back in the response.
+    echo = CompletionRequest(model="base", prompt=[text], logprobs=5, echo=True)
+    n = len(tok(text)["input_ids"])
+    assert lim.count_prompts_sync(echo) == [n]
+    with pytest.raises(InvalidRequestError, match=f"{(n + 16) * 6:,} logprob entries"):
+        TenantLimiter(LimitsConfig(max_logprob_entries=(n + 16) * 6 - 1)).check_response_size([n], 16, 5, True)
+    # Without a tokenizer to be had, a text's UTF-8 bytes (+2) bound its tokens.
+    assert TenantLimiter(LimitsConfig()).count_prompts_sync(echo) == [len(text.encode()) + 2]
+    assert TenantLimiter(LimitsConfig(max_logprob_entries=None)).count_prompts_sync(echo) == [0]
+
+
 def test_the_vocabulary_comes_from_the_model_folder(tiny_assets, tmp_path):
     lim = TenantLimiter(LimitsConfig(), tokenizer_path=str(tiny_assets.base))
     assert lim.vocab_size == 512  # TINY's config.json, what the engine checks against too

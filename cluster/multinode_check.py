@@ -190,9 +190,11 @@ def main() -> int:
     ap.add_argument("--http", required=True)
     ap.add_argument("--config", required=True)
     ap.add_argument("--models", type=int, default=5, help="how many tenant-N adapters besides the base")
+    ap.add_argument("--repeats", type=int, default=REPEATS, help="times each (model, prompt) is sent")
     ap.add_argument("--metrics", default="", help="comma-separated host:port Prometheus endpoints (informational)")
     ap.add_argument("--no-reference", action="store_true")
     a = ap.parse_args()
+    globals()["REPEATS"] = a.repeats  # check_requests' repeats
 
     app = yaml.safe_load(open(a.config))["applications"][0]
     args = app.get("args") or {}

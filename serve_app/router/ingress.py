@@ -430,11 +430,13 @@ class Router:
 
     # ---- resolution and forwarding -------------------------------------------------------------
 
-    def _resolve(self, model: str, header: str | None = None) -> tuple[str | None, str]:
+    def _resolve(self, model: str, header: str | None = None, tenant: str | None = None) -> tuple[str | None, str]:
         """(multiplexed model ID or None for the base model, serving path 'lora' | 'merged').
 
         On both paths the ID is the tenant's current version, ``<id>@v<n>`` (router/admin.py): the
         merged path serves it only if its ready copy holds exactly that version (router/promoter.py).
+        ``tenant`` (the lease's: the API key's tenant, or the model with auth off) owns the request's
+        count toward the path policy's merged slots, which are capped per owner.
         """
         name = header or model
         versioned = None
@@ -444,7 +446,8 @@ class Router:
             validate_adapter_id(name)
             versioned = self.admin.resolve(name)  # 404 unknown or deleted, 503 store unreachable
             adapter_id = name
-        path = self.promoter.path_for(adapter_id, versioned) if self.promoter is not None and adapter_id else "lora"
+        path = (self.promoter.path_for(adapter_id, versioned, owner=tenant or name)
+                if self.promoter is not None and adapter_id else "lora")
         metrics.ROUTER_PATH.inc(tags={"path": path})
         metrics.REQUESTS.inc(tags={"adapter": adapter_id or self.base_model_name, "path": path})
         return versioned, path
@@ -627,7 +630,7 @@ class Router:
     async def _completions(
         self, request: CompletionRequest, header: str | None, tenant: str | None = None
     ) -> tuple[str, CompletionResponse]:
-        adapter_id, path = self._resolve(request.model, header)
+        adapter_id, path = self._resolve(request.model, header, tenant)
         params = request.to_sampling_params(self.default_max_tokens)
         k, n = request.sequences, request.n
         if k > n and params.logprobs is None:  # best_of ranks by cumulative logprob: the engine reports them
@@ -666,7 +669,7 @@ class Router:
         return path, (await _off_loop(build) if _logprob_entries(outs) > LARGE_RESPONSE_ENTRIES else build())
 
     def _completions_stream(self, request: CompletionRequest, header: str | None, tenant: str | None = None):
-        adapter_id, path = self._resolve(request.model, header)
+        adapter_id, path = self._resolve(request.model, header, tenant)
         choices = request.choice_params(request.to_sampling_params(self.default_max_tokens))
         model = header or request.model
         tenant = tenant or model
@@ -712,7 +715,7 @@ class Router:
     async def _chat(
         self, request: ChatCompletionRequest, header: str | None, tenant: str | None = None
     ) -> tuple[str, ChatCompletionResponse]:
-        adapter_id, path = self._resolve(request.model, header)
+        adapter_id, path = self._resolve(request.model, header, tenant)
         t0 = time.perf_counter()
         outs = await _all_settled([self._generate(adapter_id, path, r)
                                    for r in self._chat_requests(request, tenant or header or request.model)])
@@ -734,7 +737,7 @@ class Router:
         return path, (await _off_loop(build) if _logprob_entries(outs) > LARGE_RESPONSE_ENTRIES else build())
 
     def _chat_stream(self, request: ChatCompletionRequest, header: str | None, tenant: str | None = None):
-        adapter_id, path = self._resolve(request.model, header)
+        adapter_id, path = self._resolve(request.model, header, tenant)
         model = header or request.model
         gen_requests = self._chat_requests(request, tenant or model)
         cid = random_id("chatcmpl")

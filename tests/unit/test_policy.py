@@ -533,3 +533,32 @@ def test_failed_version_is_retried_with_the_newest_version():
     assert p.decide(5.0) == []  # still backing off
     (retry,) = p.decide(11.5)
     assert (retry.kind, retry.version, retry.previous) == ("promote", 5, None)
+
+
+def test_the_router_counts_each_request_toward_its_api_key_tenant(monkeypatch):
+    """The merged-slot cap is per owner (the API key's tenant): the router must tell the promoter
+    who sent each request, or every adapter counts as its own owner and the cap does nothing."""
+    import types
+
+    from serve_app.router import ingress
+
+    seen = []
+
+    class Promoter:
+        def path_for(self, adapter_id, mux=None, owner=None):
+            seen.append((adapter_id, mux, owner))
+            return "lora"
+
+    class Metric:
+        def inc(self, *a, **k):
+            pass
+
+    monkeypatch.setattr(ingress.metrics, "ROUTER_PATH", Metric())
+    monkeypatch.setattr(ingress.metrics, "REQUESTS", Metric())
+    router = types.SimpleNamespace(base_model_name="base", promoter=Promoter(),
+                                   admin=types.SimpleNamespace(resolve=lambda name: f"{name}@v3"))
+    resolve = ingress.Router._resolve.__get__(router)
+    assert resolve("acme-support", None, "acme") == ("acme-support@v3", "lora")
+    assert resolve("acme-support", None, None) == ("acme-support@v3", "lora")  # auth off: the adapter owns itself
+    assert resolve("base", None, "acme") == (None, "lora")
+    assert seen == [("acme-support", "acme-support@v3", "acme"), ("acme-support", "acme-support@v3", "acme-support")]

@@ -18,6 +18,12 @@ finished request is replaced). Each phase runs for ``--seconds``:
 - ``prefix_timing``: the good tenant's prompts are cached; the attacker sends the same prompts
   and unrelated ones and compares its own time to first token (a timing oracle needs a ratio
   well below 1; salting makes it ~1).
+- ``lone_bytes``: 4 requests whose ``logit_bias`` forces a lone UTF-8 continuation byte for
+  1,900 tokens (the detokenizer once re-decoded the whole output per token on the engine thread).
+- ``slow_schema``: the attacker asks for a schema whose regex compiles for many seconds; the
+  good tenant compiles a trivial schema meanwhile (its compile latency is reported).
+- ``adapter_load``: an 80 MB rank-256 all-linear adapter is loaded (parse, validation and the
+  pool copy, as a replica does) while the good tenant decodes.
 
 Per phase: good requests compared with the good tenant's reference tokens (plain PEFT, once per
 prompt): ``correct n/n``; the max inter-token gap over the steady max (target <= 3x) and over the
@@ -34,15 +40,23 @@ import argparse
 import json
 import random
 import statistics
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from benchmarks.verify import compare_tokens
 
-PHASES = ("steady", "nan_adapter", "echo_logprobs", "rows_hog", "prefix_timing")
+PHASES = ("steady", "nan_adapter", "echo_logprobs", "rows_hog", "prefix_timing", "lone_bytes", "slow_schema",
+          "adapter_load")
+# A 49-character pattern with nested bounded repetition: ~19 s to compile at a 16k vocabulary
+# before issue 25 (the edge now refuses such bounds; this goes to the engine directly).
+SLOW_SCHEMA = json.dumps({"type": "object", "required": ["x"], "properties": {"x": {
+    "type": "string", "pattern": "^(([a-z0-9]{1,36}-){1,36}[a-z]{1,36}\\.){1,36}$"}}})
+TRIVIAL_SCHEMA = json.dumps({"type": "object", "required": ["ok"], "properties": {"ok": {"type": "boolean"}}})
 PROMPT_LEN, NEW_TOKENS = 32, 64
 
 
@@ -150,6 +164,36 @@ def references(assets, prompts, adapters) -> list[list[int]]:
     return out
 
 
+def _byte_token(tok, byte: int) -> int:
+    """The id of the token that is exactly one byte (byte-level BPE spells bytes with GPT-2's
+    byte -> printable character map)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = {b: chr(b) for b in printable}
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + len(chars) - len(printable))
+    return tok.get_vocab()[chars[byte]]
+
+
+def write_big_adapter(folder: Path, base_shape, rank: int) -> int:
+    """A legitimate rank-``rank`` adapter on every projection the engine wraps; its file size."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(base_shape.num_layers):
+        for kind, (i, o) in base_shape.kinds.items():
+            block = "mlp" if kind in ("gate_proj", "up_proj", "down_proj") else "self_attn"
+            key = f"base_model.model.model.layers.{layer}.{block}.{kind}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, i, generator=g) * 0.01
+            tensors[f"{key}.lora_B.weight"] = torch.randn(o, rank, generator=g) * 0.01
+    save_file(tensors, folder / "adapter_model.safetensors")
+    (folder / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(base_shape.kinds)}))
+    return (folder / "adapter_model.safetensors").stat().st_size
+
+
 def poison(engine, aid: str) -> None:
     res = engine.lora.current(aid)
     for kind, idx in res.rows.items():
@@ -172,7 +216,7 @@ def run(args) -> dict:
     t0 = time.perf_counter()
     refs = references(assets, prompts, good_adapters)
     print(f"references (PEFT): {time.perf_counter() - t0:.1f}s", flush=True)
-    eng = LoRAEngine(EngineConfig(model=str(assets.base), max_num_seqs=args.max_num_seqs, max_lora_rank=16))
+    eng = LoRAEngine(EngineConfig(model=str(assets.base), max_num_seqs=args.max_num_seqs, max_lora_rank=256))
     for a in ["tenant-0", "tenant-1", "tenant-2", "tenant-7"]:
         eng.load_adapter(a, str(assets.adapters_dir / a))
     greedy = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
@@ -244,8 +288,69 @@ def run(args) -> dict:
             return {"attacker": f"{tr.done - len(tr.errors)}/{n} answered (2,000-token echo, logprobs=5)"}
         return result
 
-    def rows_hog(good):  # the hog's rows are in place before the good tenant starts (see below)
-        return None
+    def lone_bytes(good):
+        tok = eng.tokenizer
+        cont = _byte_token(tok, 0x80)
+        tr = Tracker()
+        params = SamplingParams(max_tokens=1900, temperature=0.0, ignore_eos=True, logit_bias={cont: 100.0})
+        for k in range(4):
+            eng.add_request([1, 5, 6], params, None, tr.sink(k), tenant="attacker")
+
+        def result():
+            deadline = time.monotonic() + 300
+            while tr.done < 4 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            n = sum(len(t) for t in tr.tokens.values())
+            return {"attacker": f"{tr.done - len(tr.errors)}/4 answered, {n} lone-byte tokens"}
+        return result
+
+    def slow_schema(good):
+        import asyncio
+
+        out: dict = {}
+
+        def attack():
+            async def go():
+                t0 = time.perf_counter()
+                try:
+                    await eng.compile_grammar(SLOW_SCHEMA, "attacker")
+                    out["attacker"] = f"compiled in {time.perf_counter() - t0:.1f}s"
+                except Exception as e:  # the limit's 400
+                    out["attacker"] = f"{getattr(e, 'status_code', '?')} after {time.perf_counter() - t0:.1f}s: {str(e)[:60]}"
+            asyncio.run(go())
+
+        def victim():
+            time.sleep(0.3)  # the attacker's compile is under way
+
+            async def go():
+                t0 = time.perf_counter()
+                await eng.compile_grammar(TRIVIAL_SCHEMA, "good")
+                out["good_compile_ms"] = 1e3 * (time.perf_counter() - t0)
+            asyncio.run(go())
+
+        threads = [threading.Thread(target=attack), threading.Thread(target=victim)]
+        for t in threads:
+            t.start()
+
+        def result():
+            for t in threads:
+                t.join(timeout=120)
+            return {"attacker": f"{out.get('attacker')}; good tenant's trivial schema compiled in "
+                                f"{out.get('good_compile_ms', float('nan')):.0f} ms"}
+        return result
+
+    def adapter_load(good):
+        folder = Path(tempfile.mkdtemp(prefix="isolation-big-adapter-"))
+        size = write_big_adapter(folder, eng.base_shape, 256)
+        t0 = time.perf_counter()
+        th = threading.Thread(target=lambda: eng.load_adapter("big-tenant", str(folder)))
+        time.sleep(0.5)
+        th.start()
+
+        def result():
+            th.join()
+            return {"attacker": f"{size / 2**20:.0f} MB adapter loaded in {time.perf_counter() - t0 - 0.5:.2f}s"}
+        return result
 
     for name in phases[1:]:
         if name == "rows_hog":
@@ -281,7 +386,8 @@ def run(args) -> dict:
             results[name]["attacker"] = (f"ttft of another tenant's prompt / of a new prompt = {ratio:.2f} "
                                          "(a hit would be ~0.1)")
         else:
-            good_phase(name, {"nan_adapter": nan_adapter, "echo_logprobs": echo_logprobs}[name])
+            good_phase(name, {"nan_adapter": nan_adapter, "echo_logprobs": echo_logprobs, "lone_bytes": lone_bytes,
+                              "slow_schema": slow_schema, "adapter_load": adapter_load}[name])
         r = results[name]
         r["gap_max_over_steady_max"] = r["gap_max_ms"] / steady["gap_max_ms"]
         r["gap_max_over_steady_p50"] = r["gap_max_ms"] / steady["gap_p50_ms"]

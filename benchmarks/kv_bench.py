@@ -41,7 +41,7 @@ def engine(assets, **kw):
 
 
 def memory_section(assets, n: int) -> None:
-    from serve_app.engine.model import ModelRunner
+    from serve_app.engine.model_runner import ModelRunner
     from serve_app.engine.sampling import SamplingParams
 
     rng = random.Random(0)

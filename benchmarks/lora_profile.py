@@ -62,14 +62,14 @@ def main() -> None:
 
     eng._forward = timed
     plans: list[tuple[int, int]] = []
-    orig_plan = eng.runner._decode_plan
+    orig_plan = eng.runner.attn.decode_plan
 
     def plan(rows):
         out = orig_plan(rows)
         plans.append((out[0], len({b for r in rows for b in r.blocks[: r.start // eng.runner.block_size + 1]})))
         return out
 
-    eng.runner._decode_plan = plan
+    eng.runner.attn.decode_plan = plan
     try:
         for a in ids:
             eng.load_adapter(a, where[a])

@@ -13,8 +13,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# The projections a Llama-family decoder layer has; LoRA can target any subset.
-LORA_TARGET_KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from serve_app.engine.arch import LORA_KINDS
+
+# The projections LoRA can target: those of the served architectures' decoder layers (arch/;
+# today the Llama family's q/k/v/o_proj and gate/up/down_proj). An adapter targets any subset.
+LORA_TARGET_KINDS = LORA_KINDS
 
 
 class EngineArgs(BaseModel):
@@ -111,6 +114,7 @@ class EngineConfig(EngineArgs):
         unknown = sorted(set(self.lora_target_modules) - set(LORA_TARGET_KINDS))
         if unknown:
             raise ValueError(
-                f"lora_target_modules {unknown} are not Llama projections; choose from {list(LORA_TARGET_KINDS)}"
+                f"lora_target_modules {unknown} are not projections of a served architecture (engine/arch/); "
+                f"choose from {list(LORA_TARGET_KINDS)}"
             )
         return self

@@ -31,8 +31,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from serve_app.engine.arch import spec_for
 from serve_app.engine.lora_kernels import sgmv_cpu
-from serve_app.engine.lora_manager import INPUT_GROUP, GroupBatch, LoRABatch
+from serve_app.engine.lora_manager import GroupBatch, LoRABatch
 
 _triton = None
 
@@ -91,11 +92,11 @@ class LoRAContext:
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Module, kind: str, layer: int, ctx: LoRAContext):
+    def __init__(self, base: nn.Module, kind: str, layer: int, ctx: LoRAContext, group: str):
         super().__init__()
         self.base = base
         self.kind = kind
-        self.group = INPUT_GROUP[kind]
+        self.group = group  # its input group (arch/): projections reading one input share x @ A
         self.layer = layer
         self.ctx = ctx
         # bitsandbytes' Linear4bit / Linear8bitLt keep these too.
@@ -131,3 +132,9 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, layer={self.layer}"
+
+
+def wrap_lora_layers(model: nn.Module, kinds: tuple[str, ...], ctx: LoRAContext) -> None:
+    """Wrap each targeted projection of ``model`` (where its architecture keeps them, arch/)
+    in a LoRALinear reading ``ctx``."""
+    spec_for(model).wrap_lora_layers(model, kinds, lambda base, kind, i, group: LoRALinear(base, kind, i, ctx, group))

@@ -42,7 +42,8 @@ import torch
 from serve_app.engine.lora_kernels import cost
 from serve_app.engine.lora_kernels.layout import PATHS, SegmentLayout, StackedGroup, build_layout
 from serve_app.engine.lora_slots import SlotStack
-from serve_app.engine.lora_weights import BaseShape, LoRAWeights
+from serve_app.engine.arch import BaseShape, get_arch
+from serve_app.engine.lora_weights import LoRAWeights
 from serve_app.errors import ServeAppError
 
 logger = logging.getLogger(__name__)
@@ -73,15 +74,6 @@ class AdapterNotResidentError(ServeAppError):
     status_code = 503
     error_type = "service_unavailable"
     code = "adapter_not_loaded"
-
-
-# Projections that read the same input tensor share one A-matmul: for q/k/v (and gate/up)
-# the active adapters' A rows are concatenated, so a forward does one GEMM per group
-# instead of one per projection.
-INPUT_GROUP = {
-    "q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
-    "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in",
-}
 
 
 @dataclass
@@ -157,6 +149,8 @@ class LoRAManager:
         max_slots: int = 80,
     ):
         self.shape = shape
+        # kind -> input group: kinds that read one input share a gathered A (arch/)
+        self.input_groups = get_arch(shape.arch).input_groups
         self.dtype = dtype
         self.device = device
         self._lock = threading.RLock()
@@ -367,7 +361,7 @@ class LoRAManager:
         for t0, t1, j in runs:
             counts[j] += t1 - t0
         groups = []
-        for group, kinds in cost.group_kinds(self.shape.kinds, INPUT_GROUP).items():
+        for group, kinds in cost.group_kinds(self.shape.kinds, self.input_groups).items():
             ranks = [{k: len(r.rows[k]) for k in kinds if k in r.rows} for r in distinct]  # per distinct adapter
             if any(ranks):
                 groups.append((self.shape.kinds[kinds[0]][0], {k: self.shape.kinds[k][1] for k in kinds}, ranks))
@@ -381,7 +375,7 @@ class LoRAManager:
         for kind in self._a:
             users = [r for r in distinct if kind in r.rows]
             if users:
-                parts.setdefault(INPUT_GROUP[kind], []).append((kind, users))
+                parts.setdefault(self.input_groups[kind], []).append((kind, users))
         out = {}
         poisoned: set[int] = set()
         for group, kinds in parts.items():
@@ -419,7 +413,7 @@ class LoRAManager:
         for kind in self._a:
             users = [r for r in distinct if kind in r.rows]
             if users:
-                parts.setdefault(INPUT_GROUP[kind], []).append((kind, users))
+                parts.setdefault(self.input_groups[kind], []).append((kind, users))
         position = {r: j for j, r in enumerate(distinct)}
         out, deps = {}, []
         poisoned: set[int] = set()

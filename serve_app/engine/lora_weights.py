@@ -51,23 +51,11 @@ from serve_app.adapters.safetensors_file import (
     read_array,
     read_index,
 )
+from serve_app.engine.arch import get_arch
+from serve_app.engine.arch.base import BaseShape
 from serve_app.errors import AdapterNotFoundError, InvalidAdapterError
 
 logger = logging.getLogger(__name__)
-
-
-# base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight (PEFT's saved names; an
-# adapter name such as ".default" may appear before ".weight" in hand-made files).
-_KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.\w+)?\.weight$")
-
-
-@dataclass(frozen=True)
-class BaseShape:
-    """What an adapter must fit: per projection kind, (in_features, out_features)."""
-
-    num_layers: int
-    kinds: dict[str, tuple[int, int]]
-    name: str = ""
 
 
 @dataclass
@@ -177,12 +165,6 @@ _PATTERN_KEY_RE = re.compile(r"[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)*")
 MAX_PATTERN_KEYS = 4096
 
 
-def peft_module_name(layer: int, kind: str) -> str:
-    """The name PEFT matches patterns against: the module's path inside LlamaForCausalLM."""
-    block = "mlp" if kind in ("gate_proj", "up_proj", "down_proj") else "self_attn"
-    return f"model.layers.{layer}.{block}.{kind}"
-
-
 def _dotted_suffixes(name: str) -> list[str]:
     """'model.layers.3.mlp.up_proj' -> itself, 'layers.3.mlp.up_proj', ..., 'up_proj'."""
     parts = name.split(".")
@@ -241,12 +223,13 @@ class AdapterSpec:
     alpha_pattern: PatternTable
     config: dict = field(repr=False, hash=False, compare=False)
     warnings: tuple[str, ...] = ()
+    arch: str = "LlamaForCausalLM"  # the base's architecture: how PEFT names its modules (arch/)
 
     def rank_for(self, layer: int, kind: str) -> int:
-        return self.rank_pattern.lookup(peft_module_name(layer, kind), self.r)
+        return self.rank_pattern.lookup(get_arch(self.arch).peft_module_name(layer, kind), self.r)
 
     def scale_for(self, layer: int, kind: str, rank: int) -> float:
-        alpha = self.alpha_pattern.lookup(peft_module_name(layer, kind), self.lora_alpha)
+        alpha = self.alpha_pattern.lookup(get_arch(self.arch).peft_module_name(layer, kind), self.lora_alpha)
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
@@ -320,7 +303,7 @@ def parse_adapter_config(
             )
     return AdapterSpec(
         adapter_id=adapter_id, r=r, lora_alpha=alpha, use_rslora=use_rslora, rank_pattern=rank_pattern,
-        alpha_pattern=alpha_pattern, config=cfg, warnings=tuple(warnings),
+        alpha_pattern=alpha_pattern, config=cfg, warnings=tuple(warnings), arch=base.arch,
     )
 
 
@@ -454,13 +437,14 @@ def _index_lora_pairs(adapter_id: str, index: dict[str, TensorEntry], base: Base
     """kind -> layer -> {"A": entry, "B": entry}, every name, dtype, shape and rank checked from
     the header alone (no tensor read yet)."""
     found: dict[str, dict[int, dict[str, TensorEntry]]] = {}
+    arch = get_arch(base.arch)
     for key, entry in index.items():
-        m = _KEY_RE.search(key)
-        if m is None:
+        parsed = arch.parse_peft_key(key)
+        if parsed is None:
             if "lora_embedding" in key or "magnitude" in key:
                 raise _fail(adapter_id, f"tensor {key[:200]} is not supported (embedding LoRA / DoRA)")
             raise _fail(adapter_id, f"tensor {key[:200]} is not a LoRA weight of a decoder projection")
-        layer, kind, ab = int(m.group(1)), m.group(2), m.group(3)
+        layer, kind, ab = parsed
         if kind not in base.kinds:
             raise _fail(
                 adapter_id,

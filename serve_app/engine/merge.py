@@ -18,7 +18,9 @@ from typing import Literal, Sequence
 import torch
 from torch import nn
 
+from serve_app.engine.arch import base_shape
 from serve_app.engine.config import LORA_TARGET_KINDS
+from serve_app.engine.loader import resolve_device_dtype
 from serve_app.engine.lora_weights import load_lora_weights
 from serve_app.errors import InvalidAdapterError
 
@@ -41,8 +43,6 @@ def merge_adapter(
     ``max_bytes``, ``base_mismatch``, ``base_aliases``: the LoRA path's validation settings
     (``store.*``), so both paths accept and refuse the same adapters."""
     from peft import PeftModel
-
-    from serve_app.engine.model import base_shape
 
     # Validate with the LoRA path's checks before PEFT reads anything.
     dtype = next(model.parameters()).dtype
@@ -99,7 +99,6 @@ def build_merged_engine(
     7B model in bf16 against ~3.9 GB in NF4.
     """
     from serve_app.engine.engine import LoRAEngine
-    from serve_app.engine.model import resolve_device_dtype
     from serve_app.engine.static_batch import GenerateEngine
 
     cfg = config.model_copy(update={"lora_target_modules": (), "quantization": "none"})

@@ -39,7 +39,7 @@ def _hf_base(base_dir, dtype: torch.dtype, quantization: str):
     """The base as the engine loads it (serve_app/engine/model.py), for the PEFT reference."""
     from transformers import AutoModelForCausalLM
 
-    from serve_app.engine.model import quantization_config
+    from serve_app.engine.loader import quantization_config
 
     kwargs = dict(dtype=dtype, local_files_only=True)
     qcfg = quantization_config(quantization, dtype)

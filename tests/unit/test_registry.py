@@ -506,7 +506,7 @@ def base_shape(tiny_assets):
     from transformers import AutoModelForCausalLM
 
     from serve_app.config import LORA_TARGET_KINDS
-    from serve_app.engine.model import base_shape
+    from serve_app.engine.arch import base_shape
 
     model = AutoModelForCausalLM.from_pretrained(str(tiny_assets.base), dtype=torch.float32)
     return base_shape(model, LORA_TARGET_KINDS)

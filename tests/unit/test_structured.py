@@ -262,3 +262,82 @@ def test_compile_grammar_runs_off_the_event_loop(two_adapter_engine):
     assert worst_gap < took / 2, f"the loop stalled {worst_gap * 1e3:.1f} ms of a {took * 1e3:.1f} ms compile"
     out = eng.generate_batch([([1, 5, 9], SamplingParams(max_tokens=4, temperature=0.0, json_schema=schema), None)])
     assert out[0].token_ids and eng.grammars().compiles == before + 1, "submit compiled it again"
+
+
+# ---- complexity bounds at the edge (api/structured.py) ------------------------------------------
+
+def _refusal(schema) -> str:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError) as e:
+        CompletionRequest.model_validate({"model": "m", "prompt": "x", "response_format": {
+            "type": "json_schema", "json_schema": {"name": "s", "schema": schema}}})
+    return str(e.value)
+
+
+def _string(pattern: str) -> dict:
+    return {"type": "object", "properties": {"x": {"type": "string", "pattern": pattern}}, "required": ["x"]}
+
+
+def test_nested_bounded_repetition_is_refused_at_the_edge():
+    """The 46-character pattern that takes seconds to minutes to compile (nested {1,n} bounds
+    multiply into states) is a 400 naming the expansion and the limit, wherever a regex sits."""
+    slow = "^(([a-z0-9]{1,36}-){1,36}[a-z]{1,36}\\.){1,36}$"
+    for schema, where in ((_string(slow), "properties/x/pattern"),
+                          ({"type": "object", "patternProperties": {slow: {"type": "integer"}}}, "patternProperties/"),
+                          ({"type": "object", "propertyNames": {"pattern": slow}}, "propertyNames/pattern"),
+                          ({"type": "array", "items": _string("^([a-z]{1,36}-){1,36}$")}, "items/properties/x/pattern")):
+        msg = _refusal(schema)
+        assert "expand to" in msg and "more than 256" in msg and where in msg, msg
+    # Spread over several patterns: the budget is the schema's.
+    spread = {"type": "object", "properties": {f"k{i}": {"type": "string", "pattern": "^([a-z]{1,12}-){1,12}$"}
+                                               for i in range(3)}}
+    assert "more than 256" in _refusal(spread)
+
+
+@pytest.mark.parametrize("pattern,expect", [
+    ("^[a-z]{1,5000}$", "repeats something 5000 times, more than 1000"),
+    ("^(a{2000,})$", "repeats something 2000 times, more than 1000"),
+    ("^((((a+)+)+)+)$", "nests repetitions 4 deep, more than 3"),
+    ("(" * 40 + "a" + ")" * 40, "nested deeper than 32"),
+])
+def test_regex_bounds_are_refused_at_the_edge(pattern, expect):
+    assert expect in _refusal(_string(pattern))
+
+
+def test_deep_schemas_are_a_400_not_a_recursion_error():
+    deep: dict = {"type": "integer"}
+    for _ in range(40):
+        deep = {"type": "object", "properties": {"a": deep}}
+    assert "nested deeper than 64 levels" in _refusal(deep)
+    with pytest.raises(Exception) as e:  # JSON text nested past Python's recursion limit
+        schema_text('{"a":' * 5000 + "1" + "}" * 5000, "guided_json")
+    assert type(e.value).__name__ == "PydanticCustomError" and "nested deeper" in str(e.value)
+    very: dict = {}
+    cur = very
+    for _ in range(3000):
+        cur["a"] = {}
+        cur = cur["a"]
+    with pytest.raises(Exception) as e:
+        schema_text(very, "guided_json")
+    assert type(e.value).__name__ == "PydanticCustomError" and "nested deeper" in str(e.value)
+
+
+def test_everyday_patterns_pass_the_edge():
+    """UUIDs, IPv4, hostnames, e-mails, dates, semver, phone numbers, long flat bounds, a property
+    named "pattern", a "pattern" inside an enum value: none refused."""
+    for p in ("^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$",
+              "^((25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])\\.){3}(25[0-5]|2[0-4][0-9]|1?[0-9]?[0-9])$",
+              "^(\\d{1,3}\\.){3}\\d{1,3}$", "^([0-9A-Fa-f]{2}[:-]){5}([0-9A-Fa-f]{2})$",
+              "^([a-zA-Z0-9]([a-zA-Z0-9-]{0,61}[a-zA-Z0-9])?\\.)+[a-zA-Z]{2,63}$",
+              "^[a-z0-9._%+-]+@[a-z0-9.-]+\\.[a-z]{2,}$", "^\\d{4}-\\d{2}-\\d{2}$",
+              "^v?(0|[1-9]\\d*)\\.(0|[1-9]\\d*)\\.(0|[1-9]\\d*)(-[0-9A-Za-z-]+(\\.[0-9A-Za-z-]+)*)?$",
+              "^(?:\\+?1[-. ]?)?\\(?([0-9]{3})\\)?[-. ]?([0-9]{3})[-. ]?([0-9]{4})$", "^[\\s\\S]{0,1000}$"):
+        schema_text(_string(p), "t")
+    schema_text({"type": "object", "properties": {"pattern": {"type": "string"}}}, "t")
+    schema_text({"enum": [{"pattern": "((((a+)+)+)+)"}]}, "t")
+    schema_text(SCHEMA, "t")
+    nested: dict = {"type": "string"}
+    for _ in range(12):  # deeper than OpenAI's 10 levels
+        nested = {"type": "object", "properties": {"a": {"type": "array", "items": nested}, "b": {"type": "integer"}}}
+    schema_text(nested, "t")

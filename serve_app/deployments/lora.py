@@ -298,7 +298,7 @@ class LoRADeployment(ChannelMixin):
         mux = serve.get_multiplexed_model_id()
         prompt = render_prompt(self.engine.tokenizer, req)
         if req.params.json_schema is not None:  # compiled off the event loop, before submit
-            await self.engine.compile_grammar(req.params.json_schema)
+            await self.engine.compile_grammar(req.params.json_schema, req.tenant)
         for attempt in range(3):
             pinned = None
             try:

@@ -240,7 +240,7 @@ class MergedDeployment(ChannelMixin):
     async def _submit(self, req: GenerateRequest) -> RequestStream:
         engine = await self._engine()
         if req.params.json_schema is not None:  # compiled off the event loop, before submit
-            await engine.compile_grammar(req.params.json_schema)
+            await engine.compile_grammar(req.params.json_schema, req.tenant)
         return engine.submit(render_prompt(engine.tokenizer, req), req.params, None, req.request_id)
 
     async def generate(self, req: GenerateRequest) -> RequestOutput:

@@ -77,6 +77,26 @@ class EngineArgs(BaseModel):
         "versions, or with the base model.",
     )
 
+    structured_output_compile_timeout_s: float = Field(
+        default=2.0, gt=0, le=600,
+        description="CPU seconds a new response_format schema may take to compile (in a sandbox process, "
+        "killed at the limit); a schema over it is refused with a 400 and remembered as refused. CPU time, so a "
+        "busy replica does not refuse a normal schema (one starved 4x as long by the clock gets a 503 to retry). "
+        "Normal schemas take milliseconds to ~0.4 s (larger vocabularies take longer); a crafted "
+        "nested-repetition pattern can take minutes.",
+    )
+    structured_output_compile_memory_bytes: int = Field(
+        default=1 << 30, ge=16 << 20,
+        description="Most memory one schema compile may take in the sandbox process (RLIMIT_AS above the "
+        "worker's own); a schema over it is refused with a 400 and remembered as refused.",
+    )
+    structured_output_compile_workers: int = Field(
+        default=2, ge=1, le=16,
+        description="Schema compile threads per replica, each with its warm sandbox process (~270 MB: xgrammar "
+        "imports torch). A tenant compiles one new schema at a time, so with 2 or more one tenant's slow "
+        "schema never holds up another tenant's.",
+    )
+
     @model_validator(mode="after")
     def _check_engine_args(self) -> "EngineArgs":
         if self.quantization != "none" and self.dtype == "float16":

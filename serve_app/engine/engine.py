@@ -417,17 +417,33 @@ class LoRAEngine:
             with _GRAMMAR_INIT:  # not the engine's lock: building it takes 20-130 ms, once
                 cache = getattr(self, "_grammar_cache", None)
                 if cache is None:
-                    cache = self._grammar_cache = GrammarCache(self.tokenizer, self.vocab_size, self.eos_ids)
+                    cfg = self.config
+                    cache = self._grammar_cache = GrammarCache(
+                        self.tokenizer, self.vocab_size, self.eos_ids,
+                        compile_timeout_s=cfg.structured_output_compile_timeout_s,
+                        compile_memory_bytes=cfg.structured_output_compile_memory_bytes,
+                        compile_workers=cfg.structured_output_compile_workers)
         return cache
 
-    async def compile_grammar(self, schema: str) -> None:
-        """Compile a response_format schema in a worker thread (xgrammar releases the GIL; a cache
-        miss takes 20-130 ms, the first one also builds the tokenizer's tables), so that the event
-        loop serving every other request is not held while it compiles; ``submit`` then finds it
-        compiled. A schema the compiler refuses raises InvalidRequestError here."""
+    async def compile_grammar(self, schema: str, tenant: str | None = None) -> None:
+        """Compile a response_format schema before submit, off the event loop and off the default
+        executor (adapter loading's): on the grammar cache's own threads, tried first in a sandbox
+        process under the compile time and memory limits, one cache miss at a time per ``tenant``
+        (engine/structured.py); ``submit`` then finds it. A schema over a limit or refused by the
+        compiler raises InvalidRequestError here (and is remembered: a repeat costs nothing)."""
         cache = getattr(self, "_grammar_cache", None)
-        if cache is None or not cache.has(schema):
-            await asyncio.to_thread(lambda: self.grammars().compiled(schema))
+        if cache is None:  # built once (the tokenizer's tables: 20-130 ms) on a thread of its own
+            built: Future = Future()
+
+            def build() -> None:
+                try:
+                    built.set_result(self.grammars())
+                except BaseException as e:
+                    built.set_exception(e)
+
+            threading.Thread(target=build, name="grammar-init", daemon=True).start()
+            cache = await asyncio.wrap_future(built)
+        await cache.compile(schema, tenant)
 
     def add_request(
         self,

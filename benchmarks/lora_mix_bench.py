@@ -141,8 +141,8 @@ def bench_config(rank: int, targets: str, n: int, plen: int, new: int, reps: int
 def calibrate() -> None:
     """Time the three CPU paths of one input group on synthetic shapes and least-squares fit
     (OP_S, FLOP_S, BYTE_S) to cost.group_terms' (ops, flops, bytes)."""
-    from serve_app.engine.lora_kernels import cost, sgmv_cpu
-    from serve_app.engine.lora_kernels.layout import build_layout
+    from serve_app.engine.lora.kernels import cost, sgmv_cpu
+    from serve_app.engine.lora.kernels.layout import build_layout
 
     torch.manual_seed(0)
     feats, secs, names = [], [], []

@@ -5,7 +5,7 @@ from serve_app.config import EngineConfig
 from serve_app.demo import build_demo_assets
 from serve_app.engine.engine import LoRAEngine
 from serve_app.engine.sampling import SamplingParams
-from serve_app.engine import lora_manager as lm
+from serve_app.engine.lora import manager as lm
 quiet_libraries()
 acc = {"t": 0.0, "n": 0, "bytes": 0}
 cls = lm.LoRAManager

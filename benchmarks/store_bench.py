@@ -156,7 +156,7 @@ def part_a(shape: Shape, s3: MotoProcess, work: Path) -> dict:
     from serve_app.config import EngineConfig
     from serve_app.demo import build_demo_assets
     from serve_app.engine.engine import LoRAEngine
-    from serve_app.engine.lora_weights import load_lora_weights
+    from serve_app.engine.lora.weights import load_lora_weights
 
     assets = build_demo_assets()  # W1
     aid = "tenant-0"

@@ -1,7 +1,7 @@
 """The PEFT folder rules, written once: which files an adapter is, and what is refused.
 
 The store's listing check (store.check_adapter_files, before anything is downloaded) and the
-engine's parse (engine/lora_weights.py, on the local copy) apply the same rules with the same
+engine's parse (engine/lora/weights.py, on the local copy) apply the same rules with the same
 messages. Pure Python, no torch: the engine imports it, it imports nothing of the engine.
 """
 

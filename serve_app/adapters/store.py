@@ -102,7 +102,7 @@ def check_adapter_files(adapter_id: str, files: dict[str, FileInfo], where: str,
     """Refuse a folder before downloading or copying anything: what is missing, what is too big.
 
     The same problems are caught again, by the same rules (peft_files.py), when the files are
-    parsed (engine/lora_weights.py);
+    parsed (engine/lora/weights.py);
     this check exists so that a remote store never sends us a pickle or a 50 GB file.
     """
     if not files:

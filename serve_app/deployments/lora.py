@@ -50,8 +50,8 @@ from serve_app.deployments.channel import ChannelMixin
 from serve_app.deployments.multiplex import announce_change, loaded_models
 from serve_app.engine.api import EngineAPI
 from serve_app.engine.engine import LoRAEngine, RequestStream
-from serve_app.engine.lora_manager import AdapterNotResidentError, ResidentAdapter
-from serve_app.engine.lora_weights import LoRAWeights, load_adapter_tensors, parse_adapter_config
+from serve_app.engine.lora.manager import AdapterNotResidentError, ResidentAdapter
+from serve_app.engine.lora.weights import LoRAWeights, load_adapter_tensors, parse_adapter_config
 from serve_app.errors import InvalidRequestError
 
 logger = logging.getLogger("ray.serve")

@@ -45,13 +45,13 @@ import torch
 
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenizer import TextAssembler
-from serve_app.engine.lora_manager import LoRABatch, LoRAManager, ResidentAdapter
-from serve_app.engine.lora_weights import AdapterSpec, LoRAWeights, load_adapter_tensors, parse_adapter_config
+from serve_app.engine.lora.manager import LoRAManager, ResidentAdapter
+from serve_app.engine.lora.weights import AdapterSpec, LoRAWeights, load_adapter_tensors, parse_adapter_config
 from serve_app.engine.kv_cache import ROOT
 from serve_app.engine.arch import base_shape
 from serve_app.engine.loader import load_base_model
 from serve_app.engine.model_runner import ModelRunner, SeqChunk
-from serve_app.engine.lora_layers import LoRAContext, wrap_lora_layers
+from serve_app.engine.lora.layers import LoRABatch, LoRAContext, wrap_lora_layers
 from serve_app.api.wire import RequestOutput, TokenLogprob
 from serve_app.engine.sampling import LogitsRow, SamplingParams, apply_logits_processors, sample
 from serve_app.engine.structured import GrammarCache, GrammarError, RowGrammar

@@ -21,7 +21,7 @@ from torch import nn
 from serve_app.engine.arch import base_shape
 from serve_app.engine.config import LORA_TARGET_KINDS
 from serve_app.engine.loader import resolve_device_dtype
-from serve_app.engine.lora_weights import load_lora_weights
+from serve_app.engine.lora.weights import load_lora_weights
 from serve_app.errors import InvalidAdapterError
 
 logger = logging.getLogger(__name__)

@@ -28,8 +28,7 @@ from torch import nn
 from serve_app.engine.arch import spec_for
 from serve_app.engine.attention import StepContext, TorchAttention
 from serve_app.engine.kv_cache import BlockPool
-from serve_app.engine.lora_layers import LoRAContext
-from serve_app.engine.lora_manager import LoRABatch
+from serve_app.engine.lora.layers import LoRABatch, LoRAContext
 
 logger = logging.getLogger(__name__)
 

@@ -7,15 +7,15 @@ import random
 import pytest
 import torch
 
-from serve_app.engine.lora_kernels import cost, sgmv_cpu
-from serve_app.engine.lora_kernels.layout import build_layout
+from serve_app.engine.lora.kernels import cost, sgmv_cpu
+from serve_app.engine.lora.kernels.layout import build_layout
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_sgmv_on_cuda_equals_cpu_bmm(dtype, tol):
-    from serve_app.engine.lora_kernels import sgmv_triton
+    from serve_app.engine.lora.kernels import sgmv_triton
 
     g = torch.Generator().manual_seed(0)
     rng = random.Random(0)

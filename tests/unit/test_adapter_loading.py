@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 
 from serve_app.adapters.peft_files import CONFIG_NAME, WEIGHTS_NAME
 from serve_app.engine.engine import LoRAEngine
-from serve_app.engine.lora_weights import BaseShape, load_adapter_tensors, load_lora_weights, parse_adapter_config
+from serve_app.engine.arch import BaseShape
+from serve_app.engine.lora.weights import load_adapter_tensors, load_lora_weights, parse_adapter_config
 from serve_app.engine.sampling import SamplingParams
 from serve_app.errors import AdapterStoreUnavailableError, InvalidAdapterError
 from tests.bad_adapters import make_bad_adapters
@@ -331,7 +332,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 sys.path.insert(0, sys.argv[1])
-from serve_app.engine.lora_weights import BaseShape, load_adapter_tensors, parse_adapter_config
+from serve_app.engine.arch import BaseShape
+from serve_app.engine.lora.weights import load_adapter_tensors, parse_adapter_config
 
 torch.set_num_threads(2)
 def threads():

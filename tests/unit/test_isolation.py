@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from serve_app.config import EngineConfig
 from serve_app.engine.engine import FairQueue, LoRAEngine
-from serve_app.engine.lora_weights import lora_gain_bound, parse_adapter_config
+from serve_app.engine.lora.weights import lora_gain_bound, parse_adapter_config
 from serve_app.engine.sampling import SamplingParams, sample
 from serve_app.errors import InvalidAdapterError, ServeAppError
 from tests.helpers import TINY, peft_model, reference_greedy

@@ -20,8 +20,8 @@ from safetensors.torch import load_file, save_file
 
 from serve_app.config import EngineConfig
 from serve_app.engine.engine import LoRAEngine
-from serve_app.engine.lora_kernels import cost, sgmv_cpu
-from serve_app.engine.lora_kernels.layout import build_layout
+from serve_app.engine.lora.kernels import cost, sgmv_cpu
+from serve_app.engine.lora.kernels.layout import build_layout
 from serve_app.engine.sampling import SamplingParams
 from tests.helpers import peft_model, reference_greedy, reference_logits
 
@@ -284,7 +284,7 @@ def sgmv_triton():
         pytest.skip(f"triton is not importable here ({type(e).__name__}: {e}); the [test] extra installs it")
     old = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"  # read by triton.jit when the module is (re)loaded
-    from serve_app.engine.lora_kernels import sgmv_triton as mod
+    from serve_app.engine.lora.kernels import sgmv_triton as mod
 
     mod = importlib.reload(mod)
     yield mod
@@ -531,7 +531,7 @@ def test_slot_placement_stays_next_to_the_set_and_evicts_only_at_the_limit():
     """SlotStack alone: below its limit a set with too few empty slots asks to grow (None), and a
     grown buffer keeps every slot; at the limit a newcomer takes the dead slot nearest the members
     that stay (the least recently used one), not a far empty one; written slots hold the adapter."""
-    from serve_app.engine.lora_slots import SlotStack
+    from serve_app.engine.lora.slots import SlotStack
 
     def fill(st):
         def f(s, lid):

@@ -513,7 +513,7 @@ def base_shape(tiny_assets):
 
 
 class ParsingLora(FakeLora):
-    """Validates as a LoRA replica does: fetch the staged version, parse it (engine/lora_weights.py)."""
+    """Validates as a LoRA replica does: fetch the staged version, parse it (engine/lora/weights.py)."""
 
     def __init__(self, store, cfg, base_shape):
         super().__init__()
@@ -523,7 +523,7 @@ class ParsingLora(FakeLora):
     async def _validate(self, adapter_id, version, fingerprint=None):
         import torch
 
-        from serve_app.engine.lora_weights import load_lora_weights
+        from serve_app.engine.lora.weights import load_lora_weights
 
         fetched = self.fetcher.fetch(adapter_id, version, fingerprint)
         w = load_lora_weights(f"{adapter_id}@v{version}", fetched.path, self.base_shape, max_rank=32,

@@ -29,7 +29,7 @@ from serve_app.adapters.registry import (
 )
 from serve_app.adapters.backends import open_store
 from serve_app.config import LORA_TARGET_KINDS, AppConfig
-from serve_app.engine.lora_weights import load_lora_weights
+from serve_app.engine.lora.weights import load_lora_weights
 from serve_app.errors import (
     AdapterNotFoundError,
     AdapterStoreUnavailableError,

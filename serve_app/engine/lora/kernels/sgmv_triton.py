@@ -17,11 +17,14 @@ module is first imported (tests reload it).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
 
-from serve_app.engine.lora_kernels.layout import SegmentLayout
+from serve_app.engine.lora.kernels.base import LoRAKernel
+from serve_app.engine.lora.kernels.layout import SegmentLayout, build_layout
 
 BLOCK_M = 16
 BLOCK_K = 32
@@ -137,3 +140,22 @@ def sgmv_expand(out2: torch.Tensor, h: torch.Tensor, b_l: torch.Tensor, start: i
         h.stride(0), h.stride(1), b_l.stride(0), b_l.stride(1), b_l.stride(2), out2.stride(0), out2.stride(1),
         BLOCK_M=BLOCK_M, BLOCK_N=bn, BLOCK_K=BLOCK_K, PRECISION=_precision(h.dtype),
     )
+
+
+class TritonKernel(LoRAKernel):
+    """``triton``: h is [M, Rp], row p = sorted token p (``layout.tok``)."""
+
+    name = "triton"
+
+    def shrink(self, x2: torch.Tensor, g: Any, layer: int) -> torch.Tensor:
+        return sgmv_shrink(x2, g.a_layers[layer], g.layout)
+
+    def expand(self, out2: torch.Tensor, h: torch.Tensor, g: Any, kind: str, start: int, end: int,
+               b_l: torch.Tensor) -> None:
+        sgmv_expand(out2, h, b_l, start, g.layout)  # b_l: [n, r, out]
+
+    def layout(self, tok_adapter, member_of, n_members, device) -> SegmentLayout:
+        return build_layout(tok_adapter, member_of, n_members, "triton", device)
+
+
+KERNEL = TritonKernel()

@@ -16,9 +16,12 @@ Two ways to make each token pay only for its own adapter's rank:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-from serve_app.engine.lora_kernels.layout import SegmentLayout
+from serve_app.engine.lora.kernels.base import LoRAKernel
+from serve_app.engine.lora.kernels.layout import SegmentLayout, build_layout
 
 
 def bmm_shrink(x2: torch.Tensor, a_l: torch.Tensor, lay: SegmentLayout):
@@ -84,3 +87,37 @@ def loop_expand(
         r = ranks[m].get(kind, 0)
         if r:
             out2[t0:t1].addmm_(h[:, start : start + r], b_l[m, :r])  # [t, r] @ [r, out]
+
+
+class BmmKernel(LoRAKernel):
+    """``bmm``: h is [n_seg, S, Rp] (with split runs: (h, per run [t, Rp]))."""
+
+    name = "bmm"
+
+    def shrink(self, x2: torch.Tensor, g: Any, layer: int):
+        return bmm_shrink(x2, g.a_layers[layer], g.layout)
+
+    def expand(self, out2: torch.Tensor, h, g: Any, kind: str, start: int, end: int, b_l: torch.Tensor) -> None:
+        bmm_expand(out2, h, b_l, start, end, g.layout)  # b_l: [n, e - s, out]
+
+    def layout(self, tok_adapter, member_of, n_members, device) -> SegmentLayout:
+        return build_layout(tok_adapter, member_of, n_members, "bmm", device)
+
+
+class LoopKernel(LoRAKernel):
+    """``loop``: h is a list, per contiguous run [t1 - t0, Rp]."""
+
+    name = "loop"
+
+    def shrink(self, x2: torch.Tensor, g: Any, layer: int) -> list[torch.Tensor]:
+        return loop_shrink(x2, g.a_layers[layer], g.layout)
+
+    def expand(self, out2: torch.Tensor, h, g: Any, kind: str, start: int, end: int, b_l: torch.Tensor) -> None:
+        loop_expand(out2, h, b_l, start, kind, g.stack.ranks, g.layout)
+
+    def layout(self, tok_adapter, member_of, n_members, device) -> SegmentLayout:
+        return build_layout(tok_adapter, member_of, n_members, "loop", device)
+
+
+BMM = BmmKernel()
+LOOP = LoopKernel()

@@ -11,16 +11,22 @@ step. The constants were fitted on the 2-core dev box (fp32, torch 2.13) with
 choice only needs their ratios to be right within a factor of about two near the crossovers.
 
 The bmm terms count the step's members only: a slot buffer's range may also hold dead slots
-(lora_slots.py), read as empty segments, but compaction keeps them to max(2, n/8), so the
+(lora/slots.py), read as empty segments, but compaction keeps them to max(2, n/8), so the
 estimate is low by at most that share of the weight bytes -- well inside the factor of two.
 
 On CUDA the choice is simpler: ``masked`` when one adapter serves every row (two plain GEMMs),
 else the Triton SGMV kernels.
+
+The paths themselves are the backend objects of kernels/ (``kernel(path)``); this file only
+weighs them. A new path is chosen automatically once its terms are added here; until then it
+runs when forced (``LoRAManager.path``, ``SERVE_APP_LORA_PATH``).
 """
 
 from __future__ import annotations
 
-from serve_app.engine.lora_kernels.layout import split_cut
+from serve_app.engine.lora.kernels.layout import runs_of, split_cut
+
+__all__ = ["CPU_PATHS", "estimate", "group_kinds", "group_terms", "runs_of", "seconds", "split_cut"]
 
 # Re-fitted 2026-12-02 (h16b) with benchmarks/lora_mix_bench.py --calibrate on the 2-core box,
 # after prepare() was cached across decode steps: OP_S 8.1e-6, FLOP_S 1/135e9, BYTE_S 1/96e9
@@ -34,20 +40,7 @@ OP_S = 8.1e-6  # seconds per torch op (dispatch + small-kernel overhead)
 FLOP_S = 1.0 / 135e9  # seconds per fp32 GEMM flop
 BYTE_S = 1.0 / 96e9  # seconds per byte of weights read / rows copied
 
-CPU_PATHS = ("masked", "loop", "bmm")
-
-
-def runs_of(tok_adapter: list[int]) -> list[tuple[int, int, int]]:
-    """Contiguous runs (first, end, adapter index) of tokens that use one adapter (base left out)."""
-    runs, start, cur = [], 0, -1
-    for t, j in enumerate(tok_adapter):
-        if j != cur:
-            if cur >= 0:
-                runs.append((start, t, cur))
-            start, cur = t, j
-    if cur >= 0:
-        runs.append((start, len(tok_adapter), cur))
-    return runs
+CPU_PATHS = ("masked", "loop", "bmm")  # the paths weighed on CPU (group_terms)
 
 
 def group_kinds(kinds: dict, input_group: dict[str, str]) -> dict[str, list[str]]:

@@ -1,7 +1,7 @@
 """Adapter-major slot buffers for the per-row LoRA paths: a change of adapter set patches slots.
 
 The ``bmm`` / ``loop`` / ``triton`` paths read one input group's adapters stacked adapter-major
-(lora_kernels/layout.py: ``a [L, n, in, Rp]``, ``b[kind] [L, n, rk, out]``). Under real traffic
+(kernels/layout.py: ``a [L, n, in, Rp]``, ``b[kind] [L, n, rk, out]``). Under real traffic
 the set of adapters in a step changes all the time -- a request finishes, another is admitted
 -- and building a fresh stack for every new set copies every member's weights: 470 MB per set
 for 64 rank-16 q/k/v/o adapters on SmolLM2-135M, about 157 ms a set on the 2-core box
@@ -13,7 +13,7 @@ and writes only the newcomers, each into a slot no member of the set uses (one a
 from the pool, checked for non-finite values on the way). A step reads the range view
 ``[:, lo:hi]`` of the slots its members occupy -- no copy. Slots inside the range that no member
 of this step uses ("dead": a finished request's adapter) are read as padding and their outputs
-dropped (layout.py); when they pile up, the members at the range's top move down into them
+dropped (kernels/layout.py); when they pile up, the members at the range's top move down into them
 (one adapter each).
 
 Where newcomers go decides how much a later step re-reads or re-writes: next to the members

@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-PATHS = ("masked", "loop", "bmm", "triton")
 SPLIT_FACTOR = 4  # bmm: a segment longer than this many times the median one runs as its own GEMMs
 
 
@@ -88,15 +87,17 @@ class SegmentLayout:
     seg_member_t: torch.Tensor | None = None  # [n_seg] int32 (triton)
 
 
-def _runs(tok_member: list[int]) -> list[tuple[int, int, int]]:
+def runs_of(tok: list[int]) -> list[tuple[int, int, int]]:
+    """Contiguous runs (first, end, index) of tokens with one adapter (or member) index; -1
+    (the base model, or not a member) is left out."""
     runs, start, cur = [], 0, -1
-    for t, m in enumerate(tok_member):
-        if m != cur:
+    for t, j in enumerate(tok):
+        if j != cur:
             if cur >= 0:
                 runs.append((start, t, cur))
-            start, cur = t, m
+            start, cur = t, j
     if cur >= 0:
-        runs.append((start, len(tok_member), cur))
+        runs.append((start, len(tok), cur))
     return runs
 
 
@@ -109,7 +110,7 @@ def build_layout(
     tok_member = [member_of[j] if j >= 0 else -1 for j in tok_adapter]  # [N] python
     n = len(tok_member)
     if path == "loop":
-        runs = _runs(tok_member)
+        runs = runs_of(tok_member)
         return SegmentLayout(n_tokens=n, m=sum(e - s for s, e, _ in runs), runs=runs, seg_member=[], seg_len=[])
     buckets: dict[int, list[int]] = {}
     for t, m in enumerate(tok_member):
@@ -119,11 +120,11 @@ def build_layout(
         long = {m for m, b in buckets.items() if len(b) > cut}
         short = [j if j < 0 or member_of[j] not in long else -1 for j in tok_adapter]
         lay = build_layout(short, member_of, n_members, path, device, split_off + len(long))  # their slots: dead here
-        lay.split = [*lay.split, *(r for r in _runs(tok_member) if r[2] in long)]
+        lay.split = [*lay.split, *(r for r in runs_of(tok_member) if r[2] in long)]
         return lay
     seg_member = sorted(buckets)
     if path == "bmm" and len(seg_member) < n_members <= 2 * (len(seg_member) + split_off):
-        # Members of the stack with no token this step (a slot buffer's dead slots, lora_slots.py)
+        # Members of the stack with no token this step (a slot buffer's dead slots, lora/slots.py)
         # ride along as empty, padded segments whose outputs are dropped: reading their weights
         # costs less than gathering the live members' weights into a copy (``members_t``).
         seg_member = list(range(n_members))

@@ -20,11 +20,11 @@ defence in depth against a bug or a corrupted copy -- has its columns zeroed in 
 copy, is marked ``poisoned`` and retired, and only its own requests fail.
 
 Per-step paths. ``prepare`` picks, per step, how the LoRALinears compute the mixed batch (see
-lora_kernels/cost.py): ``masked`` (one dense product over the sum of the active ranks; cheapest
+lora/kernels/cost.py): ``masked`` (one dense product over the sum of the active ranks; cheapest
 for one or two adapters), ``loop`` (a GEMM pair per contiguous run of one adapter's tokens),
 ``bmm`` (tokens sorted by adapter, one padded batched GEMM pair), ``triton`` (SGMV kernels, on
 CUDA). The per-row paths read adapter-major stacks (``StackedGroup``): views of a long-lived
-slot buffer per input group (lora_slots.py) that a new adapter set patches one newcomer at a
+slot buffer per input group (slots.py) that a new adapter set patches one newcomer at a
 time, checked the same way for non-finite rows.
 """
 
@@ -39,11 +39,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from serve_app.engine.lora_kernels import cost
-from serve_app.engine.lora_kernels.layout import PATHS, SegmentLayout, StackedGroup, build_layout
-from serve_app.engine.lora_slots import SlotStack
 from serve_app.engine.arch import BaseShape, get_arch
-from serve_app.engine.lora_weights import LoRAWeights
+from serve_app.engine.lora.kernels import PATHS, cost, kernel
+from serve_app.engine.lora.kernels.layout import StackedGroup
+from serve_app.engine.lora.layers import GroupBatch, LoRABatch
+from serve_app.engine.lora.slots import SlotStack
+from serve_app.engine.lora.weights import LoRAWeights
 from serve_app.errors import ServeAppError
 
 logger = logging.getLogger(__name__)
@@ -74,67 +75,6 @@ class AdapterNotResidentError(ServeAppError):
     status_code = 503
     error_type = "service_unavailable"
     code = "adapter_not_loaded"
-
-
-@dataclass
-class GroupBatch:
-    # masked path (None otherwise)
-    a_t: torch.Tensor | None  # [num_layers, in, R]: A rows of every active adapter, every kind of the group
-    drop: torch.Tensor | None  # [B, R] bool: True where column r is NOT row b's adapter's; None: one adapter for all
-    spans: dict[str, tuple[int, int, torch.Tensor]]  # kind -> (first col, end col, B [num_layers, r, out])
-    # per-row paths (loop / bmm / triton; None for masked)
-    stack: StackedGroup | None = None  # adapter-major weights, spans: kind -> (s, e, B [L, n, e - s, out])
-    layout: SegmentLayout | None = None  # this step's tokens of the group's members
-    # Per-layer views of the weights a forward reads (a_t's / the stack's, unbound once per gather)
-    a_layers: list[torch.Tensor] | None = None  # [L] of masked [in, R] or stacked [n, in, Rp]
-    b_layers: dict[str, list[torch.Tensor]] | None = None  # kind -> [L] of masked [r, out] or stacked [n, e - s, out]
-
-    def __post_init__(self) -> None:
-        if self.stack is not None:
-            self.a_layers, self.b_layers = self.stack.a_layers, self.stack.b_layers
-        elif self.a_layers is None:
-            self.a_layers = list(self.a_t.unbind(0))
-            self.b_layers = {k: list(b.unbind(0)) for k, (_, _, b) in self.spans.items()}
-
-
-@dataclass
-class LoRABatch:
-    """Per-forward LoRA state read by every LoRALinear: which rows use which adapter's weights."""
-
-    groups: dict[str, GroupBatch]
-    poisoned: frozenset[int] = frozenset()  # load IDs of adapters whose rows were not finite (zeroed here): fail their rows
-    path: str = "masked"  # how the LoRALinears compute it (PATHS)
-    rows: int = 0  # entries given to prepare: tokens of the forward, or rows of T tokens each
-    uniform: bool = False  # one adapter for every row
-    tok_adapter: list[int] | None = None  # [rows] index into the step's distinct adapters, -1: base
-    costs: dict[str, float] | None = None  # the cost model's estimate per path (seconds), when it chose
-    # kind -> (its GroupBatch, first col, end col, B per layer): what a LoRALinear reads
-    kinds: dict[str, tuple] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not self.kinds:
-            for g in self.groups.values():
-                for kind, (s, e, _) in g.spans.items():
-                    self.kinds[kind] = (g, s, e, g.b_layers[kind])
-
-    def per_token(self, n_tokens: int) -> LoRABatch:
-        """The same batch for a forward of ``n_tokens`` tokens when it was prepared per row
-        (``rows`` rows of ``n_tokens / rows`` tokens each); self when it already is per token."""
-        if n_tokens == self.rows or self.path == "masked":
-            return self
-        if self.uniform:
-            tok = [0] * n_tokens
-        else:
-            if n_tokens % self.rows:
-                raise ValueError(f"a per-row LoRABatch of {self.rows} rows cannot cover {n_tokens} tokens")
-            t = n_tokens // self.rows
-            tok = [j for j in self.tok_adapter for _ in range(t)]
-        groups = {}
-        for name, g in self.groups.items():
-            lay = build_layout(tok, g.stack.member_of, g.stack.a.shape[1], self.path, g.stack.a.device)
-            groups[name] = GroupBatch(a_t=None, drop=None, spans=g.spans, stack=g.stack, layout=lay)
-        return LoRABatch(groups=groups, poisoned=self.poisoned, path=self.path, rows=n_tokens,
-                         uniform=self.uniform, tok_adapter=tok, costs=self.costs)
 
 
 class LoRAManager:
@@ -168,7 +108,7 @@ class LoRAManager:
         # prepare()'s whole LoRABatch per (path asked, pool version, rows' load IDs); an entry is
         # used only while the gather it was built from is still the cached one
         self._batch_cache: OrderedDict[tuple, tuple] = OrderedDict()
-        # the per-row paths' adapter-major buffers, per input group (lora_slots.py): a few shapes each
+        # the per-row paths' adapter-major buffers, per input group (slots.py): a few shapes each
         self._slots: dict[str, list[SlotStack]] = {}
         self.max_slots = max_slots  # a slot buffer grows past this only to hold one step's set
         # "auto": the cost model picks per step; or one of PATHS, forced (benchmarks, tests).
@@ -311,7 +251,8 @@ class LoRAManager:
             raise ValueError(f"unknown LoRA path {path!r}; one of auto, {', '.join(PATHS)}")
         self.last_path = path
         self.path_steps[path] += 1
-        layout_kind = "masked" if path == "masked" else "stacked"
+        kern = kernel(path)
+        layout_kind = "stacked" if kern.stacked else "masked"  # which gather it reads (the cache keys say)
         key = (layout_kind, *(r.load_id for r in distinct))
         with self._lock:
             cached = self._gather_cache.get(key)
@@ -333,7 +274,7 @@ class LoRAManager:
                 groups[group] = GroupBatch(a_t=a_t, drop=drop, spans=spans)
         else:
             for group, st in gathered.items():
-                lay = build_layout(tok_adapter, st.member_of, st.a.shape[1], path, self.device)
+                lay = kern.layout(tok_adapter, st.member_of, st.a.shape[1], self.device)
                 groups[group] = GroupBatch(a_t=None, drop=None, spans=st.spans, stack=st, layout=lay)
         batch = LoRABatch(groups=groups, poisoned=poisoned, path=path, rows=len(row_adapters), uniform=uniform,
                           tok_adapter=tok_adapter, costs=costs)
@@ -403,7 +344,7 @@ class LoRAManager:
 
     def _gather_stacked(self, distinct: list[ResidentAdapter]) -> tuple[dict[str, StackedGroup], frozenset[int], list]:
         """Per input group, the members' weights adapter-major (layout.py) as a view of the
-        group's slot buffer (lora_slots.py), the load IDs of adapters whose rows are not finite
+        group's slot buffer (slots.py), the load IDs of adapters whose rows are not finite
         (their slots left zero, retired), and the (buffer, [(slot, generation)]) each group read.
 
         A new set -- a prefill admitting requests chunk by chunk, a request finishing and another

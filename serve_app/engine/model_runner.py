@@ -65,7 +65,7 @@ class ModelRunner:
         self.n_heads, self.n_kv, self.head_dim = self.arch.attention_dims(cfg)
         self.max_model_len = max_model_len
         self.device = next(model.parameters()).device
-        self.dtype = model.model.embed_tokens.weight.dtype
+        self.dtype = self.arch.compute_dtype(model)
         self._rope_table(cfg)
         self.block_size = block_size
         # BlockPool hands out the lowest free block first, the order TorchAttention's decode
@@ -77,7 +77,7 @@ class ModelRunner:
         # not stop NaN: SDPA adds -inf to a NaN score and multiplies a zero probability by a NaN
         # value).
         self.null_block = num_blocks
-        scale = getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5)
+        scale = self.arch.attention_scale(model, self.head_dim)
         self.attn = TorchAttention(n_heads=self.n_heads, n_kv=self.n_kv, head_dim=self.head_dim, scale=scale,
                                    block_size=block_size, null_block=self.null_block, dtype=self.dtype,
                                    device=self.device)

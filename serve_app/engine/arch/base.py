@@ -92,6 +92,14 @@ class ArchSpec:
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
         return n_heads, n_kv, head_dim
 
+    def attention_scale(self, model: nn.Module, head_dim: int) -> float:
+        """The softmax scale: the attention module's own ``scaling``, else 1 / sqrt(head_dim)."""
+        return getattr(self.layers(model)[0].self_attn, "scaling", head_dim**-0.5)
+
+    def compute_dtype(self, model: nn.Module):
+        """The dtype activations and the KV cache use (a quantized base's linear weights are not it)."""
+        return model.model.embed_tokens.weight.dtype
+
     def linear_params_per_layer(self, cfg: Any) -> int:
         """Weights one token multiplies in a decoder layer's projections and MLP (2 FLOPs each):
         the scheduler's unit of a token's cost (model_runner.py ``attn_ctx_ref``)."""
@@ -99,10 +107,15 @@ class ArchSpec:
         q_dim, kv_dim = n_heads * head_dim, n_kv * head_dim
         return cfg.hidden_size * (2 * q_dim + 2 * kv_dim + 3 * cfg.intermediate_size)
 
+    def targets(self, kinds: tuple[str, ...]) -> tuple[str, ...]:
+        """The kinds of ``kinds`` (lora_target_modules) this family has. The setting's default is
+        every served family's kinds (engine/config.py), so another family's are passed over."""
+        return tuple(k for k in kinds if k in self.lora_kinds)
+
     def base_shape(self, model: nn.Module, kinds: tuple[str, ...]) -> BaseShape:
         layers = self.layers(model)
         shapes = {}
-        for kind in kinds:
+        for kind in self.targets(kinds):
             mod = getattr(getattr(layers[0], self.block_of(kind)), kind, None)
             if mod is None:
                 raise ValueError(f"base model has no {kind} projection; remove it from lora_target_modules")
@@ -113,6 +126,7 @@ class ArchSpec:
     def wrap_lora_layers(self, model: nn.Module, kinds: tuple[str, ...],
                          wrap: Callable[[nn.Module, str, int, str], nn.Module]) -> None:
         """Replace each targeted projection with ``wrap(base, kind, layer, input group)``."""
+        kinds = self.targets(kinds)
         for i, layer in enumerate(self.layers(model)):
             for kind in kinds:
                 parent = getattr(layer, self.block_of(kind))

@@ -1,22 +1,21 @@
-"""Narrow exceptions, each with its HTTP status and OpenAI error shape, in one place.
+"""Narrow exceptions, each with its HTTP status and OpenAI error type, and ``unwrap``.
 
-The engine raises these; the router turns any of them into
-``{"error": {"message", "type", "code"}}`` with ``status_code``. Anything else that
-escapes is a bug and becomes a 500. ``unwrap`` takes the client-facing exception out of
-Ray's wrappers (every router module that awaits a replica uses it).
+Whatever layer raises one (engine, adapters, router), the router answers it as
+``{"error": {"message", "type", "code"}}`` with its ``status_code`` (the shape is api/errors.py's);
+anything else that escapes is a bug and becomes a 500. ``unwrap`` takes the client-facing
+exception out of Ray's wrappers (every router module that awaits a replica uses it).
 
-Errors that only one module raises are declared beside it, as ServeAppError subclasses, so
-they are shaped the same way: ``EngineError`` (engine/engine.py), ``SamplingError``
-(engine/sampling.py), ``AdapterNotResidentError`` (engine/lora_manager.py),
-``WriteConflictError`` (adapters/store.py), ``RequestTooLargeError`` (router/limits.py).
-The OpenAI error bodies are in api/protocol.py, the HTTP error answers in api/http_errors.py.
+The errors many modules raise are here. One that a single module raises is declared beside it,
+as a ServeAppError subclass, so it is shaped the same way: the engine's ``EngineError``,
+``NonFiniteOutputError``, ``SamplingError``, ``GrammarError``, ``GrammarUnavailableError`` and
+``AdapterNotResidentError``; the adapters' ``RegistryConflictError``, ``WriteConflictError`` and
+``MissingAdapterFileError``; the router's ``RequestTooLargeError`` (router/middleware.py) and
+``StreamLostError`` (router/streams.py).
 
 A leaf: it imports nothing of serve_app (Ray only inside ``unwrap``).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 
 class ServeAppError(Exception):
@@ -31,9 +30,6 @@ class ServeAppError(Exception):
         self.message = message
         if code is not None:
             self.code = code
-
-    def to_openai(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.error_type, "code": self.code}}
 
     # Exceptions cross Ray's process boundary by pickling; keep the keyword-only code.
     def __reduce__(self):

@@ -131,6 +131,6 @@ def smollm2_assets():
 
 def chat_prompt_ids(tokenizer, question: str) -> list[int]:
     """A one-question chat as the server renders it (the tokenizer's chat template)."""
-    from serve_app.api.protocol import render_chat
+    from serve_app.api.chat import render_chat
 
     return tokenizer(render_chat(tokenizer, [{"role": "user", "content": question}]), add_special_tokens=False)["input_ids"]

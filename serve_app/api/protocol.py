@@ -3,8 +3,10 @@
 Requests are validated here, at the edge: anything a client can get wrong must fail
 as a pydantic ``ValidationError`` (FastAPI: ``RequestValidationError``) or an
 ``InvalidRequestError``, which the router turns into a 400 with OpenAI's error
-shape via ``validation_error_body`` / ``error_body``. Nothing a client sends should
-be able to reach the engine and come back as a 500.
+shape via ``validation_error_body`` / ``error_body`` (api/errors.py). Nothing a client
+sends should be able to reach the engine and come back as a 500.
+
+Schemas only: the error shape is api/errors.py's, chat rendering api/chat.py's.
 
 Validators raise ``PydanticCustomError`` rather than ``ValueError`` so the message
 reaches the client verbatim (no "Value error, " prefix), and never raise
@@ -15,12 +17,10 @@ validator would escape FastAPI's request parsing as a 500.
 from __future__ import annotations
 
 import dataclasses
-import re
 import time
 import uuid
 from typing import Any, Literal
 
-from fastapi.exceptions import RequestValidationError
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -43,7 +43,6 @@ from serve_app.api.sampling_params import (
     MIN_REPETITION_PENALTY,
     SamplingParams,
 )
-from serve_app.errors import InvalidRequestError, ServeAppError
 
 # OpenAI caps stop sequences at 4; matching every one after each token is per-row
 # string work on the hot path, so keep the same cap, and cap each one's length too.
@@ -959,141 +958,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = Field(default="list", description="Always 'list'.")
     data: list[ModelCard] = Field(default_factory=list, description="Servable models.")
-
-
-class ErrorInfo(BaseModel):
-    message: str = Field(description="Human-readable explanation.")
-    type: str = Field(description="Error class, e.g. 'invalid_request_error'.")
-    code: str | None = Field(default=None, description="Machine-readable code, if any.")
-    param: str | None = Field(default=None, description="The offending request field, if known.")
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo = Field(description="What went wrong.")
-
-
-# ---------------------------------------------------------------------------- errors
-
-
-def _loc_to_str(loc: tuple[Any, ...]) -> str:
-    # FastAPI prefixes body errors with "body"; clients know the field by its own name.
-    if len(loc) > 1 and loc[0] == "body":
-        loc = loc[1:]
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def validation_error_body(exc: ValidationError | RequestValidationError) -> dict[str, Any]:
-    """OpenAI error body for a failed request validation (HTTP 400).
-
-    The message names each field, e.g. "max_tokens: Input should be greater than or
-    equal to 1"; ``param`` is the first offending field.
-    """
-    messages, first_param = [], None
-    for err in exc.errors():
-        if err.get("type") == "json_invalid":
-            # FastAPI reports ("body", <char offset>) as the location; say what it is.
-            loc, param = (), None
-            detail = (err.get("ctx") or {}).get("error", "")
-            pos = err.get("loc", (None, None))[-1]
-            msg = f"request body is not valid JSON (at character {pos}): {detail}".rstrip(": ")
-        else:
-            loc = tuple(err.get("loc", ()))
-            param = None if loc in ((), ("body",)) else _loc_to_str(loc)
-            msg = err.get("msg", "invalid value")
-        where = _loc_to_str(loc)
-        messages.append(f"{where}: {msg}" if where else msg)
-        if first_param is None:
-            first_param = param
-    body = ErrorInfo(
-        message="; ".join(messages) or "invalid request",
-        type=InvalidRequestError.error_type,
-        code=InvalidRequestError.code,
-        param=first_param,
-    )
-    return ErrorResponse(error=body).model_dump()
-
-
-# Where a message names a storage location: a URI (s3://bucket/..., file:///...), a Windows
-# or home path, or an absolute POSIX path -- but not this API's own routes ("POST
-# /admin/adapters", "GET /v1/models"), which messages name as the fix.
-_STOP = r"[^\s'\"<>()\[\]{},;]"
-_URI_RE = re.compile(rf"\b[A-Za-z][A-Za-z0-9+.\-]*://{_STOP}*")
-_PATH_RE = re.compile(
-    rf"\b[A-Za-z]:\\{_STOP}*"  # C:\data\x
-    rf"|(?<![\w.~/\-])~/{_STOP}*"  # ~/adapters
-    rf"|(?<![\w.~/:\-])/(?!(?:v1|admin|health|docs|redoc|openapi\.json)\b)[\w.\-]{_STOP}*"  # /var/x
-)
-
-
-def redact_locations(message: str) -> str:
-    """``message`` with store URIs and local paths replaced by ``<uri>`` / ``<path>``.
-
-    Tenant-facing errors go through this: a store's bucket, a cache folder or a node's
-    file layout is for the operator's log, not for a tenant.
-    """
-    return _PATH_RE.sub("<path>", _URI_RE.sub("<uri>", message))
-
-
-def error_body(exc: BaseException, *, redact: bool = False) -> dict[str, Any]:
-    """OpenAI error body for any exception; pair it with ``error_status(exc)``.
-
-    Unexpected exceptions get a generic message: their text may hold internals
-    (paths, tensor shapes) that are for the server log, not the client. ``redact``:
-    also take store URIs and local paths out of a ServeAppError's message
-    (``redact_locations``), for errors sent to tenants rather than operators.
-    """
-    if isinstance(exc, (ValidationError, RequestValidationError)):
-        return validation_error_body(exc)
-    if isinstance(exc, ServeAppError):
-        message = redact_locations(exc.message) if redact else exc.message
-        info = ErrorInfo(message=message, type=exc.error_type, code=exc.code)
-    else:
-        info = ErrorInfo(message="Internal server error", type="internal_error")
-    return ErrorResponse(error=info).model_dump()
-
-
-def error_status(exc: BaseException) -> int:
-    """HTTP status for ``exc``: its own for ServeAppError, 400 for validation, else 500."""
-    if isinstance(exc, (ValidationError, RequestValidationError)):
-        return 400
-    if isinstance(exc, ServeAppError):
-        return exc.status_code
-    return 500
-
-
-# ----------------------------------------------------------------------- chat prompt
-
-
-def render_chat(tokenizer: Any, messages: list[ChatMessage] | list[dict[str, Any]]) -> str:
-    """The prompt text for a conversation, ending where the assistant's reply begins.
-
-    Uses the tokenizer's chat template when it has one, else "<role>: <content>\\n"
-    per message then "assistant:". A templated prompt usually already holds BOS, so
-    tokenize it with ``add_special_tokens=False``.
-    """
-    msgs = [m if isinstance(m, ChatMessage) else ChatMessage.model_validate(m) for m in messages]
-    flat = [{"role": m.role, "content": m.text()} for m in msgs]
-    if getattr(tokenizer, "chat_template", None):
-        import jinja2  # transformers' template engine; imported late as only this needs it
-
-        try:
-            return tokenizer.apply_chat_template(flat, tokenize=False, add_generation_prompt=True)
-        except jinja2.TemplateError as e:
-            # Templates reject conversations they cannot express (raise_exception, e.g.
-            # "roles must alternate"): that is the client's request, not a server fault.
-            raise InvalidRequestError(f"chat template rejected the messages: {e}") from e
-    return "".join(f"{m['role']}: {m['content']}\n" for m in flat) + "assistant:"
-
-
-def chat_prompt_ids(tokenizer: Any, messages: list[ChatMessage] | list[dict[str, Any]]) -> list[int]:
-    """A conversation's prompt token IDs, as the engine gets them (the one chat -> prompt ids
-    path: the replica renders with it and the router counts with it)."""
-    text = render_chat(tokenizer, messages)
-    # A chat template writes its own BOS; the plain default needs the tokenizer's.
-    return tokenizer(text, add_special_tokens=not getattr(tokenizer, "chat_template", None))["input_ids"]

@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from serve_app.api.protocol import error_body
+from serve_app.api.errors import error_body
 
 MEDIA_TYPE = "text/event-stream"
 

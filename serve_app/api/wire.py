@@ -2,8 +2,10 @@
 
 ``GenerateRequest`` is what the router sends a replica, ``RequestOutput`` what the engine yields
 per step (and the replica answers with), ``SamplingParams`` (api/sampling_params.py) what the
-request asks of the sampler. They live here, apart from the engine, so the router process
-imports them without torch, as vLLM keeps outputs.py and sampling_params.py apart.
+request asks of the sampler; ``Accepted``, ``Final`` and ``Hello`` are the items of a channeled
+stream (deployments/channel.py sends them, router/streams.py reads them). They live here, apart
+from the engine and the deployments, so the router process imports them without torch and
+without reaching up into deployments/, as vLLM keeps outputs.py and sampling_params.py apart.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ def render_prompt(tokenizer, req: GenerateRequest) -> str | list[int]:
     """The engine's prompt: text or token IDs as given, or a chat rendered to token IDs."""
     if req.messages is None:
         return req.prompt
-    from serve_app.api.protocol import chat_prompt_ids
+    from serve_app.api.chat import chat_prompt_ids  # deferred: the engine imports this module, not the schemas
 
     return chat_prompt_ids(tokenizer, req.messages)
 
@@ -64,3 +66,33 @@ class RequestOutput:
     # one entry per prompt token (the first one's logprob and top are None, as OpenAI and vLLM send).
     prompt_text: str | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+
+
+# ---- a channeled stream's items (deployments/channel.py: the protocol; router/streams.py: its reader)
+
+
+@dataclass(slots=True)
+class Accepted:
+    """First item of a channeled request: where it runs and its first output."""
+
+    replica: str  # the replica's unique ID: the router opens (or reuses) its channel there
+    text: str
+    tokens: int  # completion tokens so far
+
+
+@dataclass(slots=True)
+class Final:
+    """Last item of a channeled request: the deltas the channel did not take, and the totals."""
+
+    last_seq: int  # deltas 1..last_seq went out on the channel; wait for them before ``text``
+    text: str  # everything after delta ``last_seq``, the final output's text included
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(slots=True)
+class Hello:
+    """A channel's first item: it reached the replica it was meant for."""
+
+    replica: str

@@ -31,34 +31,9 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from serve_app.api.wire import Accepted, Final, Hello
+
 CHANNEL_IDLE_S = 2.0  # a channel with no request in flight ends after this long (the router reopens it on demand): never holds up a replica's graceful shutdown
-
-
-@dataclass(slots=True)
-class Accepted:
-    """First item of a channeled request: where it runs and its first output."""
-
-    replica: str  # the replica's unique ID: the router opens (or reuses) its channel there
-    text: str
-    tokens: int  # completion tokens so far
-
-
-@dataclass(slots=True)
-class Final:
-    """Last item of a channeled request: the deltas the channel did not take, and the totals."""
-
-    last_seq: int  # deltas 1..last_seq went out on the channel; wait for them before ``text``
-    text: str  # everything after delta ``last_seq``, the final output's text included
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-
-
-@dataclass(slots=True)
-class Hello:
-    """A channel's first item: it reached the replica it was meant for."""
-
-    replica: str
 
 
 @dataclass

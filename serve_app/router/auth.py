@@ -60,7 +60,7 @@ from typing import Any, Callable, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
-from serve_app.api.http_errors import send_error
+from serve_app.api.errors import send_error
 from serve_app.errors import AuthenticationError, EngineOverloadedError, PermissionDeniedError, ServeAppError
 from serve_app.router.config import AuthConfig
 

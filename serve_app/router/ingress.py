@@ -35,7 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app import metrics
 from serve_app.adapters.ids import validate_adapter_id
 from serve_app.api import sse
-from serve_app.api.http_errors import http_error_body, retry_after_header
+from serve_app.api.errors import error_body, error_status, http_error_body, retry_after_header, validation_error_body
 from serve_app.api.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -54,10 +54,7 @@ from serve_app.api.protocol import (
     ModelCard,
     ModelList,
     UsageInfo,
-    error_body,
-    error_status,
     random_id,
-    validation_error_body,
 )
 from serve_app.api.wire import GenerateRequest, RequestOutput
 from serve_app.config import AppConfig

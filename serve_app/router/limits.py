@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from serve_app.api.http_errors import http_error_body, retry_after_header, send_error  # noqa: F401  (the first two: their old home)
+from serve_app.api.errors import send_error
 from serve_app.errors import InvalidRequestError, RateLimitError
 from serve_app.router.config import DEFAULT_MAX_BODY_BYTES, LimitsConfig
 
@@ -232,7 +232,7 @@ class TenantLimiter:
         if hasattr(request, "messages"):
             if not self.needs_prompt_tokens:
                 return [0]
-            from serve_app.api.protocol import chat_prompt_ids
+            from serve_app.api.chat import chat_prompt_ids
 
             return [len(chat_prompt_ids(self.tokenizer, request.messages))]
         prompts = request.prompts()

@@ -28,7 +28,7 @@ import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator
 
-from serve_app.deployments.channel import Accepted, Final, Hello
+from serve_app.api.wire import Accepted, Final, Hello
 from serve_app.errors import ServeAppError
 
 logger = logging.getLogger("ray.serve")

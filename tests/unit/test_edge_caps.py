@@ -17,7 +17,7 @@ import pytest
 from fastapi.testclient import TestClient
 from ray import serve
 
-from serve_app.deployments.channel import Final
+from serve_app.api.wire import Final
 from serve_app.router.streams import ChannelHub
 from serve_app.engine.engine import RequestOutput
 from serve_app.errors import AdapterNotFoundError, AdapterStoreUnavailableError, InvalidRequestError
@@ -474,7 +474,7 @@ def test_tenant_facing_errors_carry_no_store_uris_or_paths(edge, stream):
 
 
 def test_redaction_keeps_api_routes_and_ordinary_text():
-    from serve_app.api.protocol import redact_locations
+    from serve_app.api.errors import redact_locations
 
     msg = "model 'x' was deleted; register it again with POST /admin/adapters; GET /v1/models lists them"
     assert redact_locations(msg) == msg

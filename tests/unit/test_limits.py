@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
+from serve_app.api.errors import http_error_body, retry_after_header
 from serve_app.api.protocol import ChatCompletionRequest, CompletionRequest
 from serve_app.errors import InvalidRequestError, RateLimitError
 from serve_app.router.limits import (
@@ -21,8 +22,6 @@ from serve_app.router.limits import (
     RequestTooLargeError,
     TenantLimiter,
     TokenBucket,
-    http_error_body,
-    retry_after_header,
 )
 
 

@@ -29,11 +29,9 @@ from serve_app.api.protocol import (
     ModelCard,
     ModelList,
     UsageInfo,
-    error_body,
-    error_status,
-    render_chat,
-    validation_error_body,
 )
+from serve_app.api.chat import render_chat
+from serve_app.api.errors import error_body, error_status, validation_error_body
 from serve_app.api.sse import DONE, encode_error, encode_event
 from serve_app.engine.sampling import SamplingParams
 from serve_app.errors import AdapterNotFoundError, InvalidRequestError

@@ -198,7 +198,7 @@ def test_request_forms_become_one_schema_text(cls, base):
 def test_json_schema_on_the_real_model_per_tenant():
     """SmolLM2-135M-Instruct (vocab 49152, real BPE) and its trained tenants, chat-templated:
     every output parses and validates; a free row in the same batch keeps its tokens."""
-    from serve_app.api.protocol import chat_prompt_ids
+    from serve_app.api.chat import chat_prompt_ids
     from serve_app.engine.config import EngineConfig
     from serve_app.engine.engine import LoRAEngine
     from tests.helpers import smollm2_assets

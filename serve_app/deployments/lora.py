@@ -129,6 +129,7 @@ class LoRADeployment(ChannelMixin):
         cfg = AppConfig.model_validate(app_config)
         base, adapters_uri = cfg.resolve_paths()
         self.engine: EngineAPI = LoRAEngine(cfg.engine_config(base))
+        self.engine.warm_grammars()  # response_format's compile workers start now, not at the first schema
         self.store_config = scfg = cfg.store
         # An adapter is parsed in two halves, both on the loader's parse thread, never the
         # engine's: its config (a tenant's JSON: pure Python) and its tensors (numpy, no torch

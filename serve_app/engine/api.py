@@ -44,7 +44,8 @@ class EngineAPI(Protocol):
     def submit(self, prompt: str | list[int], params: "SamplingParams", adapter: "str | ResidentAdapter | None" = None,
                request_id: str | None = None, *, tenant: str | None = None,
                cache_salt: str | None = None) -> "RequestStream": ...
-    async def compile_grammar(self, schema: str) -> None: ...  # before submit: a schema compiles off the loop
+    async def compile_grammar(self, schema: str, tenant: str | None = None) -> None: ...  # before submit, off the loop
+    def warm_grammars(self) -> None: ...  # start the compile workers in the background
 
     # ---- the engine thread and its life
     def run_in_engine(self, fn: Callable, *args) -> Any: ...

@@ -160,6 +160,10 @@ def _child(xgr, info, schema: str, memory_bytes: int, out_fd: int) -> None:
     import resource
 
     _die_with_parent()
+    # Below the engine's threads in the CPU scheduler: a tenant's slow compile may use the CPU
+    # the engine leaves idle, not take cores from every tenant's decode (the limit is CPU time,
+    # so a niced child is refused no sooner).
+    os.nice(10)
     limit = _vm_size() + memory_bytes
     hard = resource.getrlimit(resource.RLIMIT_AS)[1]
     if hard != resource.RLIM_INFINITY:

@@ -238,6 +238,9 @@ def test_a_compile_starved_by_a_busy_box_is_a_503_not_a_remembered_refusal(eng, 
 
     cache = eng.grammars()
     monkeypatch.setattr(structured, "wall_limit", lambda t: 1.5)
+    # A CPU limit far above what the child can use before it is stopped: on a loaded box the
+    # scan below may see it late, and at the fixture's 0.5 s it could already have been refused.
+    monkeypatch.setattr(cache, "timeout_s", 30.0)
     schema = slow(30)
     workers = {w.proc.pid for w in cache._workers}
     with ThreadPoolExecutor(1) as pool:
@@ -251,6 +254,7 @@ def test_a_compile_starved_by_a_busy_box_is_a_503_not_a_remembered_refusal(eng, 
         with pytest.raises(GrammarUnavailableError, match="too busy") as e:
             fut.result(timeout=30)
     assert e.value.status_code == 503 and cache.refused(schema) is None
+    monkeypatch.setattr(cache, "timeout_s", LIMIT_S)
     with pytest.raises(InvalidRequestError, match="longer than"):
         cache.compiled(schema)
 

@@ -141,15 +141,15 @@ def prefix_section(assets, per_tenant: int) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="fewer requests (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="fewer requests (smoke run, CI): 12 mixed, 1 per tenant")
     a = ap.parse_args(argv)
     import logging
 
     logging.disable(logging.WARNING)
     assets = w1_assets()
     print("== kv_bench: W1 model (fp32, 2 threads), paged KV, block_size 16")
-    memory_section(assets, 48 if a.quick else 160)
-    prefix_section(assets, 2 if a.quick else 8)
+    memory_section(assets, 12 if a.quick else 160)
+    prefix_section(assets, 1 if a.quick else 8)
 
 
 if __name__ == "__main__":

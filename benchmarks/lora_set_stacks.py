@@ -1,5 +1,8 @@
-"""Time spent stacking adapter sets (LoRA set gathers) in a W1 bmm run at 64 distinct, rank 16 q,k,v,o (issue 16)."""
-import time, torch
+"""Time spent stacking adapter sets (LoRA set gathers) in a W1 bmm run at 64 distinct, rank 16 q,k,v,o (issue 16).
+
+    python -m benchmarks.lora_set_stacks [--quick]   # --quick: smoke run (CI), 1 rep of 4 new tokens
+"""
+import sys, time, torch
 from benchmarks.engine_bench import make_prompts, quiet_libraries
 from serve_app.config import EngineConfig
 from serve_app.demo import build_demo_assets
@@ -20,9 +23,10 @@ assets = build_demo_assets(num_adapters=64, ranks=[16], target_modules=[ATTN])
 eng = LoRAEngine(EngineConfig(model=str(assets.base), max_num_seqs=64, max_lora_rank=64))
 for a in assets.adapter_ids: eng.load_adapter(a, str(assets.adapter_path(a)))
 prompts = make_prompts(64, 32, eng.vocab_size, 1234)
-sp = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
+QUICK = "--quick" in sys.argv[1:]
+sp = SamplingParams(max_tokens=4 if QUICK else 64, temperature=0.0, ignore_eos=True)
 eng.lora.path = "bmm"
-for rep in range(3):
+for rep in range(1 if QUICK else 3):
     eng.run_in_engine(eng.lora.clear_set_caches)
     acc.update(t=0.0, n=0, bytes=0); eng.lora.path_steps.clear()
     t0 = time.perf_counter()

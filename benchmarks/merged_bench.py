@@ -102,8 +102,8 @@ class Shape:
 
 FULL = Shape(batch=16, prompt_len=32, new_tokens=64, singles=4, engine_reps=5,
              num_adapters=100, http_requests=128, concurrency=32, http_new_tokens=32, http_reps=3, lru=32)
-QUICK = Shape(batch=8, prompt_len=32, new_tokens=16, singles=2, engine_reps=2,
-              num_adapters=100, http_requests=32, concurrency=16, http_new_tokens=16, http_reps=1, lru=32)
+QUICK = Shape(batch=8, prompt_len=32, new_tokens=16, singles=2, engine_reps=1,  # a smoke run (CI)
+              num_adapters=16, http_requests=16, concurrency=8, http_new_tokens=16, http_reps=1, lru=8)
 
 
 # ---- part A: engines in-process ---------------------------------------------------------------

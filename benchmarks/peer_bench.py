@@ -28,6 +28,11 @@ What one run does (see benchmarks/README.md, "peer_bench"):
     python -m benchmarks.peer_bench --quick       # 64 prompts, one rate (8 req/s): a smoke run
     python -m benchmarks.peer_bench --servers ours --rates 4,12   # one server only (no ratios)
 
+``--quick`` never builds the vLLM venv: where it is missing (CI), the vLLM server is skipped and
+our server's rows are sent by a small built-in client (``builtin_bench``: the same prompts'
+shapes, adapters round-robin, streamed, ignore_eos, greedy) instead of ``vllm bench serve``; each
+row is still checked (every request answered, exactly ``--output-len`` tokens each).
+
 Our own non-streaming figure is not printed: ``vllm bench serve``'s openai backends always stream.
 """
 
@@ -302,6 +307,10 @@ def peer_assets(workload: str = "w1") -> tuple[Path, Path, dict]:
 # ---- the two servers -------------------------------------------------------------------------
 
 
+def vllm_venv_ready(venv: Path) -> bool:
+    return (venv / ".ready").exists() and (venv / "bin" / "vllm-cli").exists()
+
+
 def ensure_vllm_venv(venv: Path) -> Path:
     cli = venv / "bin" / "vllm-cli"
     if not (venv / ".ready").exists() or not cli.exists():
@@ -422,24 +431,109 @@ def bench_cmd(cli: Path, url: str, base: Path, row: Row, n: int, args, result_di
     return cmd
 
 
-def run_row(server: str, cli: Path, url: str, base: Path, row: Row, n: int, args, out: Path) -> Result:
+async def builtin_bench(url: str, row: Row, n: int, args) -> dict:
+    """A small stand-in for ``vllm bench serve`` (``--quick`` without the vLLM venv): ``n`` streamed
+    requests, random token-ID prompts of ``--input-len`` (chat: that many words), ``--output-len``
+    tokens each (ignore_eos, temperature 0), adapters t0..t7 round-robin, at most
+    ``row.concurrency`` in flight (a Poisson row: arrivals at ``row.rate``). Returns the fields of
+    vllm bench's result JSON that this file reads."""
+    import asyncio
+    import random
+    import statistics
+
+    import httpx
+
+    rng = random.Random(args.seed)
+    sem = asyncio.Semaphore(row.concurrency or n)
+    recs: list[dict] = []
+
+    async def one(c: httpx.AsyncClient, i: int) -> None:
+        body = {"model": f"t{i % NUM_ADAPTERS}", "max_tokens": args.output_len, "temperature": 0, "ignore_eos": True,
+                "stream": True, "stream_options": {"include_usage": True}}
+        if row.backend == "openai-chat":
+            body["messages"] = [{"role": "user", "content": " ".join(f"w{rng.randrange(1000)}" for _ in range(args.input_len))}]
+        else:
+            body["prompt"] = [rng.randrange(4, 4000) for _ in range(args.input_len)]
+        async with sem:
+            t0 = time.perf_counter()
+            times, text, usage, err = [], [], None, None
+            try:
+                async with c.stream("POST", url + row.endpoint, json=body) as r:
+                    if r.status_code != 200:
+                        err = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                    else:
+                        async for line in r.aiter_lines():
+                            if not line.startswith("data: ") or line == "data: [DONE]":
+                                continue
+                            d = json.loads(line[6:])
+                            usage = d.get("usage") or usage
+                            for ch in d.get("choices") or []:
+                                piece = ch.get("text") or (ch.get("delta") or {}).get("content") or ""
+                                if piece:
+                                    times.append(time.perf_counter() - t0)
+                                    text.append(piece)
+            except httpx.HTTPError as e:
+                err = f"{type(e).__name__}: {e}"
+            e2e = time.perf_counter() - t0
+            out_len = (usage or {}).get("completion_tokens", 0)
+            recs.append({"err": err or (None if times else "no text"), "ttft": times[0] if times else None, "e2e": e2e,
+                         "itl": [b - a for a, b in zip(times, times[1:])], "out": out_len, "text": "".join(text)})
+
+    async with httpx.AsyncClient(timeout=args.row_timeout, trust_env=False) as c:
+        t0 = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            tasks.append(asyncio.create_task(one(c, i)))
+            if not math.isinf(row.rate):
+                await asyncio.sleep(rng.expovariate(row.rate))
+        await asyncio.gather(*tasks)
+        duration = time.perf_counter() - t0
+    ok = [r for r in recs if r["err"] is None]
+
+    def pct(xs: list[float], q: float) -> float | None:
+        xs = sorted(xs)
+        return xs[min(len(xs) - 1, int(q * len(xs)))] * 1e3 if xs else None
+
+    ttft = [r["ttft"] for r in ok]
+    tpot = [(r["e2e"] - r["ttft"]) / (r["out"] - 1) for r in ok if r["out"] > 1]
+    itl = [x for r in ok for x in r["itl"]]
+    return {"completed": len(ok), "failed": n - len(ok), "errors": [r["err"] or "" for r in recs],
+            "output_lens": [r["out"] for r in ok], "generated_texts": [r["text"] for r in ok], "duration": duration,
+            "median_ttft_ms": pct(ttft, 0.5), "p99_ttft_ms": pct(ttft, 0.99),
+            "median_tpot_ms": pct(tpot, 0.5), "p99_tpot_ms": pct(tpot, 0.99),
+            "median_itl_ms": pct(itl, 0.5), "p99_itl_ms": pct(itl, 0.99),
+            "output_throughput": sum(r["out"] for r in ok) / duration, "request_throughput": len(ok) / duration,
+            "client": "builtin_bench (no vLLM venv)", "mean_e2el_ms": statistics.mean(r["e2e"] for r in ok) * 1e3 if ok else None}
+
+
+def run_row(server: str, cli: Path | None, url: str, base: Path, row: Row, n: int, args, out: Path) -> Result:
     filename = f"{server}-{row.key}.json"
     path = out / filename
     path.unlink(missing_ok=True)
-    cmd = bench_cmd(cli, url, base, row, n, args, out, filename)
-    env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
-    env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
     s0 = METER.snap()
     t0 = time.monotonic()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.row_timeout)
+    if cli is None:  # --quick without the vLLM venv: our built-in client
+        import asyncio
+
+        cmd = ["builtin_bench", url + row.endpoint]
+        try:
+            path.write_text(json.dumps(asyncio.run(builtin_bench(url, row, n, args))))
+            rc, log_text = 0, ""
+        except Exception as e:  # noqa: BLE001 - the row is reported INVALID with the reason
+            rc, log_text = 1, f"{type(e).__name__}: {e}"
+    else:
+        cmd = bench_cmd(cli, url, base, row, n, args, out, filename)
+        env = {**os.environ, "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"}
+        env.pop("VLLM_CPU_OMP_THREADS_BIND", None)
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=args.row_timeout)
+        rc, log_text = p.returncode, p.stdout + p.stderr
     wall = time.monotonic() - t0
     others = METER.others_share(s0, METER.snap())
-    log_text = p.stdout + p.stderr
     (out / f"{server}-{row.key}.log").write_text(" ".join(cmd) + "\n\n" + log_text)
     data = json.loads(path.read_text()) if path.exists() else None
-    res = Result(server, row, p.returncode, data, wall, log_text, others=others)
-    if p.returncode != 0:
-        res.problems.append(f"vllm bench exited {p.returncode}")
+    res = Result(server, row, rc, data, wall, log_text, others=others)
+    if rc != 0:
+        res.problems.append(f"{cmd[0] if cli is None else 'vllm bench'} exited {rc}" + (f": {log_text[:300]}" if cli is None else ""))
     if data is None:
         res.problems.append("no result JSON")
         return res
@@ -472,7 +566,7 @@ def run_server(server: str, cli: Path, base: Path, adapters: Path, rows: list[Ro
         # One untimed warm-up per server (both endpoints, every adapter), checked for failures only.
         for wrow, wn in ((Row("warmup_cmpl", "warm-up", "openai", "/v1/completions", math.inf, 64), 64),
                          (Row("warmup_chat", "warm-up chat", "openai-chat", "/v1/chat/completions", math.inf, 16), 16)):
-            w = run_row(server, cli, url, base, wrow, wn, args, out)
+            w = run_row(server, cli, url, base, wrow, min(wn, args.num_prompts), args, out)
             info.setdefault("warmup", []).append({"row": wrow.key, "problems": w.problems, "wall_s": w.wall_s})
             log(f"  {server} {wrow.label}: {w.wall_s:.0f}s" + (f"  PROBLEMS: {'; '.join(w.problems)}" if w.problems else ""))
         for row in rows:
@@ -689,7 +783,14 @@ def main(argv: list[str] | None = None) -> int:
             "input_len": args.input_len, "output_len": args.output_len, "seed": args.seed}
     log(f"== peer_bench{' (--quick: smoke run)' if args.quick else ''}: out dir {out}; git {meta['git']['head'][:10]}"
         + (" (serve_app/ has uncommitted changes)" if meta["git"]["serve_app_dirty"] else "") + f"; loadavg {loadavg()}")
-    cli = ensure_vllm_venv(Path(args.vllm_venv))
+    if args.quick and not vllm_venv_ready(Path(args.vllm_venv)):
+        log(f"vLLM venv not found at {args.vllm_venv} (--quick does not build it): the vLLM server is skipped; our "
+            "server's rows are sent by the built-in client (builtin_bench) instead of `vllm bench serve`")
+        cli, servers = None, [s for s in servers if s != "vllm"]
+        if not servers:
+            ap.error("--quick without the vLLM venv runs our server only: --servers must include ours")
+    else:
+        cli = ensure_vllm_venv(Path(args.vllm_venv))
     base, adapters, ainfo = peer_assets(args.workload)
     meta["assets"], meta["workload"] = ainfo, args.workload
     log(f"assets: base {base}; adapters {adapters} (ranks {ainfo['ranks']})")

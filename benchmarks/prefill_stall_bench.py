@@ -40,7 +40,7 @@ def w1_assets():
                              target_modules=[ATTN] * 8)
 
 
-def run(assets, budget: int, long_len: int, n_streams: int, stream_tokens: int):
+def run(assets, budget: int, long_len: int, n_streams: int, stream_tokens: int, w1_shape=(64, 64, 3)):
     from serve_app.config import EngineConfig
     from serve_app.engine.engine import LoRAEngine
     from serve_app.engine.sampling import SamplingParams
@@ -98,12 +98,13 @@ def run(assets, budget: int, long_len: int, n_streams: int, stream_tokens: int):
         steady = statistics.median(before)
         stall = max(during) if during else float("nan")
 
-        # W1 burst on the same engine.
-        w1 = [([rng.randrange(4, 8192) for _ in range(32)], SamplingParams(max_tokens=64, temperature=0.0,
-               ignore_eos=True), assets.adapter_ids[i % 8]) for i in range(64)]
+        # W1 burst on the same engine (--quick: 16 x 16 tokens, one timed run).
+        w1_n, w1_new, w1_reps = w1_shape
+        w1 = [([rng.randrange(4, 8192) for _ in range(32)], SamplingParams(max_tokens=w1_new, temperature=0.0,
+               ignore_eos=True), assets.adapter_ids[i % 8]) for i in range(w1_n)]
         eng.generate_batch(w1)
         best = 0.0
-        for _ in range(3):
+        for _ in range(w1_reps):
             t0 = time.perf_counter()
             outs = eng.generate_batch(w1)
             best = max(best, sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t0))
@@ -116,13 +117,17 @@ def run(assets, budget: int, long_len: int, n_streams: int, stream_tokens: int):
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budgets", default="4096,512,128", help="max_num_batched_tokens values; the first is the baseline")
-    ap.add_argument("--quick", action="store_true", help="a 600-token prompt into 8 streams")
+    ap.add_argument("--quick", action="store_true",
+                    help="a 600-token prompt into 8 streams of 48 tokens; W1 burst 16 x 16 tokens, once; no warm-up engine "
+                         "(a smoke run, CI)")
     args = ap.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]
-    long_len, n_streams, stream_tokens = (600, 8, 80) if args.quick else (1900, 32, 140)
+    long_len, n_streams, stream_tokens = (600, 8, 48) if args.quick else (1900, 32, 140)
+    w1_shape = (16, 16, 1) if args.quick else (64, 64, 3)
     assets = w1_assets()
-    run(assets, budgets[0], long_len, n_streams, stream_tokens)  # warm-up: the first engine of a process is slower
-    rows = {b: run(assets, b, long_len, n_streams, stream_tokens) for b in budgets}
+    if not args.quick:  # warm-up: the first engine of a process is slower (--quick: a smoke run, skipped)
+        run(assets, budgets[0], long_len, n_streams, stream_tokens, w1_shape)
+    rows = {b: run(assets, b, long_len, n_streams, stream_tokens, w1_shape) for b in budgets}
     base = rows[budgets[0]]
     print(f"\n{long_len}-token prompt into {n_streams} running streams (W1 model, fp32, 2 threads); "
           f"budget {budgets[0]} = whole prefill in one step (before chunking)")

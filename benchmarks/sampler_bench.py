@@ -7,6 +7,7 @@ every row; ``repetition_penalty`` + ``frequency_penalty`` + a 16-entry ``logit_b
 row; both. The issue's target: logprobs=5 on every row costs <= 10% tok/s.
 
     python -m benchmarks.sampler_bench --reps 3
+    python -m benchmarks.sampler_bench --reps 1 --prompts 8 --new-tokens 12   # smoke run (CI)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=64, help="prompts per batch (W1: 64)")
     args = ap.parse_args()
     quiet_libraries()
 
@@ -36,7 +38,7 @@ def main() -> None:
     eng = LoRAEngine(EngineConfig(model=str(assets.base), torch_threads=2, max_num_seqs=64))
     for aid in ids:
         eng.load_adapter(aid, str(assets.adapters_dir / aid))
-    prompts = make_prompts(64, 32, eng.vocab_size, SEED)
+    prompts = make_prompts(args.prompts, 32, eng.vocab_size, SEED)
     n = args.new_tokens
     base = dict(max_tokens=n, temperature=0.0, ignore_eos=True)
     procs = dict(repetition_penalty=1.1, frequency_penalty=0.2, logit_bias={t: -1.0 for t in range(100, 116)})
@@ -75,8 +77,8 @@ def main() -> None:
             tps[name].append(run(params))
     eng.shutdown()
     plain_tps = statistics.median(tps["plain greedy"])
-    print(f"== sampler_bench: W1 engine, 64 x 32 in / {n} out, 8 adapters round-robin; median of {args.reps};"
-          " tok/s of rows 1..63")
+    print(f"== sampler_bench: W1 engine, {len(prompts)} x 32 in / {n} out, 8 adapters round-robin; median of "
+          f"{args.reps}; tok/s of rows 1..{len(prompts) - 1}")
     for name, xs in tps.items():
         m = statistics.median(xs)
         print(f"  {name:<40} {m:>7,.0f} tok/s  {m / plain_tps:.2f}x")

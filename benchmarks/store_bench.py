@@ -16,7 +16,7 @@ reply's text must equal an in-process ``LoRAEngine``'s output for the same tenan
 otherwise the verdict is INVALID (a wrong adapter, or none, would otherwise count).
 
     python -m benchmarks.store_bench              # full: part A 20 reps; W2 1000 tenants, 3 reps
-    python -m benchmarks.store_bench --quick      # smoke run (~2-3 min on 2 cores)
+    python -m benchmarks.store_bench --quick      # smoke run (16 tenants, LRU 4, 1 rep; about a minute on 2 cores)
     python -m benchmarks.store_bench --part a     # only part A (or b)
     python -m benchmarks.store_bench --json out.json
 """
@@ -74,7 +74,7 @@ class Shape:
 
 
 FULL = Shape(reps_a=20, tenants=1000, lru=32, requests=512, prompt_len=32, max_tokens=32, concurrency=64, reps_b=3)
-QUICK = Shape(reps_a=5, tenants=64, lru=8, requests=96, prompt_len=16, max_tokens=12, concurrency=16, reps_b=1)
+QUICK = Shape(reps_a=2, tenants=16, lru=4, requests=32, prompt_len=16, max_tokens=8, concurrency=8, reps_b=1)  # smoke (CI)
 
 
 # ---- a local S3 (moto's server, in its own process so it takes no GIL from the client) -------------
@@ -446,7 +446,7 @@ def part_b(shape: Shape, s3: MotoProcess, work: Path) -> dict:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.store_bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="shrunk smoke run (64 tenants, LRU 8, 1 rep)")
+    parser.add_argument("--quick", action="store_true", help="shrunk smoke run (16 tenants, LRU 4, 1 rep)")
     parser.add_argument("--part", choices=["a", "b", "all"], default="all")
     parser.add_argument("--json", metavar="OUT", default=None, help="also write every figure to this JSON file")
     args = parser.parse_args(argv)

@@ -11,6 +11,7 @@ the time went, not only by the end figure.
     python -m benchmarks.stream_profile                 # 64 streams, 15 s of samples
     python -m benchmarks.stream_profile --no-stream     # the same, non-streaming
     python -m benchmarks.stream_profile --app-arg direct_ingress=true
+    python -m benchmarks.stream_profile --quick         # smoke run (CI): 4 streams, 2 s warm-up, 2 s of samples
 
 Needs py-spy (``pip install py-spy``); it reads other processes' memory (run as the same user).
 """
@@ -168,7 +169,12 @@ def main() -> None:
     ap.add_argument("--direct-ingress", action="store_true",
                     help="RAY_SERVE_ENABLE_DIRECT_INGRESS=1: the router replica serves HTTP itself, no proxy")
     ap.add_argument("--keep", help="keep py-spy's raw stacks in this folder")
+    ap.add_argument("--warmup", type=float, default=8.0, help="seconds of load before sampling")
+    ap.add_argument("--quick", action="store_true",
+                    help="smoke run (CI): 4 streams of 16 in / 8 out, 2 s warm-up, 2 s of samples")
     args = ap.parse_args()
+    if args.quick:
+        args.streams, args.prompt_len, args.new_tokens, args.warmup, args.seconds = 4, 16, 8, 2.0, 2.0
     if shutil.which("py-spy") is None:
         sys.exit("py-spy is not installed: pip install py-spy")
     quiet_libraries()
@@ -210,7 +216,7 @@ def main() -> None:
 
         th = threading.Thread(target=lambda: asyncio.run(load()), daemon=True)
         th.start()
-        time.sleep(8)  # warm-up: adapters loaded, steady state
+        time.sleep(args.warmup)  # warm-up: adapters loaded, steady state
         procs = {**serve_processes(), "client (this process)": os.getpid()}
         spies = {role: (record(pid, args.seconds, os.path.join(tmp, f"{role.split()[0]}.txt")),
                         os.path.join(tmp, f"{role.split()[0]}.txt")) for role, pid in procs.items()}

@@ -25,6 +25,7 @@ import types
 def build(prompts: int, prompt_tokens: int, max_tokens: int, logprobs: int, limits: dict | None):
     from ray import serve
 
+    from serve_app import metrics
     from serve_app.api.wire import RequestOutput, TokenLogprob
     from serve_app.router import ingress
     from serve_app.router.auth import Authenticator
@@ -38,7 +39,7 @@ def build(prompts: int, prompt_tokens: int, max_tokens: int, logprobs: int, limi
         observe = set = inc
 
     for name in ("REQUESTS", "ROUTER_PATH", "LATENCY", "TTFT", "GENERATED_TOKENS"):
-        setattr(ingress.metrics, name, _Metric())
+        setattr(metrics, name, _Metric())
 
     def entry(i: int, first: bool = False) -> TokenLogprob:
         top = None if first else [(f"tok{(i + j) % 997}", (i + j) % 997, -1.25 - j * 0.5) for j in range(logprobs)]

@@ -53,4 +53,4 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
         num_replicas=cfg.router_replicas,
         max_ongoing_requests=4 * cfg.lora_max_ongoing_requests,
         ray_actor_options={"num_cpus": cfg.router_num_cpus},
-    ).bind(lora, merged, raw)
+    ).bind(lora, merged, cfg.router_config())

@@ -17,7 +17,7 @@ from pydantic import ConfigDict, Field, model_validator
 
 from serve_app.adapters.config import StoreConfig
 from serve_app.engine.config import LORA_TARGET_KINDS, EngineArgs, EngineConfig
-from serve_app.router.config import AuthConfig, LimitsConfig, PolicyConfig
+from serve_app.router.config import AuthConfig, LimitsConfig, PolicyConfig, RouterConfig
 
 __all__ = ["LORA_TARGET_KINDS", "AppConfig", "AuthConfig", "EngineConfig", "LimitsConfig", "PolicyConfig", "StoreConfig"]
 
@@ -112,25 +112,16 @@ class AppConfig(EngineArgs):
     )
 
     def resolve_paths(self) -> tuple[str, str]:
-        """(base model folder, adapters folder); builds the offline demo assets for 'demo'.
+        """(base model folder, adapters folder); builds the offline demo assets for 'demo' and
+        'smollm2' (serve_app.models.resolve_paths: in the calling process, cached per node)."""
+        from serve_app.models import resolve_paths
 
-        Each process that needs the files calls this: the demo build is cached and atomic, so
-        on a multi-node cluster every node makes its own identical copy instead of sharing a disk.
-        """
-        if self.base_model == "demo":
-            from serve_app.demo import build_demo_assets
+        return resolve_paths(self.base_model, self.adapters, demo_num_adapters=self.demo_num_adapters)
 
-            assets = build_demo_assets(num_adapters=self.demo_num_adapters)
-            return str(assets.base), str(self.adapters or assets.adapters_dir)
-        if self.base_model == "smollm2":
-            from serve_app.models.smollm2 import build_smollm2_base
-            from serve_app.models.tenants import build_smollm2_demo
-
-            if self.adapters:
-                return str(build_smollm2_base()), self.adapters
-            assets = build_smollm2_demo()
-            return str(assets.base), str(assets.adapters_dir)
-        return self.base_model, self.adapters
+    def router_config(self) -> RouterConfig:
+        """The Router deployment's settings (app.py binds them): the router reads these, never
+        the whole app config."""
+        return RouterConfig(**{name: getattr(self, name) for name in RouterConfig.model_fields})
 
     def engine_config(self, base_path: str, *, num_cpus: float | None = None) -> EngineConfig:
         """Engine args for a replica reserving ``num_cpus`` (default: a LoRA replica's)."""

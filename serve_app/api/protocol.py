@@ -50,9 +50,10 @@ MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 1024
 # stop_token_ids are checked against every generated token of the row.
 MAX_STOP_TOKEN_IDS = 64
-# Hard cap on prompts per /v1/completions request, checked before the batch is validated
-# item by item. The router's real cap is the LoRA replicas' max_num_seqs (router/limits.py);
-# this one is EngineConfig's upper bound of max_num_seqs.
+# Prompts per request are capped at the LoRA replicas' batch size, max_num_seqs (or the lower
+# limits.max_prompts_per_request), by the router's admission (router/limits.py). This is that
+# cap's ceiling, max_num_seqs' upper bound (engine/config.py), checked before a prompt list is
+# validated item by item: no server's cap is above it.
 MAX_PROMPTS_PER_REQUEST = 4096
 # Choices per prompt (``n``); n x prompts is also held to the router's prompts-per-request limit.
 MAX_N = 128

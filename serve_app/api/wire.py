@@ -18,11 +18,15 @@ from serve_app.errors import ServeAppError
 
 @dataclass
 class GenerateRequest:
-    """What the router sends a replica: one prompt (text, token IDs or chat messages)."""
+    """What the router sends a replica: one prompt (text, token IDs or chat messages).
+
+    When the router counted the prompt's tokens (a limit needs them) it sends the token IDs it
+    made, a chat's rendered prompt included, with the model's own tokenizer: the replica does not
+    tokenize again. Otherwise the text or the messages go as the client sent them."""
 
     params: SamplingParams
     prompt: str | list[int] | None = None
-    messages: list[dict] | None = None  # chat: rendered with the replica's tokenizer
+    messages: list[dict] | None = None  # chat, not tokenized by the router: rendered with the replica's tokenizer
     request_id: str | None = None
     # Fair-admission key: the authenticated tenant (API key principal), so a tenant with N
     # adapters gets one share, not N. None: keyed by the adapter (the base model counts as one).

@@ -1,8 +1,10 @@
-"""The router's settings: ``auth``, ``limits`` and ``policy`` in build_app's args.
+"""The router's settings: ``RouterConfig``, and the ``auth``, ``limits`` and ``policy`` parts of
+build_app's args it holds.
 
-Pure pydantic models, apart from the code that uses them (auth.py, limits.py, policy.py), so the
-app's config (serve_app/config.py) reaches them one import arrow down without loading the
-router.
+Pure pydantic models, apart from the code that uses them (auth.py, limits.py, path_policy.py), so
+the app's config (serve_app/config.py) reaches them one import arrow down without loading the
+router. The router reads only ``RouterConfig``, which app.py builds from the app's config
+(``AppConfig.router_config``): nothing in router/ imports the app's config, an arrow back up.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from serve_app.adapters.config import StoreConfig
 from serve_app.adapters.ids import validate_adapter_id
 from serve_app.errors import InvalidRequestError
 
@@ -22,6 +25,11 @@ _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 DEFAULT_MAX_BODY_BYTES = 4 << 20
 # Logprob entries per response (LimitsConfig.max_logprob_entries): 15-30 MB of JSON.
 DEFAULT_MAX_LOGPROB_ENTRIES = 1_000_000
+# EngineArgs.max_num_seqs' default (engine/config.py): the engine's batch size, which caps the
+# prompts (engine sequences) one request may hold unless limits.max_prompts_per_request is lower.
+# The schema's MAX_PROMPTS_PER_REQUEST (api/protocol.py) is the same cap's ceiling: the largest
+# max_num_seqs, refused before a prompt list is even validated.
+DEFAULT_MAX_NUM_SEQS = 64
 # Ten buckets per rate window: fine enough that "for window_s" is accurate to a tenth of
 # the rate window, small enough that thousands of tenants cost next to nothing.
 BUCKETS_PER_RATE_WINDOW = 10
@@ -40,7 +48,7 @@ class AuthConfig(BaseModel):
     )
     keys_file: str | None = Field(
         default=None,
-        description="Path, on every router node, of a JSON or YAML key list (see serve_app/router/auth.py). "
+        description="Path, on every router node, of a JSON or YAML key list (see serve_app/router/api_keys.py). "
         "Entries hold key_sha256 (preferred) or a plaintext key that is hashed at load.",
     )
     keys_env: str | None = Field(
@@ -287,3 +295,32 @@ class PolicyConfig(BaseModel):
     def window_buckets(self) -> int:
         # The epsilon keeps 30 / 1.0000000001 from asking for a 31st bucket.
         return max(1, math.ceil(self.window_s / self.bucket_s - 1e-9))
+
+
+class RouterConfig(BaseModel):
+    """Everything the Router deployment reads. app.py builds it from the app's args
+    (``AppConfig.router_config``); the fields are AppConfig's, described there."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base_model: str = Field(description="AppConfig.base_model: a base model folder, or 'demo' / 'smollm2'.")
+    adapters: str | None = Field(description="AppConfig.adapters: where the adapters are.")
+    demo_num_adapters: int = Field(ge=1, description="AppConfig.demo_num_adapters.")
+    base_model_name: str = Field(min_length=1, description="AppConfig.base_model_name: the base model's `model`.")
+    default_max_tokens: int = Field(ge=1, description="AppConfig.default_max_tokens.")
+    max_num_seqs: int = Field(
+        ge=1, description="The LoRA replicas' batch size: the prompts-per-request cap unless limits set a lower one."
+    )
+    stream_interval_ms: float = Field(ge=0, description="AppConfig.stream_interval_ms.")
+    stream_chunks_per_s: float | None = Field(gt=0, description="AppConfig.stream_chunks_per_s.")
+    store: StoreConfig = Field(description="AppConfig.store: how adapters are reached (resolve, admin).")
+    auth: AuthConfig = Field(description="AppConfig.auth: tenant API keys.")
+    limits: LimitsConfig = Field(description="AppConfig.limits: per-tenant HTTP limits.")
+    policy: PolicyConfig = Field(description="AppConfig.policy: when a tenant goes to the merged path.")
+
+    def resolve_paths(self) -> tuple[str, str]:
+        """(base model folder, adapters location), in this process: the demo names are built once
+        per node into the demo cache (serve_app/models: ``resolve_paths``)."""
+        from serve_app.models import resolve_paths
+
+        return resolve_paths(self.base_model, self.adapters, demo_num_adapters=self.demo_num_adapters)

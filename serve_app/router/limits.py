@@ -1,10 +1,11 @@
-"""Per-tenant limits on the router, and the HTTP edge checks that come before any parsing.
+"""Per-tenant limits on the router: buckets, concurrency leases, caps, and the prompt token counts
+they need.
 
-What a request can be refused for, and how:
+What a request can be refused for, and how (router/admission.py runs the checks in order):
 
 | limit | answer |
 |---|---|
-| body larger than ``max_body_bytes`` | 413, before the body is parsed (``BodySizeLimitMiddleware``) |
+| body larger than ``max_body_bytes`` | 413, before the body is parsed (router/middleware.py) |
 | more prompts in one request than ``max_prompts_per_request`` (default: ``max_num_seqs``) | 400, before any is counted |
 | a prompt longer than ``max_prompt_tokens`` | 400 |
 | ``max_tokens`` above the ``max_tokens`` cap | 400 |
@@ -31,8 +32,12 @@ engine requests, and one echo + logprobs response was 75 MB of JSON.
 
 A batch's lease covers all of its engine requests (prompts x n, best_of): the router holds it
 until every one of them has settled on its replica, the ones it cancelled after a sibling's
-error included (router/ingress.py), so an early 400 cannot free the tenant's slots while its
+error included (router/forward.py), so an early 400 cannot free the tenant's slots while its
 other prompts still generate.
+
+Prompt token counts come from the model's own tokenizer, loaded as the engine loads it, so the
+token IDs counted here are the ones the engine would make: the router forwards them
+(``PromptTokens.ids``) and the replica does not tokenize the prompt again.
 """
 
 from __future__ import annotations
@@ -46,22 +51,23 @@ import time
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from serve_app.api.errors import send_error
+from serve_app.api.chat import chat_prompt_ids
 from serve_app.errors import InvalidRequestError, RateLimitError
-from serve_app.router.config import DEFAULT_MAX_BODY_BYTES, LimitsConfig
+from serve_app.router.config import DEFAULT_MAX_NUM_SEQS, LimitsConfig
 
-# AppConfig.max_num_seqs' default: the prompts-per-request cap of a limiter built without one.
-DEFAULT_MAX_PROMPTS_PER_REQUEST = 64
 CONCURRENCY_RETRY_AFTER_S = 1.0
 # Prompts longer than this (characters) are tokenized off the event loop.
 _OFFLOAD_CHARS = 32_768
 
 
-class RequestTooLargeError(InvalidRequestError):
-    """The request body is larger than the router accepts."""
+@dataclass(frozen=True, slots=True)
+class PromptTokens:
+    """A request's prompts as the router counted them: each one's token count and, when it
+    tokenized them with the model's tokenizer, each one's token IDs (a chat: its rendered prompt),
+    which go to the replica in place of the text."""
 
-    status_code = 413
-    code = "request_too_large"
+    counts: list[int]
+    ids: list[list[int]] | None = None  # None: not tokenized here (no limit needs the counts, or no tokenizer)
 
 
 # --------------------------------------------------------------------------- buckets and leases
@@ -177,8 +183,8 @@ class TenantLimiter:
         vocab_size: int | None = None,
     ):
         self.cfg = cfg
-        # Prompts per request: the configured cap, else the engine's batch size.
-        self.max_prompts = cfg.max_prompts_per_request or max_num_seqs or DEFAULT_MAX_PROMPTS_PER_REQUEST
+        # Prompts per request (each an engine sequence): the configured cap, else the engine's batch size.
+        self.max_prompts = cfg.max_prompts_per_request or max_num_seqs or DEFAULT_MAX_NUM_SEQS
         self.clock = clock
         self._tokenizer = tokenizer
         self._tokenizer_path = tokenizer_path
@@ -223,35 +229,48 @@ class TenantLimiter:
                 raise RuntimeError("prompt token limits need the tokenizer: pass tokenizer_path")
             from transformers import AutoTokenizer
 
-            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path)
+            # As the engine loads it (engine/loader.py): the IDs counted here are forwarded to it.
+            self._tokenizer = AutoTokenizer.from_pretrained(self._tokenizer_path, local_files_only=True)
         return self._tokenizer
 
     def count_prompts_sync(self, request: Any) -> list[int]:
         """Tokens of each prompt of a CompletionRequest (one per prompt) or ChatCompletionRequest
         (one), counted as the LoRA replica will tokenize them. Zeros when nothing needs them."""
-        if hasattr(request, "messages"):
-            if not self.needs_prompt_tokens:
-                return [0]
-            from serve_app.api.chat import chat_prompt_ids
-
-            return [len(chat_prompt_ids(self.tokenizer, request.messages))]
-        prompts = request.prompts()
-        self.check_prompt_count(len(prompts))
-        if not self._needs_counts(request):
-            return [0] * len(prompts)
-        if self._tokenizer is None and self._tokenizer_path is None:
-            # No tokenizer to be had (a limiter built without one): a text's UTF-8 bytes (+ BOS/EOS)
-            # bound its tokens from above, which is what the response size cap needs.
-            return [len(p) if isinstance(p, list) else len(p.encode("utf-8", "surrogatepass")) + 2 for p in prompts]
-        return [len(p) if isinstance(p, list) else len(self.tokenizer(p)["input_ids"]) for p in prompts]
+        if not hasattr(request, "messages"):
+            self.check_prompt_count(len(request.prompts()))
+        return self.tokenize_sync(request).counts
 
     async def count_prompts(self, request: Any) -> list[int]:
         """``count_prompts_sync``, off the event loop when the prompts are long."""
         if not hasattr(request, "messages"):
             self.check_prompt_count(len(request.prompts()))
+        return (await self.tokenize(request)).counts
+
+    def tokenize_sync(self, request: Any) -> PromptTokens:
+        """Each prompt's token count and, where the model's tokenizer made them, its token IDs;
+        zeros when nothing needs the counts. The prompt count is not checked here: the caller
+        checks it first (admission: prompts x sequences), before anything is tokenized."""
+        if hasattr(request, "messages"):
+            if not self.needs_prompt_tokens:
+                return PromptTokens([0])
+            ids = chat_prompt_ids(self.tokenizer, request.messages)
+            return PromptTokens([len(ids)], [ids])
+        prompts = request.prompts()
+        if not self._needs_counts(request):
+            return PromptTokens([0] * len(prompts))
+        if self._tokenizer is None and self._tokenizer_path is None:
+            # No tokenizer to be had (a limiter built without one): a text's UTF-8 bytes (+ BOS/EOS)
+            # bound its tokens from above, which is what the response size cap needs.
+            return PromptTokens([len(p) if isinstance(p, list) else len(p.encode("utf-8", "surrogatepass")) + 2
+                                 for p in prompts])
+        ids = [p if isinstance(p, list) else self.tokenizer(p)["input_ids"] for p in prompts]
+        return PromptTokens([len(i) for i in ids], ids)
+
+    async def tokenize(self, request: Any) -> PromptTokens:
+        """``tokenize_sync``, off the event loop when the prompts are long."""
         if self._needs_counts(request) and _text_size(request) > _OFFLOAD_CHARS:
-            return await asyncio.to_thread(self.count_prompts_sync, request)
-        return self.count_prompts_sync(request)
+            return await asyncio.to_thread(self.tokenize_sync, request)
+        return self.tokenize_sync(request)
 
     # ---- the model's vocabulary -------------------------------------------------------------------
 
@@ -272,7 +291,6 @@ class TenantLimiter:
         if vocab is None:
             return
         prompts = [] if hasattr(request, "messages") else request.prompts()  # chat: no token IDs
-        self.check_prompt_count(len(prompts))
         for i, p in enumerate(prompts):
             if isinstance(p, list) and p and max(p) >= vocab:  # >= 0 and ints: the schema's checks
                 bad = max(p)
@@ -465,31 +483,6 @@ class TenantLimiter:
             }
 
 
-def check_unicode(request: Any, *extra: str | None) -> None:
-    """400 for text that is not valid Unicode: a JSON ``\\udc80`` escape decodes to a lone
-    surrogate, which no tokenizer can encode (it would fail in the replica as a 500), and no
-    response that echoes it (``model``, ``extra``: e.g. the model header) can be encoded."""
-    texts: list[str] = [t for t in (getattr(request, "model", None), *extra) if isinstance(t, str)]
-    if hasattr(request, "messages"):
-        for m in request.messages:
-            c = m.content
-            texts += [c] if isinstance(c, str) else [getattr(part, "text", "") for part in c]
-    else:
-        p = request.prompt
-        texts += [p] if isinstance(p, str) else [x for x in p if isinstance(x, str)]
-    stop = getattr(request, "stop", None)
-    texts += [stop] if isinstance(stop, str) else list(stop or [])
-    for t in texts:
-        try:
-            t.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise InvalidRequestError(
-                f"text contains an unpaired surrogate ({t[e.start]!r} at character {e.start}); "
-                "send valid Unicode (UTF-8)",
-                code="invalid_unicode",
-            ) from None
-
-
 def _read_vocab_size(model_dir: str) -> int | None:
     """``vocab_size`` of a model folder's config.json (multimodal configs: its text_config's)."""
     try:
@@ -508,69 +501,3 @@ def _text_size(request: Any) -> int:
     if isinstance(p, str):
         return len(p)
     return sum(len(x) if isinstance(x, str) else 0 for x in p)
-
-
-# --------------------------------------------------------------------------- HTTP edge
-
-
-class BodySizeLimitMiddleware:
-    """Pure ASGI: refuse bodies over the limit with 413 before any route parses them.
-
-    A ``Content-Length`` over the limit is refused without reading; otherwise the body is read
-    (at most limit + one chunk is held) and replayed to the app. ``max_bytes`` is an int or a
-    zero-argument callable (the router sets the limit in its constructor); None means the
-    default ``DEFAULT_MAX_BODY_BYTES``.
-    """
-
-    def __init__(self, app, max_bytes: int | Callable[[], int | None] = DEFAULT_MAX_BODY_BYTES):
-        self.app = app
-        self.max_bytes = max_bytes
-
-    def _limit(self) -> int:
-        v = self.max_bytes() if callable(self.max_bytes) else self.max_bytes
-        return DEFAULT_MAX_BODY_BYTES if v is None else v
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        limit = self._limit()
-        too_large = RequestTooLargeError(f"request body is larger than this server's limit of {limit} bytes")
-        for name, value in scope.get("headers", ()):
-            if name == b"content-length":
-                try:
-                    declared = int(value)
-                except ValueError:
-                    return await send_error(send, InvalidRequestError("Content-Length is not an integer"))
-                if declared > limit:
-                    return await send_error(send, too_large, {"connection": "close"})
-                break
-        chunks: list[bytes] = []
-        size = 0
-        disconnected = False
-        while True:
-            msg = await receive()
-            if msg["type"] == "http.disconnect":
-                disconnected = True
-                break
-            if msg["type"] != "http.request":
-                continue
-            body = msg.get("body", b"")
-            size += len(body)
-            if size > limit:
-                return await send_error(send, too_large, {"connection": "close"})
-            if body:
-                chunks.append(body)
-            if not msg.get("more_body", False):
-                break
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                if disconnected:
-                    return {"type": "http.disconnect"}
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)

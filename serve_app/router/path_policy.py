@@ -1,5 +1,8 @@
 """Which path serves a tenant: the multiplexed LoRA deployment (default) or a merged copy.
 
+(The router's one policy. Which replica of a path serves a request is deployments/routing.py's
+choice, and which request an engine runs next is its scheduler's.)
+
 Why two paths (dLoRA-style, simplified): the multiplexed LoRA path serves any tenant with
 no warm-up but pays the extra ``x @ A @ B`` per LoRA layer and batches tenants together; a
 merged replica (adapter folded into the base weights) runs at base-model speed but costs a

@@ -25,10 +25,9 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
 from typing import AsyncIterator
 
-from serve_app.api.wire import Accepted, Final, Hello
+from serve_app.api.wire import Accepted, Final, Hello, RequestOutput
 from serve_app.errors import ServeAppError
 
 logger = logging.getLogger("ray.serve")
@@ -43,20 +42,6 @@ class StreamLostError(ServeAppError):
     status_code = 502
     error_type = "internal_error"
     code = "stream_lost"
-
-
-@dataclass(slots=True)
-class StreamOutput:
-    """What the router's stream yields per chunk (the fields the API layer reads)."""
-
-    text: str
-    finished: bool = False
-    finish_reason: str | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    logprobs: list | None = None  # TokenLogprob entries of this chunk's tokens (api/wire.py), when asked
-    prompt_text: str | None = None  # echo: on the first chunk (api/wire.py RequestOutput)
-    prompt_logprobs: list | None = None
 
 
 async def settle(call, pending: asyncio.Future | None = None, timeout: float = SETTLE_TIMEOUT_S) -> bool:
@@ -177,8 +162,9 @@ class ChannelHub:
 
     # ---- one request ---------------------------------------------------------------------------
 
-    async def stream(self, handle, deployment: str, req) -> AsyncIterator[StreamOutput]:
-        """Stream one request through ``handle`` (already bound to its multiplexed model)."""
+    async def stream(self, handle, deployment: str, req) -> AsyncIterator[RequestOutput]:
+        """Stream one request through ``handle`` (already bound to its multiplexed model): its
+        outputs, text only (a channel carries no token IDs or logprobs: ``token_ids`` is empty)."""
         rid = req.request_id
         mb = self._mail[rid] = _Mailbox()
         call = handle.options(stream=True).generate_channeled.remote(req, self.key)
@@ -194,7 +180,7 @@ class ChannelHub:
                 raise
             if isinstance(first, Final):
                 done = True
-                yield StreamOutput(first.text, True, first.finish_reason, first.prompt_tokens, first.completion_tokens)
+                yield RequestOutput(rid, first.text, [], True, first.finish_reason, first.prompt_tokens, first.completion_tokens)
                 return
             assert isinstance(first, Accepted), type(first)
             on = f"{deployment}/{first.replica}"
@@ -214,7 +200,7 @@ class ChannelHub:
                 self._on.setdefault(on, set()).add(rid)
 
             attach()
-            yield StreamOutput(first.text, completion_tokens=first.tokens)
+            yield RequestOutput(rid, first.text, [], completion_tokens=first.tokens)
             last_sent = time.monotonic()
             final_next = asyncio.ensure_future(call.__anext__())
             final: Final | None = None
@@ -242,7 +228,7 @@ class ChannelHub:
                     if final_next.done():
                         continue
                 if mb.parts:
-                    yield StreamOutput(mb.take())
+                    yield RequestOutput(rid, mb.take(), [])
                     last_sent = time.monotonic()
                 else:
                     mb.event.clear()
@@ -262,8 +248,8 @@ class ChannelHub:
                 raise StreamLostError(
                     f"the stream's text was lost in transit (got {mb.seq} of {final.last_seq} deltas); retry")
             done = True
-            yield StreamOutput(mb.take() + final.text, True, final.finish_reason,
-                               final.prompt_tokens, final.completion_tokens)
+            yield RequestOutput(rid, mb.take() + final.text, [], True, final.finish_reason,
+                                final.prompt_tokens, final.completion_tokens)
         finally:
             self._mail.pop(rid, None)
             if on is not None:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from ray import serve
 
-from serve_app.router.auth import hash_key
+from serve_app.router.api_keys import hash_key
 
 pytestmark = pytest.mark.serve
 

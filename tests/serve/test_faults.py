@@ -36,9 +36,9 @@ PROMPT = "The quick brown fox jumps over"
 
 def _router_retries() -> bool:
     """Whether the router retries requests whose replica died before they sent anything."""
-    from serve_app.router import ingress
+    from serve_app.router import forward
 
-    return getattr(ingress, "REPLICA_RETRIES", 0) > 0
+    return getattr(forward, "REPLICA_RETRIES", 0) > 0
 
 
 def greedy(model: str, n: int, **extra) -> dict:

@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from serve_app.router.policy import POLICY_NAMESPACE, PolicyConfig, get_or_create_policy_actor
+from serve_app.router.path_policy import POLICY_NAMESPACE, PolicyConfig, get_or_create_policy_actor
 
 pytestmark = pytest.mark.serve
 
@@ -36,7 +36,7 @@ def test_two_handles_share_one_policy(serve_env):
         # From another worker process, as a replica in another namespace would look it up.
         @ray.remote(num_cpus=0)
         def routes_elsewhere(actor_name: str) -> dict:
-            from serve_app.router.policy import PolicyConfig, get_or_create_policy_actor
+            from serve_app.router.path_policy import PolicyConfig, get_or_create_policy_actor
 
             handle = get_or_create_policy_actor(PolicyConfig(), actor_name)
             return ray.get(handle.routes.remote())

@@ -12,17 +12,12 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from serve_app.errors import AuthenticationError, PermissionDeniedError
+from serve_app.router import api_keys
 from serve_app.router import auth as auth_mod
-from serve_app.router.auth import (
-    ANONYMOUS,
-    AuthConfig,
-    Authenticator,
-    AuthMiddleware,
-    KeyListError,
-    hash_key,
-    parse_key_list,
-    principal_of,
-)
+from serve_app.router.api_keys import KeyListError, hash_key, parse_key_list
+from serve_app.router.auth import ANONYMOUS, Authenticator, principal_of
+from serve_app.router.config import AuthConfig
+from serve_app.router.middleware import AuthMiddleware
 
 ACME_KEY = "sk-acme-0123456789abcdefghij"
 GLOBEX_KEY = "sk-globex-0123456789abcdefghij"
@@ -196,13 +191,13 @@ def test_keys_never_logged(tmp_path, caplog):
 def test_cli_new_and_hash(capsys, monkeypatch):
     import io
 
-    assert auth_mod._main(["new", "--tenant", "acme", "--adapters", "acme-*"]) == 0
+    assert api_keys._main(["new", "--tenant", "acme", "--adapters", "acme-*"]) == 0
     out = capsys.readouterr()
     entry = json.loads(out.out)
     key = out.err.strip().splitlines()[-1].lstrip("# ").strip()
     assert hash_key(key) == entry["key_sha256"] and entry["adapters"] == ["acme-*"]
     monkeypatch.setattr("sys.stdin", io.StringIO(key + "\n"))
-    assert auth_mod._main(["hash"]) == 0
+    assert api_keys._main(["hash"]) == 0
     assert capsys.readouterr().out.strip() == entry["key_sha256"]
 
 

@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from ray import serve
 from ray.serve.exceptions import RequestCancelledError
 
+from serve_app import metrics
 from serve_app.api.protocol import CompletionRequest
 from serve_app.api.wire import RequestOutput, TokenLogprob
 from serve_app.deployments.lora import LoRADeployment
@@ -63,7 +64,7 @@ class FakeEngine:
         seed_fails = params.seed is not None and params.seed % 1000 == BAD  # chat: one choice of n fails
         if (isinstance(prompt, list) and BAD in prompt) or seed_fails:
             raise InvalidRequestError(f"prompt token id {BAD} is refused by this replica")
-        stream = RequestStream(self)
+        stream = RequestStream(self.abort)
         req = types.SimpleNamespace(id=request_id, prompt=prompt, tenant=tenant, tokens=0, aborted=False,
                                     finished=False, aborted_at=None)
         stream.req = req
@@ -89,6 +90,9 @@ class FakeEngine:
             req.aborted_at = time.monotonic()
 
     async def compile_grammar(self, schema: str, tenant: str | None = None) -> None:
+        pass
+
+    def warm_grammars(self) -> None:
         pass
 
     def live(self) -> list:
@@ -232,7 +236,7 @@ def batch_router(monkeypatch):
     """(TestClient, router, engine, releases): releases records, at each lease release, how many
     of the engine's requests were still generating."""
     for name in ("REQUESTS", "ROUTER_PATH", "LATENCY", "TTFT", "GENERATED_TOKENS"):
-        monkeypatch.setattr(ingress.metrics, name, _Metric())
+        monkeypatch.setattr(metrics, name, _Metric())
     monkeypatch.setattr(serve, "get_multiplexed_model_id", lambda: "")
     engine = FakeEngine()
     assert isinstance(engine, EngineAPI)
@@ -307,7 +311,7 @@ def test_closing_a_batch_stream_early_aborts_every_request_before_the_lease_is_f
     async def main():
         lease = router.limiter.admit("base", [8, 8, 8], LONG)
         request = CompletionRequest(model="base", prompt=BATCH[1:], max_tokens=LONG, ignore_eos=True, stream=True)
-        _, chunks = router._completions_stream(request, None, "base")
+        _, chunks = router._completions_stream(request, router._resolved(request, None, "base"))
         guarded = lease.guard(chunks)
         await guarded.__anext__()  # the first chunk arrived: all three are generating
         assert len(engine.live()) == 3

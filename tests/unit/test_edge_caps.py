@@ -17,12 +17,13 @@ import pytest
 from fastapi.testclient import TestClient
 from ray import serve
 
-from serve_app.api.wire import Final
+from serve_app import metrics
+from serve_app.api.wire import Final, RequestOutput
 from serve_app.router.streams import ChannelHub
-from serve_app.engine.engine import RequestOutput
 from serve_app.errors import AdapterNotFoundError, AdapterStoreUnavailableError, InvalidRequestError
-from serve_app.router import ingress
-from serve_app.router.auth import Authenticator, KeyEntry
+from serve_app.router import ingress, serving
+from serve_app.router.api_keys import KeyEntry
+from serve_app.router.auth import Authenticator
 from serve_app.router.limits import LimitsConfig, TenantLimiter
 
 CMPL, CHAT = "/v1/completions", "/v1/chat/completions"
@@ -122,7 +123,7 @@ def edge(monkeypatch):
     """A factory: ``edge(auth=..., limits=..., max_num_seqs=..., fail=..., vocab_size=..., output=...)`` ->
     (TestClient, seen requests). ``output``: what the fake engine answers every prompt with."""
     for name in ("REQUESTS", "ROUTER_PATH", "LATENCY", "TTFT", "GENERATED_TOKENS"):
-        monkeypatch.setattr(ingress.metrics, name, _Metric())
+        monkeypatch.setattr(metrics, name, _Metric())
 
     def make(auth: Authenticator | None = None, limits: LimitsConfig | None = None, max_num_seqs: int = 8,
              fail: Exception | None = None, admin: FakeAdmin | None = None, vocab_size: int | None = None,
@@ -333,10 +334,10 @@ def test_a_large_response_is_the_same_json_built_off_the_loop(edge):
     r = client.post(CMPL, json=body)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
     got = r.json()
-    assert ingress._response_entries(types.SimpleNamespace(choices=[
+    assert serving._response_entries(types.SimpleNamespace(choices=[
         types.SimpleNamespace(logprobs=types.SimpleNamespace(tokens=c["logprobs"]["tokens"],
                                                              top_logprobs=c["logprobs"]["top_logprobs"]))
-        for c in got["choices"]])) > ingress.LARGE_RESPONSE_ENTRIES
+        for c in got["choices"]])) > serving.LARGE_RESPONSE_ENTRIES
     # What the in-loop path (JSONResponse of model_dump) sends for the same response.
     from serve_app.api.protocol import CompletionLogprobs, CompletionResponse, CompletionResponseChoice, UsageInfo
 
@@ -345,7 +346,7 @@ def test_a_large_response_is_the_same_json_built_off_the_loop(edge):
         CompletionResponseChoice(index=i, text="p" + "out", finish_reason="length", logprobs=lp) for i in range(2)],
         usage=UsageInfo.of(1200, 1200))
     assert got == json.loads(ingress.JSONResponse(want.model_dump()).body)
-    assert json.loads(ingress._encode(want)) == json.loads(ingress.JSONResponse(want.model_dump()).body)
+    assert json.loads(serving._encode(want)) == json.loads(ingress.JSONResponse(want.model_dump()).body)
 
 
 def test_a_large_response_does_not_hold_the_event_loop(edge):

@@ -15,14 +15,9 @@ from pydantic import ValidationError
 from serve_app.api.errors import http_error_body, retry_after_header
 from serve_app.api.protocol import ChatCompletionRequest, CompletionRequest
 from serve_app.errors import InvalidRequestError, RateLimitError
-from serve_app.router.limits import (
-    BodySizeLimitMiddleware,
-    check_unicode,
-    LimitsConfig,
-    RequestTooLargeError,
-    TenantLimiter,
-    TokenBucket,
-)
+from serve_app.router.admission import check_unicode
+from serve_app.router.limits import LimitsConfig, TenantLimiter, TokenBucket
+from serve_app.router.middleware import BodySizeLimitMiddleware, RequestTooLargeError
 
 
 class Clock:

@@ -23,7 +23,7 @@ from serve_app.deployments.lora import GenerateRequest
 from serve_app.deployments.merged import MergedDeployment, stale_copies
 from serve_app.engine.sampling import SamplingParams
 from serve_app.errors import AdapterNotFoundError, InvalidAdapterError
-from serve_app.router.policy import Action, PolicyState
+from serve_app.router.path_policy import Action, PolicyState
 from serve_app.router.promoter import Promoter
 from tests.helpers import peft_model, reference_greedy
 

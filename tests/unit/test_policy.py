@@ -14,7 +14,7 @@ from typing import Callable
 import pytest
 from pydantic import ValidationError
 
-from serve_app.router.policy import (
+from serve_app.router.path_policy import (
     BUCKETS_PER_RATE_WINDOW,
     Action,
     PathPolicy,
@@ -416,7 +416,7 @@ def test_policy_state_without_ray():
 
 
 def test_module_imports_without_ray():
-    code = "import sys, serve_app.router.policy; assert 'ray' not in sys.modules, 'ray imported'"
+    code = "import sys, serve_app.router.path_policy; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -540,6 +540,7 @@ def test_the_router_counts_each_request_toward_its_api_key_tenant(monkeypatch):
     who sent each request, or every adapter counts as its own owner and the cap does nothing."""
     import types
 
+    from serve_app import metrics
     from serve_app.router import ingress
 
     seen = []
@@ -553,8 +554,8 @@ def test_the_router_counts_each_request_toward_its_api_key_tenant(monkeypatch):
         def inc(self, *a, **k):
             pass
 
-    monkeypatch.setattr(ingress.metrics, "ROUTER_PATH", Metric())
-    monkeypatch.setattr(ingress.metrics, "REQUESTS", Metric())
+    monkeypatch.setattr(metrics, "ROUTER_PATH", Metric())
+    monkeypatch.setattr(metrics, "REQUESTS", Metric())
     router = types.SimpleNamespace(base_model_name="base", promoter=Promoter(),
                                    admin=types.SimpleNamespace(resolve=lambda name: f"{name}@v3"))
     resolve = ingress.Router._resolve.__get__(router)

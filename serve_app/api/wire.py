@@ -31,6 +31,10 @@ class GenerateRequest:
     # Fair-admission key: the authenticated tenant (API key principal), so a tenant with N
     # adapters gets one share, not N. None: keyed by the adapter (the base model counts as one).
     tenant: str | None = None
+    # Prefix-cache salt: requests reuse each other's cached prompt prefixes only under one salt.
+    # The router sets it from the API key (its prefix_cache_group, else its tenant); None: the
+    # engine salts by ``tenant``.
+    cache_salt: str | None = None
 
 
 def render_prompt(tokenizer, req: GenerateRequest) -> str | list[int]:

@@ -307,7 +307,8 @@ class LoRADeployment(ChannelMixin):
                     loaded, pinned = await self._loaded(mux)
                     self._event("miss" if loaded.fresh else "hit", "device")
                     loaded.fresh = False
-                return self.engine.submit(prompt, req.params, pinned, req.request_id, tenant=req.tenant)
+                return self.engine.submit(prompt, req.params, pinned, req.request_id, tenant=req.tenant,
+                                          cache_salt=req.cache_salt)
             except AdapterNotResidentError:
                 # Evicted or retired (and freed) between the lookup and the pin: load it again.
                 if attempt == 2:

@@ -20,8 +20,8 @@ trusted and skip all of it):
 
 The result is the lease and the request's ``ResolvedRequest`` (router/serving.py): the model
 name, the tenant (the API key's, so its adapters and its base-model requests share one limit and
-one fair share; with auth off, the model), the sampling parameters per sequence and the counted
-token IDs.
+one fair share; with auth off, the model), the sampling parameters per sequence, the counted
+token IDs and the key's prefix-cache salt (whose cached prompt prefixes its requests may reuse).
 
 A mixin of the Router (router/ingress.py): it reads the router's ``auth``, ``limiter``,
 ``base_model_name`` and ``default_max_tokens``.
@@ -56,7 +56,7 @@ class Admission:
         limiter.check_token_ids(body)
         tokens = await limiter.tokenize(body)
         rr = ResolvedRequest.of(body, self.default_max_tokens, model=model, tenant=principal.tenant,
-                                prompt_ids=tokens.ids)
+                                prompt_ids=tokens.ids, cache_salt=principal.cache_salt)
         counts = [c for c in tokens.counts for _ in range(body.sequences)]  # every sequence counts
         limiter.check_response_size(counts, rr.params.max_tokens, rr.params.logprobs, rr.params.echo)
         return limiter.admit(rr.tenant, counts, rr.params.max_tokens), rr

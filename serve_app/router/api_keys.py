@@ -4,7 +4,9 @@
   YAML, and only their SHA-256 digests are kept: a plaintext ``key`` in the file is hashed at load
   and dropped (router/auth.py checks presented keys against the digests).
 * Each key maps to a tenant name, the adapter IDs it may use (exact IDs, ``prefix*`` or ``*``),
-  whether it may use the base model, and whether it is an admin key.
+  whether it may use the base model, whether it is an admin key, and the prefix-cache group it
+  shares cached prompt prefixes in (none: only with its own tenant's requests; see
+  ``TenantPrincipal.cache_salt`` in auth.py).
 * ``keys_file`` is re-read without a restart when it changes (``KeySources``: mtime, size, inode,
   so a Kubernetes secret volume's symlink swap counts).
 * Keys never reach a log line or an error message: messages name the source and the entry's
@@ -66,6 +68,14 @@ class KeyEntry(BaseModel):
     )
     base_model: bool = Field(default=True, description="Whether this key may use the base model (no adapter).")
     admin: bool = Field(default=False, description="Whether this key may call the /admin routes.")
+    prefix_cache_group: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="Keys with the same group share prefix-cache entries: a prompt prefix one of them sent "
+        "is served from the cache for the others (faster, but the timing tells them that prefix was sent). "
+        "Default (none): the key's cached prefixes are shared only with requests of its own tenant.",
+    )
 
     @field_validator("adapters")
     @classmethod
@@ -219,6 +229,7 @@ def _main(argv: list[str] | None = None) -> int:
     new.add_argument("--tenant", required=True)
     new.add_argument("--adapters", nargs="*", default=[])
     new.add_argument("--admin", action="store_true")
+    new.add_argument("--prefix-cache-group", default=None, help="share cached prompt prefixes with this group's keys")
     args = ap.parse_args(argv)
     if args.cmd == "hash":
         key = sys.stdin.readline().rstrip("\r\n")
@@ -229,6 +240,8 @@ def _main(argv: list[str] | None = None) -> int:
         return 0
     key = "sk-" + secrets.token_urlsafe(32)
     entry = {"tenant": args.tenant, "key_sha256": hash_key(key), "adapters": args.adapters, "admin": args.admin}
+    if args.prefix_cache_group:
+        entry["prefix_cache_group"] = args.prefix_cache_group
     print(f"# give this key to {args.tenant}; it is not stored anywhere:\n# {key}", file=sys.stderr)
     print(json.dumps(entry))
     return 0

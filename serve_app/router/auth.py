@@ -54,6 +54,7 @@ class TenantPrincipal:
     adapters: tuple[str, ...] = ()
     base_model: bool = True
     admin: bool = False
+    prefix_cache_group: str | None = None  # its key's (api_keys.KeyEntry): whom it shares cached prefixes with
 
     def may_use(self, adapter_id: str | None) -> bool:
         """Whether this caller may use ``adapter_id`` (None: the base model)."""
@@ -65,6 +66,20 @@ class TenantPrincipal:
             if p == adapter_id or (p.endswith("*") and adapter_id.startswith(p[:-1])):
                 return True
         return False
+
+    @property
+    def cache_salt(self) -> str | None:
+        """The salt of this caller's prefix-cache entries (``GenerateRequest.cache_salt``): requests
+        reuse each other's cached prompt prefixes only under one salt. Its key's
+        ``prefix_cache_group`` (every key naming the group shares), else its own tenant (its keys
+        share, as before); the two kinds are prefixed apart, so a tenant named like a group never
+        shares with that group. None for the anonymous caller (auth off): the engine then salts
+        by the request's tenant, the model name."""
+        if self.tenant is None:
+            return None
+        if self.prefix_cache_group is not None:
+            return f"group:{self.prefix_cache_group}"
+        return f"tenant:{self.tenant}"
 
     def __repr__(self) -> str:  # never anything secret, but keep logs short
         return f"TenantPrincipal({self.tenant!r}, admin={self.admin})"
@@ -112,7 +127,7 @@ class Authenticator:
                 raise KeyListError(f"entry {i} (tenant {e.tenant!r}): the same key appears twice")
             seen.add(digest)
             principal = TenantPrincipal(tenant=e.tenant, adapters=tuple(e.adapters), base_model=e.base_model,
-                                        admin=e.admin)
+                                        admin=e.admin, prefix_cache_group=e.prefix_cache_group)
             keys.append(_StoredKey(bytes.fromhex(digest), principal))
         if enabled and not keys:
             raise KeyListError("auth is enabled but the key list is empty: no caller could get in")

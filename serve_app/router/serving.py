@@ -78,15 +78,17 @@ class ResolvedRequest:
     params: SamplingParams  # as the request asks (what admission checks)
     choices: list[SamplingParams]  # one per sequence of a prompt: n, or best_of's candidates; seed + j each
     prompt_ids: list[list[int]] | None = None  # each prompt's token IDs as the router counted them: sent instead
+    cache_salt: str | None = None  # the caller's prefix-cache salt (auth.TenantPrincipal.cache_salt)
 
     @classmethod
     def of(cls, request: CompletionRequest | ChatCompletionRequest, default_max_tokens: int, *, model: str,
-           tenant: str | None = None, prompt_ids: list[list[int]] | None = None) -> "ResolvedRequest":
+           tenant: str | None = None, prompt_ids: list[list[int]] | None = None,
+           cache_salt: str | None = None) -> "ResolvedRequest":
         params = request.to_sampling_params(default_max_tokens)
         ranked = params
         if request.sequences > request.n and params.logprobs is None:
             ranked = dataclasses.replace(params, logprobs=0)  # best_of ranks by cumulative logprob: the engine reports them
-        return cls(model, tenant or model, params, request.choice_params(ranked), prompt_ids)
+        return cls(model, tenant or model, params, request.choice_params(ranked), prompt_ids, cache_salt)
 
     def generate_requests(self, request: CompletionRequest | ChatCompletionRequest) -> list[GenerateRequest]:
         """One engine request per sequence, prompt i's choice j at i * len(choices) + j (OpenAI's
@@ -98,7 +100,7 @@ class ResolvedRequest:
             prompts = [{"messages": [m.model_dump() for m in request.messages]}]
         else:
             prompts = [{"prompt": p} for p in request.prompts()]
-        return [GenerateRequest(params=cp, tenant=self.tenant, **prompt)
+        return [GenerateRequest(params=cp, tenant=self.tenant, cache_salt=self.cache_salt, **prompt)
                 for prompt in prompts for cp in self.choices]
 
 

@@ -60,13 +60,13 @@ class FakeEngine:
         self.requests: list = []  # every request submitted, in order
 
     # ---- requests
-    def submit(self, prompt, params, adapter=None, request_id=None, *, tenant=None):
+    def submit(self, prompt, params, adapter=None, request_id=None, *, tenant=None, cache_salt=None):
         seed_fails = params.seed is not None and params.seed % 1000 == BAD  # chat: one choice of n fails
         if (isinstance(prompt, list) and BAD in prompt) or seed_fails:
             raise InvalidRequestError(f"prompt token id {BAD} is refused by this replica")
-        stream = RequestStream(self.abort)
-        req = types.SimpleNamespace(id=request_id, prompt=prompt, tenant=tenant, tokens=0, aborted=False,
-                                    finished=False, aborted_at=None)
+        stream = RequestStream(self)
+        req = types.SimpleNamespace(id=request_id, prompt=prompt, tenant=tenant, cache_salt=cache_salt, tokens=0,
+                                    aborted=False, finished=False, aborted_at=None)
         stream.req = req
         self.requests.append(req)
         asyncio.get_running_loop().create_task(self._produce(stream, req, params))

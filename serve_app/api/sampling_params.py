@@ -81,5 +81,12 @@ class SamplingParams:
                     or self.logit_bias or self.min_tokens)
 
     @property
+    def per_token_output(self) -> bool:
+        """Whether the outputs carry per-token data besides text (logprobs, the echoed prompt): a
+        stream of such a request goes on its own call, not over the text-only channel
+        (router/forward.py). A new per-token output option belongs here too."""
+        return self.logprobs is not None or self.echo
+
+    @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1

@@ -144,8 +144,7 @@ class Forwarder:
         try:
             for attempt in range(REPLICA_RETRIES + 1):
                 try:
-                    if req.params.logprobs is not None or req.params.echo:  # per-token data / the prompt echoed:
-                        # the request's own stream, not a channel (text only)
+                    if req.params.per_token_output:  # the request's own stream: a channel carries text only
                         source = self._direct_stream(adapter_id, path, req)
                     else:
                         source = self.streams.stream(self._handle(adapter_id, path, stream=False), path, req)

@@ -349,46 +349,29 @@ class TenantLimiter:
     def check_request(self, prompt_tokens: Sequence[int], max_tokens: int) -> None:
         """400 for what no retry can fix: a prompt or max_tokens over its cap, or a request
         larger than a bucket's burst or the concurrency cap."""
-        cfg = self.cfg
-        n = len(prompt_tokens)
+        cfg, n = self.cfg, len(prompt_tokens)
         self.check_prompt_count(n)
-        if cfg.max_tokens is not None and max_tokens > cfg.max_tokens:
-            self._count("max_tokens")
-            raise InvalidRequestError(
-                f"max_tokens {max_tokens} is more than this server's limit {cfg.max_tokens}; lower max_tokens",
-                code="max_tokens_too_large",
-            )
-        if cfg.max_prompt_tokens is not None:
-            longest = max(prompt_tokens, default=0)
-            if longest > cfg.max_prompt_tokens:
-                self._count("prompt_tokens")
-                raise InvalidRequestError(
-                    f"the prompt is {longest} tokens, more than this server's limit {cfg.max_prompt_tokens}; "
-                    "shorten it",
-                    code="prompt_too_long",
-                )
-        if self._req_burst is not None and n > self._req_burst:
-            self._count("request_burst")
-            raise InvalidRequestError(
-                f"this request holds {n} prompts, more than a tenant's request burst {self._req_burst}; "
-                "send fewer prompts per request",
-                code="too_many_prompts",
-            )
-        if cfg.max_concurrent_requests is not None and n > cfg.max_concurrent_requests:
-            self._count("concurrency")
-            raise InvalidRequestError(
-                f"this request holds {n} prompts, more than a tenant's concurrency limit "
-                f"{cfg.max_concurrent_requests}; send fewer prompts per request",
-                code="too_many_prompts",
-            )
-        cost = sum(prompt_tokens) + n * max_tokens
-        if self._tok_burst is not None and cost > self._tok_burst:
-            self._count("token_burst")
-            raise InvalidRequestError(
-                f"this request may use {cost} tokens (prompt + max_tokens per prompt), more than a tenant's "
-                f"token burst {self._tok_burst}; lower max_tokens or shorten the prompt",
-                code="request_too_large",
-            )
+        longest, cost = max(prompt_tokens, default=0), sum(prompt_tokens) + n * max_tokens
+        # (limit, value, counted as, code, message): the first value over its limit is the answer.
+        caps = (
+            (cfg.max_tokens, max_tokens, "max_tokens", "max_tokens_too_large",
+             "max_tokens {v} is more than this server's limit {limit}; lower max_tokens"),
+            (cfg.max_prompt_tokens, longest, "prompt_tokens", "prompt_too_long",
+             "the prompt is {v} tokens, more than this server's limit {limit}; shorten it"),
+            (self._req_burst, n, "request_burst", "too_many_prompts",
+             "this request holds {v} prompts, more than a tenant's request burst {limit}; "
+             "send fewer prompts per request"),
+            (cfg.max_concurrent_requests, n, "concurrency", "too_many_prompts",
+             "this request holds {v} prompts, more than a tenant's concurrency limit {limit}; "
+             "send fewer prompts per request"),
+            (self._tok_burst, cost, "token_burst", "request_too_large",
+             "this request may use {v} tokens (prompt + max_tokens per prompt), more than a tenant's "
+             "token burst {limit}; lower max_tokens or shorten the prompt"),
+        )
+        for limit, value, reason, code, message in caps:
+            if limit is not None and value > limit:
+                self._count(reason)
+                raise InvalidRequestError(message.format(v=value, limit=limit), code=code)
 
     def admit(self, tenant: str, prompt_tokens: int | Sequence[int], max_tokens: int) -> Lease:
         """Admit a request now or refuse it: 400 (``check_request``), 429 with ``retry_after``,

@@ -487,7 +487,7 @@ def test_error_body_and_status():
 
 
 def test_router_request_validation_errors(edge):
-    """The router's own validation handler (serve_app/router/ingress.py), through the real
+    """The router's own validation handler (serve_app/router/middleware.py), through the real
     ingress app with auth off (see test_edge_caps for the harness), not a stand-in app."""
     client, seen = edge()
     r = client.post("/v1/completions", json={"model": "m", "prompt": "x", "max_tokens": 0})

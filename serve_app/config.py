@@ -3,7 +3,9 @@
 Each part's settings live with it and this module gathers them, one import arrow down: the
 engine's in engine/config.py (AppConfig derives from its ``EngineArgs``, so the shared engine
 fields are declared once), the adapters' in adapters/config.py, the router's in
-router/config.py. ``EngineConfig`` and ``LORA_TARGET_KINDS`` are importable from here too.
+router/config.py, the engine deployments' in deployments/config.py (AppConfig builds each
+deployment's config object; app.py binds it). ``EngineConfig`` and ``LORA_TARGET_KINDS`` are
+importable from here too.
 
 ``extra="forbid"`` everywhere: a typo in serve_config.yaml fails at deploy time with the
 field's name instead of being silently ignored.
@@ -11,11 +13,10 @@ field's name instead of being silently ignored.
 
 from __future__ import annotations
 
-import math
-
 from pydantic import ConfigDict, Field, model_validator
 
 from serve_app.adapters.config import StoreConfig
+from serve_app.deployments.config import LoRADeploymentConfig, MergedDeploymentConfig, replica_engine_config
 from serve_app.engine.config import LORA_TARGET_KINDS, EngineArgs, EngineConfig
 from serve_app.router.config import AuthConfig, LimitsConfig, PolicyConfig, RouterConfig
 
@@ -126,12 +127,17 @@ class AppConfig(EngineArgs):
     def engine_config(self, base_path: str, *, num_cpus: float | None = None) -> EngineConfig:
         """Engine args for a replica reserving ``num_cpus`` (default: a LoRA replica's)."""
         cpus = self.lora_num_cpus if num_cpus is None else num_cpus
-        return EngineConfig(
-            model=base_path,
-            **self.model_dump(include=set(EngineArgs.model_fields)),
-            torch_threads=self.torch_threads or max(1, math.ceil(cpus)),
-            max_adapter_bytes=self.store.max_adapter_bytes,
-        )
+        return replica_engine_config(self, base_path, num_cpus=cpus, torch_threads=self.torch_threads,
+                                     max_adapter_bytes=self.store.max_adapter_bytes)
+
+    def lora_deployment_config(self) -> LoRADeploymentConfig:
+        """The LoRA deployment's settings (app.py binds them): a replica reads these, never the
+        whole app config."""
+        return LoRADeploymentConfig(**{name: getattr(self, name) for name in LoRADeploymentConfig.model_fields})
+
+    def merged_deployment_config(self) -> MergedDeploymentConfig:
+        """The merged deployment's settings (app.py binds them when ``merged`` is on)."""
+        return MergedDeploymentConfig(**{name: getattr(self, name) for name in MergedDeploymentConfig.model_fields})
 
     @model_validator(mode="after")
     def _check(self) -> "AppConfig":

@@ -12,8 +12,8 @@ forever. The router resolves a tenant to ``<id>@v<n>`` (``<id>`` alone for versi
 that as the multiplexed model ID: an update is a new multiplexed model, requests already
 running keep the ResidentAdapter they pinned, and replicas retire the old version.
 
-Router replicas and LoRA replicas share the registry through the store (not process memory):
-each re-reads the manifest every ``registry_refresh_s``.
+Router replicas and engine replicas share the registry through the store (not process memory):
+each re-reads the manifest every ``registry_refresh_s`` (``ManifestWatcher``, the one poller).
 
 Integrity (why the writes look the way they do):
 
@@ -35,6 +35,8 @@ Integrity (why the writes look the way they do):
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 import random
@@ -538,3 +540,127 @@ class AdapterRegistry:
         manifest, (current, doomed) = self._update(change)
         self._delete_folders(adapter_id, doomed)
         return manifest, current
+
+
+class ManifestWatcher:
+    """The one manifest poller: read the manifest every ``period_s`` and hand each read to
+    ``on_manifest``.
+
+    Every process that acts on versions runs one: a router replica keeps its resolve snapshot
+    fresh (router/admin.py, on a daemon thread: ``start_thread``), and both engine deployments
+    retire old and deleted versions (deployments/versioned.py, as a task on the replica's event
+    loop: ``run``, reads in a worker thread). ``registry_refresh_s`` is therefore the propagation
+    bound of an update or delete everywhere, and one place says how a poll fails:
+
+    * the store does not answer: ``on_error`` (default: a warning at most once a minute, saying
+      that what is loaded keeps serving) and the next poll is the retry; nothing is dropped;
+    * ``on_manifest`` raises: logged, and the next poll hands over the manifest again;
+    * ``writes``: for a process that also writes the manifest and takes each written manifest
+      at once (the router's admin API): a counter it bumps on each write. A read during which it
+      changed is dropped, since it may predate that write.
+
+    ``on_manifest`` may be a coroutine function when run with ``run``/``poll_async``. ``also``
+    runs after every poll, whether or not the read succeeded (the router's store listing).
+    """
+
+    def __init__(
+        self,
+        registry: AdapterRegistry,
+        period_s: float,
+        on_manifest: Callable[[Manifest], Any],
+        *,
+        on_error: Callable[[Exception], None] | None = None,
+        writes: Callable[[], Any] | None = None,
+        also: Callable[[], None] | None = None,
+        serving: str = "loaded adapters keep serving",
+        log: logging.Logger | None = None,
+    ):
+        self.registry = registry
+        self.period_s = period_s
+        self.on_manifest = on_manifest
+        self.on_error = on_error or self._warn
+        self.writes = writes or (lambda: None)
+        self.also = also
+        self.serving = serving
+        self.log = log or logger
+        self._warned_at = -1e9
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # ---- one poll ----------------------------------------------------------------------------
+
+    def _warn(self, e: Exception) -> None:
+        if time.monotonic() - self._warned_at > 60:
+            self.log.warning("cannot read the adapter registry (%s); %s", e, self.serving)
+            self._warned_at = time.monotonic()
+
+    def _after(self) -> None:
+        if self.also is not None:
+            try:
+                self.also()
+            except Exception:
+                self.log.exception("the adapter registry watcher's follow-up failed")
+
+    def _hand_over(self, before: Any, read: Manifest | Exception) -> tuple[Manifest | None, Any]:
+        """The half of a poll after the read: report a failure, drop a read that a write of this
+        process overtook, hand the rest to ``on_manifest``. (manifest or None, what it returned)."""
+        if isinstance(read, Exception):
+            self.on_error(read)
+            return None, None
+        if before != self.writes():
+            return None, None
+        try:
+            return read, self.on_manifest(read)
+        except Exception:
+            self.log.exception("applying the adapter registry failed")
+            return read, None
+
+    def poll(self) -> Manifest | None:
+        """Read once, now, and hand the manifest over (blocking I/O: a thread, not an event loop).
+        Never raises; None when the store did not answer or the read was dropped."""
+        before = self.writes()
+        try:
+            read: Manifest | Exception = self.registry.read()
+        except Exception as e:
+            read = e
+        manifest, _ = self._hand_over(before, read)
+        self._after()
+        return manifest
+
+    async def poll_async(self) -> Manifest | None:
+        """``poll`` from an event loop: the read runs in a worker thread, ``on_manifest`` (which
+        may be a coroutine function) on the loop."""
+        before = self.writes()
+        try:
+            read: Manifest | Exception = await asyncio.to_thread(self.registry.read)
+        except Exception as e:
+            read = e
+        manifest, pending = self._hand_over(before, read)
+        if inspect.isawaitable(pending):
+            try:
+                await pending
+            except Exception:
+                self.log.exception("applying the adapter registry failed")
+        self._after()
+        return manifest
+
+    # ---- the two ways to run it ----------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Poll now, then every ``period_s``, until cancelled (an engine replica's background task)."""
+        while True:
+            await self.poll_async()
+            await asyncio.sleep(self.period_s)
+
+    def start_thread(self, name: str = "adapter-registry") -> None:
+        """Poll every ``period_s`` on a daemon thread, first after one period (the caller polls
+        once itself at start), until ``stop``."""
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.period_s):
+            self.poll()
+
+    def stop(self) -> None:
+        self._stop.set()

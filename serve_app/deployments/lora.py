@@ -20,10 +20,10 @@ download of one tenant does not hold up another tenant's load; parsing runs on t
 parse thread (numpy, no torch kernel), and only the copy into the pool runs on the engine thread
 (engine.run_in_engine), like every torch operation of the replica.
 
-Versions: loading ``id@v2`` retires older versions of ``id`` on this replica at once; every
-``registry_refresh_s`` the replica re-reads the manifest and retires versions that are no
-longer current or were deleted (device slots, RAM copies). Requests already running finish on
-the version they pinned.
+Versions (deployments/versioned.py, the skeleton shared with the merged deployment): loading
+``id@v2`` retires older versions of ``id`` on this replica at once; every ``registry_refresh_s``
+the replica re-reads the manifest and retires versions that are no longer current or were
+deleted (device slots, RAM copies). Requests already running finish on the version they pinned.
 
 All tenants share the engine's batching loop; nothing here serializes requests.
 """
@@ -35,8 +35,7 @@ import functools
 import logging
 import threading
 import time
-from collections import OrderedDict, defaultdict
-from typing import AsyncIterator
+from collections import defaultdict
 
 from ray import serve
 
@@ -44,10 +43,10 @@ from serve_app import metrics
 from serve_app.adapters.fetch import validation_settings
 from serve_app.adapters.loader import AdapterLoader
 from serve_app.adapters.registry import Manifest, mux_id, parse_mux_id
-from serve_app.api.wire import GenerateRequest, RequestOutput, render_prompt
-from serve_app.config import AppConfig
+from serve_app.api.wire import GenerateRequest, render_prompt
 from serve_app.deployments.channel import ChannelMixin
-from serve_app.deployments.multiplex import announce_change, loaded_models
+from serve_app.deployments.config import LoRADeploymentConfig
+from serve_app.deployments.versioned import VersionedMixin
 from serve_app.engine.api import EngineAPI
 from serve_app.engine.engine import LoRAEngine, RequestStream
 from serve_app.engine.lora.manager import AdapterNotResidentError, ResidentAdapter
@@ -124,9 +123,11 @@ class _LoadedAdapter:
             self._on_evict(self.resident.adapter_id if self.resident is not None else "(loading)")
 
 
-class LoRADeployment(ChannelMixin):
-    def __init__(self, app_config: dict):
-        cfg = AppConfig.model_validate(app_config)
+class LoRADeployment(VersionedMixin, ChannelMixin):
+    def __init__(self, config: LoRADeploymentConfig | dict):
+        """``config``: what build_app binds (``AppConfig.lora_deployment_config``), or a dict of
+        build_app's args (a test or script building one replica)."""
+        cfg = config if isinstance(config, LoRADeploymentConfig) else LoRADeploymentConfig.from_args(config)
         base, adapters_uri = cfg.resolve_paths()
         self.engine: EngineAPI = LoRAEngine(cfg.engine_config(base))
         self.engine.warm_grammars()  # response_format's compile workers start now, not at the first schema
@@ -158,8 +159,6 @@ class LoRADeployment(ChannelMixin):
             on_event=self._event)
         self.store, self.registry, self.fetcher, self.ram = (
             self.loader.store, self.loader.registry, self.loader.fetcher, self.loader.ram)
-        self._reconciler: asyncio.Task | None = None
-        self._manifest_error_logged = 0.0
         self.loads = 0
         self.evictions = 0
         self.retired_versions = 0
@@ -179,22 +178,19 @@ class LoRADeployment(ChannelMixin):
                 self.loads_by_tier[tier] += 1
                 self.load_seconds_by_tier[tier] += dt
                 logger.info("loaded adapter %s from %s in %.3fs (%d bytes)", mux, tier, dt, fut.result().nbytes)
-                self._retire_older(mux)
+                for old in self._older_versions(mux):  # _retire_older, synchronously: in this callback
+                    self._unload(old, f"replaced by {mux}")
 
             pending.add_done_callback(installed)
             return _LoadedAdapter(self.engine, pending, self._evicted, tier)
 
-        # A closure, not a bound method: Serve stores its LRU on the decorated callable.
-        self._load_fn = load_adapter
-        self._get_adapter = serve.multiplexed(max_num_models_per_replica=cfg.max_adapters_per_replica)(load_adapter)
+        self._get_adapter = self._versioned(load_adapter, cfg.max_adapters_per_replica,
+                                            serving="loaded adapters keep serving")
 
     # ---- tiers below the device ------------------------------------------------------------------
 
     def _event(self, event: str, tier: str) -> None:
         metrics.ADAPTER_CACHE.inc(tags={"event": event, "tier": tier})
-
-    def _loaded_models(self) -> OrderedDict:
-        return loaded_models(self._load_fn)
 
     async def _weights(self, mux: str, fingerprint: str | None = None) -> tuple[LoRAWeights, str, float]:
         """(parsed weights, their tier, when the load started): adapters/loader.py."""
@@ -202,60 +198,38 @@ class LoRADeployment(ChannelMixin):
 
     async def _prefetch(self, mux: str) -> None:
         """Download + parse outside Serve's load lock; the load then only copies into the pool."""
-        if mux in self._loaded_models() or self.loader.holds(mux):
+        if mux in self._models() or self.loader.holds(mux):
             return
         await self._weights(mux)
 
     # ---- versions --------------------------------------------------------------------------------
 
+    def _held_versions(self) -> list[str]:
+        """On the device (Serve's LRU), in RAM or handed off by a prefetch."""
+        return list(dict.fromkeys([*self._models(), *self.loader.cached()]))
+
+    def _stale_versions(self, manifest: Manifest, now: float) -> list[tuple[str, str]]:
+        return [(m, "deleted" if manifest.is_deleted(parse_mux_id(m)[0]) else "no longer current")
+                for m in self._held_versions() if manifest.is_stale(m)]
+
     def _unload(self, mux: str, reason: str) -> bool:
-        models = self._loaded_models()
-        loaded = models.pop(mux, None)
+        """Retire one version now, synchronously: out of Serve's LRU and the RAM tier; its rows
+        are freed once its requests finish. True if this replica held it."""
+        held = self.loader.holds(mux)
         self.loader.forget(mux)
+        loaded = self._drop_loaded(mux)
         if loaded is None:
-            return False
-        announce_change(self._load_fn)
+            return held
         loaded.retire()
         self.retired_versions += 1
         logger.info("retired adapter %s (%s); its memory is freed once its requests finish", mux, reason)
         return True
 
-    def _retire_older(self, mux: str) -> None:
-        adapter_id, version = parse_mux_id(mux)
-        for other in [*self._loaded_models(), *self.ram.keys()]:
-            oid, ov = parse_mux_id(other)
-            if oid == adapter_id and ov < version:
-                self._unload(other, f"replaced by {mux}")
+    async def _retire(self, mux: str, reason: str) -> bool:
+        return self._unload(mux, reason)
 
-    def apply_manifest(self, manifest: Manifest) -> list[str]:
-        """Retire every loaded or cached version that the manifest says is old or deleted."""
-        stale = [m for m in dict.fromkeys([*self._loaded_models(), *self.loader.cached()])
-                 if manifest.is_stale(m)]
-        for m in stale:
-            self._unload(m, "deleted" if manifest.is_deleted(parse_mux_id(m)[0]) else "no longer current")
-        return stale
-
-    async def _reconcile_loop(self) -> None:
-        period = self.store_config.registry_refresh_s
-        while True:
-            await asyncio.sleep(period)
-            try:
-                manifest = await asyncio.to_thread(self.registry.read)
-            except Exception as e:  # store down: keep what is loaded, try again next period
-                if time.monotonic() - self._manifest_error_logged > 60:
-                    logger.warning("cannot read the adapter registry (%s); loaded adapters keep serving", e)
-                    self._manifest_error_logged = time.monotonic()
-                continue
-            try:
-                self.apply_manifest(manifest)
-            except Exception:
-                logger.exception("applying the adapter registry failed")
-
-    def _start_background(self) -> None:
-        if self._reconciler is None or self._reconciler.done():
-            self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
-        if getattr(self, "_kv_metrics", None) is None or self._kv_metrics.done():
-            self._kv_metrics = asyncio.get_running_loop().create_task(self._kv_metrics_loop())
+    def _background_loops(self) -> dict:
+        return {**super()._background_loops(), "_kv_metrics": self._kv_metrics_loop}
 
     async def _kv_metrics_loop(self, period: float = 5.0) -> None:
         """Export the KV pool's state (blocks, preemptions, prefix hit rate per adapter)."""
@@ -280,7 +254,8 @@ class LoRADeployment(ChannelMixin):
         logger.info("evicted adapter %s (LRU); its memory is freed once its requests finish", adapter_id)
 
     async def _loaded(self, mux: str) -> tuple[_LoadedAdapter, ResidentAdapter]:
-        if mux not in self._loaded_models():
+        """The version ``mux``, loaded if needed, and pinned for one request (see _submit)."""
+        if mux not in self._models():
             await self._prefetch(mux)
         loaded = await self._get_adapter(mux)
         try:
@@ -288,7 +263,7 @@ class LoRADeployment(ChannelMixin):
         except Exception:
             # The copy failed, or its rows are already freed: drop the broken entry so that the
             # next attempt (the caller retries AdapterNotResidentError) loads it afresh.
-            models = self._loaded_models()
+            models = self._models()
             if models.get(mux) is loaded:
                 del models[mux]
                 loaded.retire()
@@ -314,15 +289,15 @@ class LoRADeployment(ChannelMixin):
                 if attempt == 2:
                     raise
             finally:
+                # Pinned twice on purpose. ``_loaded`` returns the version pinned: a request
+                # that waited for the copy holds it from the moment the wait ends, so an eviction
+                # or retire meanwhile (whose deferred unload runs as the last waiter leaves
+                # ``pin``) cannot free its rows before ``submit``, which takes the request's
+                # own pin (the engine's add_request). Handing this pin over instead would need
+                # an engine API that adopts a pin; two refcount steps under the pool's lock cost
+                # well under a microsecond, so the EngineAPI stays as it is.
                 if pinned is not None:
                     self.engine.unpin_adapter(pinned)  # the request holds its own pin now
-
-    async def generate(self, req: GenerateRequest) -> RequestOutput:
-        return await (await self._submit(req)).collect()
-
-    async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        async for out in (await self._submit(req)).chunks():
-            yield out
 
     # ---- lifecycle (called by the router's admin API) ----------------------------------------------
 
@@ -353,11 +328,6 @@ class LoRADeployment(ChannelMixin):
         return {"adapter": mux, "replica": getattr(ctx.replica_id, "unique_id", str(ctx.replica_id)),
                 "nbytes": resident.nbytes, "seconds": time.perf_counter() - t0, "loaded_from": tier}
 
-    async def refresh_registry(self) -> list[str]:
-        """Re-read the manifest now and retire what it makes stale (tests, operators)."""
-        manifest = await asyncio.to_thread(self.registry.read)
-        return self.apply_manifest(manifest)
-
     async def stats(self) -> dict:
         self._start_background()
         return {
@@ -380,11 +350,7 @@ class LoRADeployment(ChannelMixin):
         if not self.engine.is_alive():
             raise RuntimeError("engine loop thread died")
 
-    def __del__(self):
-        for name in ("_reconciler", "_kv_metrics"):
-            task = getattr(self, name, None)
-            if task is not None:
-                task.cancel()
+    def _close(self) -> None:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

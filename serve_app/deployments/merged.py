@@ -12,7 +12,8 @@ or S3 via fsspec, registry versions, the node's disk cache) and validated with t
 settings (``validation_settings``: ``max_adapter_bytes``, ``base_model_mismatch``,
 ``base_model_aliases``) before PEFT reads anything (engine/merge.py).
 
-Retiring copies (their memory is freed once the requests running on them finish):
+Retiring copies (their memory is freed once the requests running on them finish; the versions
+skeleton is deployments/versioned.py, shared with the LoRA deployment):
   * loading ``id@v<n>`` retires this replica's older versions of ``id`` first (the policy only
     asks for a new version once it no longer routes the old one), so they never compete with
     other tenants' copies for a slot;
@@ -37,7 +38,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator
 
 from ray import serve
 
@@ -45,10 +45,10 @@ from serve_app.adapters.fetch import validation_settings
 from serve_app.adapters.ids import validate_adapter_id
 from serve_app.adapters.loader import AdapterLoader
 from serve_app.adapters.registry import Manifest, mux_id, parse_mux_id
-from serve_app.api.wire import GenerateRequest, RequestOutput, render_prompt
-from serve_app.config import AppConfig
+from serve_app.api.wire import GenerateRequest, render_prompt
 from serve_app.deployments.channel import ChannelMixin
-from serve_app.deployments.multiplex import announce_change, loaded_models
+from serve_app.deployments.config import MergedDeploymentConfig
+from serve_app.deployments.versioned import VersionedMixin
 from serve_app.engine.api import EngineAPI
 from serve_app.engine.engine import RequestStream
 from serve_app.engine.merge import build_merged_engine
@@ -95,21 +95,20 @@ class _MergedModel:
             engine.shutdown()
 
 
-class MergedDeployment(ChannelMixin):
-    def __init__(self, app_config: dict):
-        cfg = AppConfig.model_validate(app_config)
+class MergedDeployment(VersionedMixin, ChannelMixin):
+    def __init__(self, config: MergedDeploymentConfig | dict):
+        """``config``: what build_app binds (``AppConfig.merged_deployment_config``), or a dict of
+        build_app's args (a test or script building one replica)."""
+        cfg = config if isinstance(config, MergedDeploymentConfig) else MergedDeploymentConfig.from_args(config)
         self.base_path, adapters_uri = cfg.resolve_paths()
-        self.engine_config = cfg.engine_config(self.base_path, num_cpus=cfg.merged_num_cpus)
+        self.engine_config = cfg.engine_config(self.base_path)
         self.kernel_inject = cfg.merged_kernel_inject
         self.store_config = scfg = cfg.store
         self.loader = AdapterLoader(adapters_uri, scfg, ram_tier=False)  # the LoRA path's pipeline, no RAM tier
         self.store, self.registry, self.fetcher = self.loader.store, self.loader.registry, self.loader.fetcher
         self.validation = validation_settings(scfg, self.engine_config.max_adapter_bytes)
         self.stale_grace_s = 2 * scfg.registry_refresh_s + 2 * POLICY_SYNC_S
-        self._manifest: Manifest | None = None
         self._stale_since: dict[str, float] = {}
-        self._reconciler: asyncio.Task | None = None
-        self._manifest_error_logged = 0.0
         self.retired: list[str] = []  # most recent last (stats)
 
         async def load(mux: str) -> _MergedModel:
@@ -130,66 +129,25 @@ class MergedDeployment(ChannelMixin):
                         time.perf_counter() - t0)
             return _MergedModel(mux, engine)
 
-        # A closure, not a bound method: Serve stores its LRU on the decorated callable.
-        self._load_fn = load
-        self._get_model = serve.multiplexed(max_num_models_per_replica=cfg.merged_tenants_per_replica)(load)
+        self._get_model = self._versioned(load, cfg.merged_tenants_per_replica, serving="merged copies keep serving")
 
     # ---- copies ------------------------------------------------------------------------------
 
-    def _models(self) -> dict:
-        return loaded_models(self._load_fn)
-
     async def _retire(self, mux: str, reason: str) -> bool:
-        """Drop one copy now instead of at the next LRU eviction.
-
-        Serve has no public unload for multiplexed models; deployments/multiplex.py reaches into
-        its wrapper and degrades to "freed at the next eviction" if that layout changes.
-        """
-        model = self._models().pop(mux, None)
+        """Drop one copy now instead of at the next LRU eviction (``_drop_loaded``: if Serve's
+        layout changes, it is freed at the next eviction); its engine drains in a worker thread."""
+        model = self._drop_loaded(mux)
         if model is None:
             return False
-        announce_change(self._load_fn)
         self._stale_since.pop(mux, None)
         self.retired = [*self.retired[-31:], mux]
         logger.info("retiring merged copy %s (%s); freed once its requests finish", mux, reason)
         await asyncio.to_thread(model.__del__)
         return True
 
-    async def _retire_older(self, mux: str) -> None:
-        adapter_id, version = parse_mux_id(mux)
-        for other in list(self._models()):
-            oid, ov = parse_mux_id(other)
-            if oid == adapter_id and ov < version:
-                await self._retire(other, f"replaced by {mux}")
-
-    async def apply_manifest(self, manifest: Manifest, now: float | None = None) -> list[str]:
-        """Retire the copies this manifest makes deleted (now) or stale (after the grace)."""
-        self._manifest = manifest
-        now = time.monotonic() if now is None else now
-        retired = []
-        for mux, reason in stale_copies(list(self._models()), manifest, self._stale_since, now, self.stale_grace_s):
-            if await self._retire(mux, reason):
-                retired.append(mux)
-        return retired
-
-    async def _reconcile_loop(self) -> None:
-        while True:
-            try:
-                manifest = await asyncio.to_thread(self.registry.read)
-            except Exception as e:  # store down: keep what is loaded, try again next period
-                if time.monotonic() - self._manifest_error_logged > 60:
-                    logger.warning("cannot read the adapter registry (%s); merged copies keep serving", e)
-                    self._manifest_error_logged = time.monotonic()
-            else:
-                try:
-                    await self.apply_manifest(manifest)
-                except Exception:
-                    logger.exception("applying the adapter registry to merged copies failed")
-            await asyncio.sleep(self.store_config.registry_refresh_s)
-
-    def _start_background(self) -> None:
-        if self._reconciler is None or self._reconciler.done():
-            self._reconciler = asyncio.get_running_loop().create_task(self._reconcile_loop())
+    def _stale_versions(self, manifest: Manifest, now: float) -> list[tuple[str, str]]:
+        """Deleted: now; no longer current: once stale for ``stale_grace_s`` (``stale_copies``)."""
+        return stale_copies(list(self._models()), manifest, self._stale_since, now, self.stale_grace_s)
 
     async def _engine(self) -> EngineAPI:
         self._start_background()
@@ -226,10 +184,6 @@ class MergedDeployment(ChannelMixin):
                 out.append(mux)
         return out
 
-    async def refresh_registry(self) -> list[str]:
-        """Re-read the manifest now and retire what it makes deleted or stale (tests, operators)."""
-        return await self.apply_manifest(await asyncio.to_thread(self.registry.read))
-
     async def stats(self) -> dict:
         self._start_background()
         return {"loaded": list(self._models()), "retired": list(self.retired),
@@ -242,15 +196,3 @@ class MergedDeployment(ChannelMixin):
         if req.params.json_schema is not None:  # compiled off the event loop, before submit
             await engine.compile_grammar(req.params.json_schema, req.tenant)
         return engine.submit(render_prompt(engine.tokenizer, req), req.params, None, req.request_id)
-
-    async def generate(self, req: GenerateRequest) -> RequestOutput:
-        return await (await self._submit(req)).collect()
-
-    async def generate_stream(self, req: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        async for out in (await self._submit(req)).chunks():
-            yield out
-
-    def __del__(self):
-        task = getattr(self, "_reconciler", None)
-        if task is not None:
-            task.cancel()

@@ -30,7 +30,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import threading
 import time
 from typing import Any
 
@@ -40,7 +39,7 @@ from serve_app.adapters.backends import open_store
 from serve_app.adapters.config import StoreConfig
 from serve_app.adapters.fetch import progress_callback
 from serve_app.adapters.ids import validate_adapter_id
-from serve_app.adapters.registry import AdapterRegistry, Manifest, is_versioned_name, mux_id
+from serve_app.adapters.registry import AdapterRegistry, Manifest, ManifestWatcher, is_versioned_name, mux_id
 from serve_app.errors import (
     AdapterNotFoundError,
     AdapterStoreUnavailableError,
@@ -81,21 +80,19 @@ class AdapterAdmin:
         self._id_locks: dict[str, asyncio.Lock] = {}  # one registration / delete per adapter ID at a time
         self._cleanups: set[asyncio.Future] = set()  # cleanups of interrupted registrations (strong refs)
         self._last_error_log = 0.0
-        self._stop = threading.Event()
-        self._refresh()
-        self._thread = threading.Thread(target=self._refresher, name="adapter-registry", daemon=True)
-        self._thread.start()
+        # The snapshot: read now, then every registry_refresh_s on the watcher's daemon thread.
+        self._watcher = ManifestWatcher(
+            self.registry, config.registry_refresh_s, self._take_snapshot, writes=lambda: self._writes,
+            on_error=lambda e: self._log_error("cannot read the adapter registry", e), also=self._refresh_listing)
+        self._watcher.poll()
+        self._watcher.start_thread("adapter-registry")
 
     # ---- the snapshot ------------------------------------------------------------------------
 
-    def _refresh(self) -> None:
-        writes = self._writes
-        try:
-            manifest = self.registry.read()
-            if writes == self._writes:
-                self._manifest = manifest
-        except Exception as e:
-            self._log_error("cannot read the adapter registry", e)
+    def _take_snapshot(self, manifest: Manifest) -> None:
+        self._manifest = manifest
+
+    def _refresh_listing(self) -> None:
         if not self.store.is_local and time.monotonic() - self._listing_at >= self.config.list_refresh_s:
             try:
                 self._listing = set(self.store.list_ids())
@@ -108,12 +105,8 @@ class AdapterAdmin:
             logger.warning("%s (%s); serving from the last snapshot", what, e)
             self._last_error_log = time.monotonic()
 
-    def _refresher(self) -> None:
-        while not self._stop.wait(self.config.registry_refresh_s):
-            self._refresh()
-
     def close(self) -> None:
-        self._stop.set()
+        self._watcher.stop()
 
     def _snapshot(self) -> Manifest:
         if self._manifest is None:

@@ -14,15 +14,17 @@ engine may read adapters/' torch-free rules, e.g. peft_files.py):
     1  bottom    engine/*, adapters/*                    (adapters -> engine: never),
                  demo.py                                 (builds the demo assets; imports
                                                           nothing of serve_app)
-    2  settings  config.py (AppConfig), router/config.py (the router's settings)
+    2  settings  config.py (AppConfig), router/config.py (the router's settings),
+                 deployments/config.py (the engine deployments' settings)
     3  replicas  deployments/*
     4  router    router/*
     5  app       app.py                                  (the one builder)
 
-`config.py` for the app sits just below the deployments: they are built from an AppConfig,
-and it only gathers each part's settings (engine/config.py, adapters/config.py,
-router/config.py), one import arrow down. The router's settings live in router/config.py so
-that the app config does not reach up into the router's auth, limits and policy code.
+`config.py` for the app sits just below the deployments: it only gathers each part's settings
+(engine/config.py, adapters/config.py, router/config.py, deployments/config.py), one import
+arrow down, and builds each deployment's config object, which app.py binds. The router's
+settings live in router/config.py so that the app config does not reach up into the router's
+auth, limits and policy code; the engine deployments' in deployments/config.py likewise.
 
 A second check runs `import serve_app.router.ingress` in a fresh interpreter and fails if
 'torch' ends up in sys.modules: the router process needs no torch.
@@ -55,6 +57,7 @@ RANKS: list[tuple[str, int]] = [
     ("serve_app.models", BOTTOM),  # offline builders of real demo models and their tenants, like demo.py
     ("serve_app.config", SETTINGS),
     ("serve_app.router.config", SETTINGS),
+    ("serve_app.deployments.config", SETTINGS),  # the engine deployments' settings, like router/config.py
     ("serve_app.deployments", REPLICAS),
     ("serve_app.router", ROUTER),
     ("serve_app.app", APP),

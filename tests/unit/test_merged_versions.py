@@ -371,3 +371,55 @@ def test_promoter_reports_each_adapters_owner_with_its_counts():
         assert seen[-1] == ({}, {})
 
     asyncio.run(run())
+
+
+# ---- each deployment reads its own config (issue 26) ----------------------------------------------
+
+
+def test_each_deployment_gets_its_own_config_from_the_app_config():
+    """build_app binds ``AppConfig.lora_deployment_config()`` / ``merged_deployment_config()``; a
+    dict of build_app's args (these tests' replicas) reads the same way, with the same defaults."""
+    from pydantic import ValidationError
+
+    from serve_app.config import AppConfig
+    from serve_app.deployments.config import LoRADeploymentConfig, MergedDeploymentConfig
+
+    custom = {"base_model": "/models/b", "adapters": "/adapters", "merged": True, "max_lora_rank": 16,
+              "lora_num_cpus": 3, "merged_num_cpus": 2, "max_adapters_per_replica": 3,
+              "merged_tenants_per_replica": 4, "merged_kernel_inject": False, "torch_threads": 5,
+              "store": {"ram_cache_bytes": 0, "registry_refresh_s": 0.5}, "router_replicas": 2}
+    for args in ({}, custom):
+        app = AppConfig.model_validate(args)
+        lora, merged = app.lora_deployment_config(), app.merged_deployment_config()
+        assert lora == LoRADeploymentConfig.from_args(args) and merged == MergedDeploymentConfig.from_args(args)
+        # One engine recipe: the replicas' engines are what AppConfig.engine_config says.
+        assert lora.engine_config("/b") == app.engine_config("/b")
+        assert merged.engine_config("/b") == app.engine_config("/b", num_cpus=app.merged_num_cpus)
+    assert (lora.max_adapters_per_replica, merged.merged_tenants_per_replica, merged.merged_kernel_inject) == (3, 4, False)
+    assert lora.engine_config("/b").torch_threads == 5 and lora.store.registry_refresh_s == 0.5
+    assert LoRADeploymentConfig().engine_config("/b").torch_threads == 1  # ceil(lora_num_cpus 1.0)
+    assert MergedDeploymentConfig(merged_num_cpus=2.5).engine_config("/b").torch_threads == 3
+    for cls in (LoRADeploymentConfig, MergedDeploymentConfig):
+        assert set(cls.model_fields) <= set(AppConfig.model_fields)  # AppConfig's fields, same names
+        assert all(f.description for f in cls.model_fields.values())
+        with pytest.raises(ValidationError, match="extra"):
+            cls(lora_replicas=2)  # a deployment option, not something a replica reads
+        with pytest.raises(ValidationError, match="frozen"):
+            cls().base_model = "x"
+
+
+def test_deployments_do_not_import_the_app_config():
+    """The arrow back up that the deployment configs removed: deployments/ never imports
+    serve_app.config (AppConfig builds their configs; app.py binds them)."""
+    import ast
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "serve_app" / "deployments"
+    bad = []
+    for path in sorted(folder.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{path.name}:{node.lineno}" for n in names if n == "serve_app.config"]
+    assert not bad, bad

@@ -554,3 +554,132 @@ def test_non_float_weights_registered_through_admin_are_a_422(dtype_name, tmp_pa
         assert out["version"] == 2 and admin.registry.read().current("tenant-0") == 2
     finally:
         admin.close()
+
+
+# ---- 7. one manifest watcher (issue 26) ------------------------------------------------------------
+# Routers (their resolve snapshot) and both engine deployments (retiring old and deleted versions)
+# poll the manifest through adapters/registry.py's ManifestWatcher; these pin down what a poll
+# does when the store fails, when the callback fails, and when this process writes meanwhile.
+
+
+class _ScriptedRegistry:
+    """``read`` answers from a script: a Manifest, an exception to raise, or a callable run first."""
+
+    def __init__(self, *answers):
+        self.answers = list(answers)
+        self.threads: list[str] = []
+
+    def read(self):
+        import threading
+
+        self.threads.append(threading.current_thread().name)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if callable(answer):
+            answer = answer()
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def test_manifest_watcher_poll_reports_failures_and_drops_reads_a_write_overtook():
+    from serve_app.adapters.registry import ManifestWatcher
+
+    m1, m2, m3 = Manifest(generation=1), Manifest(generation=2), Manifest(generation=3)
+    writes = [0]
+
+    def written_meanwhile():  # this process wrote the manifest while the read was in flight
+        writes[0] += 1
+        return m2
+
+    reg = _ScriptedRegistry(m1, ServeAppError("store down"), written_meanwhile, m3, m3)
+    got, errors, after = [], [], []
+
+    def take(m):
+        got.append(m.generation)
+        if m.generation == 3 and len(got) == 2:
+            raise RuntimeError("a bug in the callback")
+
+    w = ManifestWatcher(reg, 1.0, take, on_error=errors.append, writes=lambda: writes[0],
+                        also=lambda: after.append(1))
+    assert w.poll() is m1
+    assert w.poll() is None and [e.message for e in errors] == ["store down"]
+    assert w.poll() is None, "a read that began before this process's own write must be dropped"
+    assert w.poll() is m3  # the callback raised: logged, the poll does not
+    assert w.poll() is m3  # and the next poll hands the manifest over again
+    assert got == [1, 3, 3] and len(after) == 5  # ``also`` runs after every poll
+
+
+def test_manifest_watcher_runs_on_a_thread_or_on_the_event_loop():
+    import threading
+
+    from serve_app.adapters.registry import ManifestWatcher
+
+    # A thread (the router): polls every period until stopped.
+    reg = _ScriptedRegistry(Manifest(generation=1))
+    seen = threading.Event()
+    count = [0]
+
+    def take(_m):
+        count[0] += 1
+        if count[0] >= 3:
+            seen.set()
+
+    w = ManifestWatcher(reg, 0.01, take)
+    w.start_thread("test-watcher")
+    assert seen.wait(10)
+    w.stop()
+    w._thread.join(5)
+    assert not w._thread.is_alive() and set(reg.threads) == {"test-watcher"}
+
+    # A task (an engine replica): reads at once, then every period, off the loop's thread;
+    # a coroutine callback is awaited; a store that fails is retried at the next period.
+    reg = _ScriptedRegistry(Manifest(generation=1), ServeAppError("down"), Manifest(generation=2))
+    applied: list[int] = []
+
+    async def apply(m):
+        await asyncio.sleep(0)
+        applied.append(m.generation)
+
+    async def main():
+        task = asyncio.get_running_loop().create_task(ManifestWatcher(reg, 0.01, apply, on_error=lambda e: None).run())
+        for _ in range(500):
+            if len(applied) >= 2:
+                break
+            await asyncio.sleep(0.01)
+        task.cancel()
+        return threading.current_thread().name
+
+    loop_thread = asyncio.run(main())
+    assert applied[:2] == [1, 2] and loop_thread not in reg.threads
+
+
+def test_lora_replica_retires_old_and_deleted_versions(tmp_path, tiny_assets):
+    """The LoRA side of deployments/versioned.py: a manifest retires stale versions on the device
+    (out of Serve's LRU, announced, its rows freed after its requests) and in the RAM tier;
+    loading a version finds the older ones it replaces."""
+    from collections import OrderedDict
+    from types import SimpleNamespace
+
+    from serve_app.deployments.lora import LoRADeployment
+
+    root = _local_store(tmp_path, tiny_assets)
+    dep = LoRADeployment({"base_model": str(tiny_assets.base), "adapters": str(root), "max_lora_rank": 32,
+                          "torch_threads": 1})
+    try:
+        reg = dep.registry
+        reg.commit("t", 1, reg.stage("t", 1, str(tiny_assets.adapter_path("tenant-2"))))
+        asyncio.run(dep.validate_adapter("t", 1))  # t@v1 parsed into the RAM tier
+        reg.commit("t", 2, reg.stage("t", 2, str(tiny_assets.adapter_path("tenant-3"))))
+        reg.delete("tenant-1", in_store=True)
+        retired: list[str] = []
+        loaded = {m: SimpleNamespace(retire=lambda m=m: retired.append(m)) for m in ("t@v2", "tenant-1", "tenant-0")}
+        wrapper = SimpleNamespace(models=OrderedDict(loaded), _push_multiplexed_replica_info=False)
+        setattr(dep._load_fn, "__serve_multiplex_wrapper", wrapper)  # Serve's LRU, stood in for
+        assert dep._older_versions("t@v2") == ["t@v1"] and dep._older_versions("t@v3") == ["t@v2", "t@v1"]
+
+        assert sorted(asyncio.run(dep.refresh_registry())) == ["t@v1", "tenant-1"]
+        assert retired == ["tenant-1"] and dep.retired_versions == 1 and wrapper._push_multiplexed_replica_info
+        assert list(dep._models()) == ["t@v2", "tenant-0"] and "t@v1" not in dep.loader.cached()
+        assert asyncio.run(dep.refresh_registry()) == []  # nothing stale is left
+    finally:
+        dep.engine.shutdown()

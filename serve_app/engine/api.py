@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
     from serve_app.api.sampling_params import SamplingParams
     from serve_app.engine.config import EngineConfig
-    from serve_app.engine.engine import RequestStream
+    from serve_app.engine.request import RequestStream
     from serve_app.engine.arch import BaseShape
     from serve_app.engine.lora.manager import ResidentAdapter
     from serve_app.engine.lora.weights import LoRAWeights

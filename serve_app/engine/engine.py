@@ -38,23 +38,25 @@ import threading
 import time
 from collections import OrderedDict, deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 import torch
 
 from serve_app.engine.config import EngineConfig
 from serve_app.engine.detokenizer import TextAssembler
 from serve_app.engine.lora.manager import LoRAManager, ResidentAdapter
-from serve_app.engine.lora.weights import AdapterSpec, LoRAWeights, load_adapter_tensors, parse_adapter_config
+from serve_app.engine.lora.weights import LoRAWeights
 from serve_app.engine.kv_cache import ROOT
 from serve_app.engine.arch import base_shape
 from serve_app.engine.loader import load_base_model
 from serve_app.engine.model_runner import ModelRunner, SeqChunk
-from serve_app.engine.lora.layers import LoRABatch, LoRAContext, wrap_lora_layers
-from serve_app.api.wire import RequestOutput, TokenLogprob
-from serve_app.engine.sampling import LogitsRow, SamplingParams, apply_logits_processors, sample
-from serve_app.engine.structured import GrammarCache, GrammarError, RowGrammar
+from serve_app.engine.lora.layers import LoRAContext, wrap_lora_layers
+from serve_app.api.wire import RequestOutput
+from serve_app.engine.offline import OfflineMixin
+from serve_app.engine.output_processor import OutputProcessor
+from serve_app.engine.request import EngineError, Request, RequestStatus, RequestStream
+from serve_app.engine.sampling import SamplingParams
+from serve_app.engine.structured import GrammarCache
 from serve_app.errors import InvalidRequestError, ServeAppError
 
 logger = logging.getLogger(__name__)
@@ -62,71 +64,6 @@ logger = logging.getLogger(__name__)
 _ids = itertools.count()
 _MIN_CHUNK = 16  # a chunked prefill starts with at least this many tokens (or the whole prompt)
 _GRAMMAR_INIT = threading.Lock()  # LoRAEngine.grammars(): one GrammarCache per engine
-
-
-class EngineError(ServeAppError):
-    status_code = 500
-    error_type = "internal_error"
-    code = "engine_error"
-
-
-class NonFiniteOutputError(EngineError):
-    """A row's logits came out NaN or inf: the adapter (or base) it ran with overflowed."""
-
-    code = "non_finite_output"
-
-
-@dataclass
-class Completion:
-    """A whole finished request (the sync API's result)."""
-
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str | None
-    prompt_tokens: int
-    logprobs: list[TokenLogprob] | None = None
-
-
-@dataclass(eq=False)
-class Request:
-    request_id: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    adapter: ResidentAdapter | None
-    sink: Callable[[RequestOutput], None] | tuple[asyncio.AbstractEventLoop, asyncio.Queue]
-    assembler: TextAssembler
-    stop_ids: frozenset[int]
-    generator: torch.Generator | None = None
-    tenant: str | None = None  # fair-admission key; None: the adapter ID
-    # prefix-cache key: ((adapter id@vN, load id) or None for the base, salt); see ``_cache_key``
-    cache_key: tuple | None = None
-    output_ids: list[int] = field(default_factory=list)
-    num_computed: int = 0  # tokens (prompt, then output) whose KV is in ``blocks``
-    blocks: list[int] = field(default_factory=list)  # block table
-    nodes: list[int] = field(default_factory=list)  # prefix-cache keys of its full blocks, in order
-    running: bool = False  # holds blocks and is scheduled each step
-    preemptions: int = 0
-    aborted: bool = False
-    done: bool = False
-    arrival: float = field(default_factory=time.monotonic)
-    grammar: RowGrammar | None = None  # structured output: the matcher, on the request (survives a re-run)
-    # echo + logprobs: the prompt's own logprobs, filled as its chunks pass (the first entry has
-    # none); kept across a preemption, so a re-run only adds the positions still missing
-    prompt_lp: list[TokenLogprob] | None = None
-
-    @property
-    def length(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-    def tokens(self, a: int, b: int) -> list[int]:
-        """Tokens ``a:b`` of prompt + output, without building the whole list."""
-        p = len(self.prompt_ids)
-        if b <= p:
-            return self.prompt_ids[a:b]
-        if a >= p:
-            return self.output_ids[a - p : b - p]
-        return self.prompt_ids[a:] + self.output_ids[: b - p]
 
 
 class FairQueue:
@@ -227,7 +164,7 @@ class FairQueue:
         return len(self._queues)
 
 
-class LoRAEngine:
+class LoRAEngine(OfflineMixin):
     def __init__(self, config: EngineConfig, *, transform: Callable[[torch.nn.Module], torch.nn.Module] | None = None):
         """``transform`` rewrites the loaded base before LoRA layers wrap it (the merged path
         merges a tenant's adapter into the weights there).
@@ -244,11 +181,9 @@ class LoRAEngine:
         self.preemptions = 0
         self.share_preemptions = 0  # of those, for the row share (``_share_rows``)
         self._tasks: deque[tuple[Callable, tuple, Future]] = deque()  # run on the engine thread
-        self._outbox: list[tuple[Request, RequestOutput]] = []
         self._stopped = False
         self._inflight = 0  # submitted and not finished, wherever they are
         self.steps = 0
-        self.generated_tokens = 0
         ready: Future = Future()
         self._thread = threading.Thread(target=self._main, args=(transform, ready), name="lora-engine", daemon=True)
         self._thread.start()
@@ -272,8 +207,9 @@ class LoRAEngine:
         n = config.max_num_seqs
         self.lora = LoRAManager(self.base_shape, dtype=self.dtype, device=self.device, max_slots=n + max(4, n // 4))
         self.vocab_size = model.config.vocab_size
-        self._token_texts: dict[int, str] = {}  # token id -> its text alone (logprobs), filled as seen
         self.eos_ids = self._eos_ids()
+        self.output = OutputProcessor(self.tokenizer, max_model_len=self.max_model_len, grammars=self.grammars,
+                                      score_prompt=self.score_prompt, finish=self._finish)
         logger.info(
             "engine ready in %.1fs: %s on %s (%s%s), max_model_len=%d",
             time.perf_counter() - t0, config.model, self.device, self.dtype,
@@ -342,33 +278,7 @@ class LoRAEngine:
                 ids.update(value)
         return frozenset(ids)
 
-    # ---- adapters --------------------------------------------------------------------------
-
-    def load_adapter(self, adapter_id: str, path: str) -> ResidentAdapter:
-        """Validate and copy an adapter into device memory; it becomes the ID's current version.
-
-        Config and tensors are parsed and validated on the caller's thread (numpy, no torch
-        kernel: lora_weights.py); only the copy into the pool waits for the engine thread.
-        """
-        spec = parse_adapter_config(adapter_id, path, self.base_shape, max_rank=self.config.max_lora_rank)
-        weights = load_adapter_tensors(
-            spec, path, self.base_shape,
-            max_rank=self.config.max_lora_rank, dtype=self.dtype, max_bytes=self.config.max_adapter_bytes,
-        )
-        return self.run_in_engine(self._load_adapter, weights)
-
-    def _load_adapter(self, weights: LoRAWeights) -> ResidentAdapter:
-        return self.lora.add(weights)
-
-    def unload_adapter(self, adapter: str | ResidentAdapter) -> None:
-        """Retire an adapter; its memory is reused once the requests using it finish. Its
-        prefix-cache counts go too (the stats and their metric labels do not grow per version)."""
-        self.lora.remove(adapter)
-        if self.runner is not None:
-            with self._cv:  # the scheduler adds to them under this lock
-                self.runner.blocks.prefix.forget(adapter if isinstance(adapter, str) else adapter.adapter_id)
-
-    # The engine API's names (engine/api.py) for the pool's operations.
+    # ---- adapters (the engine API's names, engine/api.py; offline.py loads from a folder) ------
 
     def add_adapter(self, weights: LoRAWeights) -> ResidentAdapter:
         """Copy parsed, validated weights into the pool (on the engine thread: run_in_engine)."""
@@ -382,8 +292,12 @@ class LoRAEngine:
         self.lora.release(adapter)
 
     def remove_adapter(self, adapter: str | ResidentAdapter) -> None:
-        """Retire a version (``unload_adapter``)."""
-        self.unload_adapter(adapter)
+        """Retire a version; its memory is reused once the requests using it finish. Its
+        prefix-cache counts go too (the stats and their metric labels do not grow per version)."""
+        self.lora.remove(adapter)
+        if self.runner is not None:
+            with self._cv:  # the scheduler adds to them under this lock
+                self.runner.blocks.prefix.forget(adapter if isinstance(adapter, str) else adapter.adapter_id)
 
     def resident_adapters(self) -> list[str]:
         """The adapter IDs with a current version in the pool."""
@@ -500,7 +414,7 @@ class LoRAEngine:
             tenant=tenant,
             cache_key=self._cache_key(resident, tenant if cache_salt is None else cache_salt),
             grammar=grammar,
-            prompt_lp=[self._first_prompt_logprob(prompt_ids)] if params.echo and params.logprobs is not None else None,
+            prompt_lp=[self.output.first_prompt_logprob(prompt_ids)] if params.echo and params.logprobs is not None else None,
         )
         with self._cv:
             if self._stopped:
@@ -537,67 +451,18 @@ class LoRAEngine:
         *,
         tenant: str | None = None,
         cache_salt: str | None = None,
-    ) -> "RequestStream":
+    ) -> RequestStream:
         """Start a request from async code; iterate the returned stream for its outputs.
 
         Raises at once (before any await) for invalid input or an adapter that is gone, so a
         caller can retry with a fresh adapter handle.
         """
-        stream = RequestStream(self)
+        stream = RequestStream(self.abort)
         stream.req = self.add_request(
             prompt, params, adapter, (asyncio.get_running_loop(), stream.queue), request_id, tenant=tenant,
             cache_salt=cache_salt,
         )
         return stream
-
-    async def generate(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        adapter: str | ResidentAdapter | None = None,
-        request_id: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Stream a request's outputs as they are produced."""
-        stream = self.submit(prompt, params, adapter, request_id)
-        try:
-            async for out in stream:
-                yield out
-        finally:
-            stream.close()
-
-    def generate_batch(
-        self, requests: list[tuple[str | list[int], SamplingParams, str | ResidentAdapter | None]]
-    ) -> list[Completion]:
-        """Submit all requests at once and wait for all of them (tests, benchmarks, scripts)."""
-        done = threading.Semaphore(0)
-        results: list[list[RequestOutput]] = [[] for _ in requests]
-
-        def sink_for(i):
-            def sink(out: RequestOutput):
-                results[i].append(out)
-                if out.finished or out.error is not None:
-                    done.release()
-            return sink
-
-        reqs = [self.add_request(p, sp, a, sink_for(i)) for i, (p, sp, a) in enumerate(requests)]
-        for _ in requests:
-            done.acquire()
-        completions = []
-        for req, outs in zip(reqs, results):
-            if outs and outs[-1].error is not None:
-                raise outs[-1].error
-            merged = merge_outputs(outs)
-            completions.append(
-                Completion(
-                    request_id=req.request_id,
-                    text=merged.text,
-                    token_ids=merged.token_ids,
-                    finish_reason=merged.finish_reason,
-                    prompt_tokens=len(req.prompt_ids),
-                    logprobs=merged.logprobs,
-                )
-            )
-        return completions
 
     def stats(self) -> dict:
         with self._cv:
@@ -608,7 +473,7 @@ class LoRAEngine:
                 "waiting": len(self._waiting),
                 "waiting_tenants": self._waiting.tenants(),
                 "steps": self.steps,
-                "generated_tokens": self.generated_tokens,
+                "generated_tokens": self.output.generated_tokens,
                 "lora": self.lora.stats(),
                 **({} if self.runner is None else {"kv": {
                     **self.runner.blocks.stats(), "preemptions": self.preemptions,
@@ -660,17 +525,17 @@ class LoRAEngine:
                 # The client gets a generic message; the details are in the log above.
                 err = e if isinstance(e, ServeAppError) else EngineError("engine step failed; see the replica log")
                 for req in list(self._running):
-                    if not req.done:
+                    if not req.finished:
                         self._finish(req, None, error=err)
                 self._running = []
-            self._flush()
+            self.output.flush()
         # Shutting down: nothing more will run.
         for _, _, fut in self._tasks:
             fut.set_exception(EngineError("engine shut down"))
         for req in [*self._running, *self._waiting]:
-            if not req.done:
+            if not req.finished:
                 self._finish(req, None, error=EngineError("engine shut down"))
-        self._flush()
+        self.output.flush()
 
     def _schedule(self) -> list[tuple[Request, int]]:
         """This step's work, ``(request, tokens to compute)``, decode rows first (under the lock).
@@ -686,9 +551,9 @@ class LoRAEngine:
         cfg = self.config
         pool = self.runner.blocks
         for req in self._running:
-            if req.aborted and not req.done:
+            if req.aborted and not req.finished:
                 self._finish(req, "abort")
-        self._running = [r for r in self._running if not r.done]
+        self._running = [r for r in self._running if not r.finished]
         if self._waiting and len(self._running) >= cfg.max_num_seqs:
             self._share_rows()
         budget = cfg.max_num_batched_tokens
@@ -698,7 +563,7 @@ class LoRAEngine:
         for req in decoding:
             if budget <= 0:
                 break
-            if not req.running:  # preempted by a row before it
+            if req.status is not RequestStatus.RUNNING:  # preempted by a row before it
                 continue
             if self._grow(req, 1, sched):
                 sched[req] = 1
@@ -731,7 +596,7 @@ class LoRAEngine:
                 self._preempt(req)
 
         for req in prefilling:
-            if budget > 0 and req.running:
+            if budget > 0 and req.status is RequestStatus.RUNNING:
                 prefill(req, min(budget, share - used.get(FairQueue.key(req), 0)))
         watermark = max(1, pool.num_blocks // 100)  # left free for the running rows' next blocks
         full: set[str | None] = {k for k, u in used.items() if u >= share}  # tenants at their share this step
@@ -744,7 +609,7 @@ class LoRAEngine:
                 continue
             key = FairQueue.key(req)
             limit = req.length - 1  # at least one token is computed: its logits are the next token's
-            if self._scores_prompt(req):  # its prompt's logprobs come from computing every position
+            if req.scores_prompt:  # its prompt's logprobs come from computing every position
                 limit = 0
             hits, nodes = pool.lookup(req.cache_key, req.tokens(0, limit), limit)
             computed = len(hits) * pool.block_size
@@ -764,7 +629,7 @@ class LoRAEngine:
             self._waiting.remove(req)
             pool.prefix.add(req.adapter and req.adapter.adapter_id, limit // pool.block_size * pool.block_size, computed)
             req.blocks = hits + [pool.allocate() for _ in range(need)]
-            req.nodes, req.num_computed, req.running = nodes, computed, True
+            req.nodes, req.num_computed, req.status = nodes, computed, RequestStatus.RUNNING
             self._running.append(req)
             sched[req] = take
             costs[req] = cost
@@ -772,7 +637,7 @@ class LoRAEngine:
             budget -= cost
             if used[key] >= share:
                 full.add(key)
-        for req in [r for r in self._running if r.running and r.length - r.num_computed > 1]:  # the rest
+        for req in [r for r in self._running if r.status is RequestStatus.RUNNING and r.length - r.num_computed > 1]:  # the rest
             if budget <= 0:
                 break
             if sched.get(req, 0) < req.length - req.num_computed:
@@ -803,15 +668,11 @@ class LoRAEngine:
             return 1, budget
         return n, cost(n)
 
-    def _scores_prompt(self, req: Request) -> bool:
-        """Whether ``req`` still needs logprobs of prompt positions (echo + logprobs)."""
-        return req.prompt_lp is not None and len(req.prompt_lp) < len(req.prompt_ids)
-
     def _weight(self, req: Request) -> float:
         """A prompt token's cost for ``_chunk``: 1, plus the logits when its logprobs are asked
         (``logits_cost``: the lm_head's FLOPs over the decoder's, 0.27 on SmolLM2), so echo with
         logprobs is charged to the token budget like any other prefill work."""
-        return 1.0 + self.runner.logits_cost if self._scores_prompt(req) else 1.0
+        return 1.0 + self.runner.logits_cost if req.scores_prompt else 1.0
 
     def _share_rows(self) -> None:
         """Every row is taken and a tenant waits: if it holds less than its share of the rows
@@ -856,7 +717,7 @@ class LoRAEngine:
     def _preempt(self, req: Request, *, jump: bool = True) -> None:
         """Free a running row's blocks; it waits first in line and is recomputed when readmitted."""
         self.runner.blocks.free(req.blocks)
-        req.blocks, req.nodes, req.num_computed, req.running = [], [], 0, False
+        req.blocks, req.nodes, req.num_computed, req.status = [], [], 0, RequestStatus.WAITING
         self._running.remove(req)
         self._waiting.appendleft(req, jump=jump)
         self.preemptions += 1
@@ -880,7 +741,7 @@ class LoRAEngine:
                     try:
                         self._forward([item], 0)
                     except Exception as e1:
-                        self._fail(item[0], e1, "prefill")
+                        self.output.fail(item[0], e1, "prefill")
         self.steps += 1
 
     def _forward(self, sched: list[tuple[Request, int]], num_decode: int) -> None:
@@ -894,24 +755,17 @@ class LoRAEngine:
         rows, per_token = [], []
         for r, take in sched:
             start = r.num_computed
-            every = self._scores_prompt(r) and start < len(r.prompt_ids) - 1
+            every = r.scores_prompt and start < len(r.prompt_ids) - 1
             rows.append(SeqChunk(r.tokens(start, start + take), start, r.blocks, every_token=every))
             per_token += [r.adapter] * take
         lora = self.lora.prepare(per_token)
         out = self.runner.step(rows, num_decode, lora)  # [len(sched) + the every-token rows' extra, vocab]
-        logits = out
-        if len(out) != len(sched):  # some rows returned every token: pick each row's last
-            ends = list(itertools.accumulate(len(c.tokens) if c.every_token else 1 for c in rows))
-            for (r, _), c, end in zip(sched, rows, ends):
-                if c.every_token:
-                    self._add_prompt_logprobs(r, out[end - len(c.tokens) : end], c.start)
-            logits = out[torch.tensor([e - 1 for e in ends], device=out.device)]
-        finite = torch.isfinite(logits.amax(dim=-1)).tolist()  # [len(sched)]: max propagates NaN
+        logits, finite = self.output.row_logits(sched, rows, out)
         ready, at = [], []
         for j, (r, take) in enumerate(sched):
             r.num_computed += take
             if not finite[j]:
-                self._fail(r, self._overflow_error(r), "forward")
+                self.output.fail(r, self.output.overflow_error(r), "forward")
                 continue
             self._register_blocks(r)
             if r.num_computed == r.length:  # a whole sequence is in: its last logits give a token
@@ -920,39 +774,7 @@ class LoRAEngine:
         if ready:
             if len(ready) < len(sched):
                 logits = logits[torch.tensor(at, device=logits.device)]
-            self._append_tokens(ready, logits, lora)
-
-    @staticmethod
-    def _overflow_error(req: Request) -> ServeAppError:
-        who = "the base model" if req.adapter is None else f"adapter '{req.adapter.adapter_id}'"
-        return NonFiniteOutputError(
-            f"{who} produced non-finite values on this request's input (its weights overflow on it); "
-            "the request was stopped. Retrain or rescale the adapter (smaller lora_alpha or weights)"
-        )
-
-    def _first_prompt_logprob(self, ids: list[int]) -> TokenLogprob:
-        return TokenLogprob(self._token_text(ids[0]), ids[0], None, None)  # nothing predicts the first token
-
-    def _add_prompt_logprobs(self, req: Request, logits: torch.Tensor, start: int) -> None:
-        """Prompt logprobs from one chunk's logits ``[n, vocab]`` at positions ``start ..``: the
-        logits at position t score prompt token t + 1. Only positions not scored yet count (a
-        re-run after a preemption computes them again)."""
-        ids = req.prompt_ids
-        first = len(req.prompt_lp) - 1  # the next position to score
-        stop = min(start + len(logits), len(ids) - 1)
-        if stop <= first:
-            return
-        logits = logits[first - start : stop - start].float()  # [m, vocab]
-        k = req.params.logprobs
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [m, 1]
-        targets = ids[first + 1 : stop + 1]
-        chosen = (logits.gather(1, torch.tensor(targets, device=logits.device)[:, None]) - lse)[:, 0].tolist()
-        tops: list[list] = [[] for _ in chosen]
-        if k:
-            top_v, top_i = logits.topk(k, dim=-1)
-            tops = [[(self._token_text(t), t, v) for t, v in zip(ti, tv)] for ti, tv in zip(top_i.tolist(), (top_v - lse).tolist())]
-        decode = self._token_text
-        req.prompt_lp += [TokenLogprob(decode(t), t, lp, top) for t, lp, top in zip(targets, chosen, tops)]
+            self.output.append_tokens(ready, logits, lora)
 
     def _register_blocks(self, req: Request) -> None:
         """Index the blocks ``req`` just filled in the prefix cache."""
@@ -965,102 +787,6 @@ class LoRAEngine:
             parent = req.nodes[-1] if req.nodes else ROOT
             req.nodes.append(pool.register(parent, req.cache_key, tuple(req.tokens(i * bs, (i + 1) * bs)), req.blocks[i]))
 
-    def _fail(self, req: Request, exc: BaseException, where: str) -> None:
-        """Fail one request, whatever the others in its step do."""
-        if isinstance(exc, ServeAppError):
-            err = exc
-        else:
-            logger.error("request %s failed in %s", req.request_id, where, exc_info=exc)
-            err = EngineError(f"the request failed in the engine ({where}); see the replica log")
-        self._finish(req, None, error=err)
-
-    def _append_tokens(self, rows: list[Request], logits: torch.Tensor, lora: LoRABatch | None = None) -> None:
-        asked = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
-        raw = None
-        if asked:  # raw model logprobs, before penalties and temperature (vLLM's default)
-            raw = logits[torch.tensor(asked, device=logits.device)].float()  # [A, vocab], a copy
-        # min_tokens does not hold EOS back on a constrained row: its grammar decides where it ends.
-        processed = [LogitsRow(i, r.params, r.prompt_ids, r.output_ids, r.stop_ids if r.grammar is None else frozenset())
-                     for i, r in enumerate(rows) if r.params.processes_logits]
-        failed = apply_logits_processors(logits, processed) if processed else {}
-        constrained = [(i, r.grammar, r.output_ids) for i, r in enumerate(rows) if r.grammar is not None]
-        if constrained:  # after the processors, so a bias cannot lift a token the grammar forbids
-            failed.update(self.grammars().mask_rows(logits, constrained))
-        picked, errors = sample(logits, [r.params for r in rows], [r.generator for r in rows])
-        errors.update(failed)
-        token_lp = self._token_logprobs(asked, raw, rows, picked) if asked else {}
-        if lora is not None and lora.poisoned:
-            for i, req in enumerate(rows):
-                if req.adapter is not None and req.adapter.load_id in lora.poisoned:
-                    errors[i] = EngineError(
-                        f"adapter '{req.adapter.adapter_id}' was found corrupted in device memory and unloaded; retry"
-                    )
-        echo = {}  # id(request) -> (prompt text, prompt logprobs): on its first output
-        for i, r in enumerate(rows):
-            if r.params.echo and not r.output_ids and i not in errors:
-                try:
-                    echo[id(r)] = self._prompt_echo(r)
-                except Exception as e:
-                    errors[i] = e
-        first_out = len(self._outbox)
-        self.generated_tokens += len(rows) - len(errors)
-        for i, (req, token) in enumerate(zip(rows, picked)):
-            if i in errors:
-                self._fail(req, errors[i], "sampling")
-                continue
-            req.output_ids.append(token)
-            n_out = len(req.output_ids)
-            lp = token_lp.get(i)
-            if req.grammar is not None and not req.grammar.accept(token):
-                self._fail(req, GrammarError("the sampled token broke the request's response_format; it was stopped"),
-                           "sampling")
-                continue
-            if token in req.stop_ids:
-                self._finish(req, "stop", new_ids=[token], logprobs=lp)
-                continue
-            try:
-                delta, hit_stop = req.assembler.add_token(token)
-            except Exception as e:  # detokenizing / stop matching of this request only
-                self._fail(req, e, "detokenization")
-                continue
-            if hit_stop or (req.grammar is not None and req.grammar.terminated):  # (ignore_eos: the grammar ended it)
-                self._finish(req, "stop", delta, [token], logprobs=lp)
-            elif n_out >= req.params.max_tokens or len(req.prompt_ids) + n_out >= self.max_model_len:
-                self._finish(req, "length", delta, [token], logprobs=lp)
-            else:
-                self._emit(req, RequestOutput(req.request_id, delta, [token], logprobs=lp))
-        if echo:
-            for req, out in self._outbox[first_out:]:
-                if id(req) in echo and out.error is None:
-                    out.prompt_text, out.prompt_logprobs = echo[id(req)]
-
-    def _prompt_echo(self, req: Request) -> tuple[str, list[TokenLogprob] | None]:
-        """echo: the prompt decoded, and with logprobs each prompt token's raw logprob and top-k
-        (the first one None). On the LoRA engine they were collected from the request's own
-        prefill chunks (``_add_prompt_logprobs``); the merged engine scores the prompt."""
-        ids = req.prompt_ids
-        text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        k = req.params.logprobs
-        if k is None:
-            return text, None
-        if req.prompt_lp is not None and len(req.prompt_lp) == len(ids):
-            return text, req.prompt_lp
-        decode = self._token_text
-        entries = [TokenLogprob(decode(ids[0]), ids[0], None, None)]
-        if len(ids) == 1:
-            return text, entries
-        logits = self.score_prompt(ids, req.adapter)[:-1]  # [T-1, vocab]: position t predicts ids[t + 1]
-        lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-        target = torch.tensor(ids[1:], device=logits.device)[:, None]
-        chosen = (logits.gather(1, target) - lse)[:, 0].tolist()
-        tops = [[] for _ in chosen]
-        if k:
-            top_v, top_i = logits.topk(k, dim=-1)
-            tops = [[(decode(t), t, v) for t, v in zip(ti, tv)]
-                    for ti, tv in zip(top_i.tolist(), (top_v - lse).tolist())]
-        entries += [TokenLogprob(decode(t), t, lp, top) for t, lp, top in zip(ids[1:], chosen, tops)]
-        return text, entries
-
     @torch.inference_mode()
     def score_prompt(self, ids: list[int], adapter: ResidentAdapter | None) -> torch.Tensor:
         """Raw logits [T, vocab] at every position of ``ids`` under ``adapter`` (engine thread)."""
@@ -1069,164 +795,19 @@ class LoRAEngine:
         lora = self.lora.prepare([adapter] * len(ids)) if adapter is not None else None
         return self.runner.score(ids, lora)
 
-    def _token_logprobs(self, asked: list[int], raw, rows: list[Request], picked: list[int]) -> dict:
-        """Row index -> [TokenLogprob] of its sampled token: its logprob and its top-k alternatives.
-        ``raw``: [A, vocab] raw logits of the rows that asked; logprob = logit - logsumexp (no
-        [A, vocab] log-softmax is written)."""
-        out = {}
-        k_max = max(rows[i].params.logprobs for i in asked)
-        lse = torch.logsumexp(raw, dim=-1, keepdim=True)  # [A, 1]
-        chosen = (raw.gather(1, torch.tensor([[picked[i]] for i in asked], device=raw.device)) - lse)[:, 0].tolist()
-        top_v = top_i = None
-        if k_max:
-            top_v, top_i = raw.topk(k_max, dim=-1)  # [A, k_max]
-            top_v, top_i = (top_v - lse).tolist(), top_i.tolist()
-        decode = self._token_text
-        for j, i in enumerate(asked):
-            k = rows[i].params.logprobs
-            top = [(decode(t), t, v) for t, v in zip(top_i[j][:k], top_v[j][:k])] if k else []
-            out[i] = [TokenLogprob(decode(picked[i]), picked[i], chosen[j], top)]
-        return out
-
-    def _token_text(self, token_id: int) -> str:
-        """One token decoded on its own (logprobs' token strings), cached: it never changes."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
-        return text
-
-    def _finish(
-        self,
-        req: Request,
-        reason: str | None,
-        delta: str = "",
-        new_ids: list[int] | None = None,
-        error: ServeAppError | None = None,
-        logprobs: list | None = None,
-    ) -> bool:
-        if req.done:
-            return True
-        req.done = True
+    def _finish(self, req: Request, reason: str | None, delta: str = "", new_ids: list[int] | None = None,
+                error: ServeAppError | None = None, logprobs: list | None = None) -> RequestOutput | None:
+        """End a request: its blocks and adapter pin go back, its last output is queued. None if
+        it had already ended."""
+        if req.finished:
+            return None
+        req.status = RequestStatus.FINISHED
         with self._cv:
             self._inflight -= 1
         if req.blocks:
             self.runner.blocks.free(req.blocks)
-            req.blocks, req.running = [], False
+            req.blocks = []
         if req.adapter is not None:
             self.lora.release(req.adapter)
             req.adapter = None
-        if reason in ("length", "stop") and not req.assembler.stopped:
-            try:
-                delta += req.assembler.finish()
-            except Exception:  # this request's text only; it still finishes
-                logger.exception("detokenizer flush of %s failed", req.request_id)
-        self._emit(
-            req,
-            RequestOutput(
-                req.request_id, delta, new_ids or [], finished=True, finish_reason=reason,
-                prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.output_ids), error=error,
-                logprobs=logprobs,
-            ),
-        )
-        return True
-
-    def _emit(self, req: Request, out: RequestOutput) -> None:
-        self._outbox.append((req, out))
-
-    def _flush(self) -> None:
-        """Deliver this step's outputs: one call_soon_threadsafe per event loop, not per token."""
-        if not self._outbox:
-            return
-        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
-        for req, out in self._outbox:
-            if isinstance(req.sink, tuple):
-                loop, queue = req.sink
-                by_loop.setdefault(loop, []).append((queue, out))
-            else:
-                try:
-                    req.sink(out)
-                except Exception:
-                    logger.exception("output callback of %s failed", req.request_id)
-        self._outbox = []
-        for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_deliver, items)
-            except RuntimeError:  # the caller's loop is closed: nobody is listening
-                pass
-
-
-class RequestStream:
-    """Async iterator over one request's outputs. ``close()`` aborts it if unfinished."""
-
-    def __init__(self, engine: LoRAEngine):
-        self.engine = engine
-        self.queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
-        self.req: Request | None = None
-        self.finished = False
-
-    def __aiter__(self) -> "RequestStream":
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        return self._take(await self.queue.get())
-
-    def drain_nowait(self) -> list[RequestOutput]:
-        """Outputs already waiting, without blocking: lets a caller send several steps as one chunk."""
-        outs = []
-        while not self.finished and not self.queue.empty():
-            outs.append(self._take(self.queue.get_nowait()))
-        return outs
-
-    def _take(self, out: RequestOutput) -> RequestOutput:
-        if out.error is not None:
-            self.finished = True
-            raise out.error
-        self.finished = out.finished
-        return out
-
-    def close(self) -> None:
-        if not self.finished and self.req is not None:
-            self.finished = True
-            self.engine.abort(self.req)
-
-    async def collect(self) -> RequestOutput:
-        """The whole request as one output; aborts it if the caller goes away first."""
-        try:
-            return merge_outputs([out async for out in self])
-        finally:
-            self.close()
-
-    async def chunks(self) -> AsyncIterator[RequestOutput]:
-        """Outputs as they come, with whatever else is already queued folded into the same
-        chunk: fewer messages downstream when the consumer is slower than the engine."""
-        try:
-            async for out in self:
-                yield merge_outputs([out, *self.drain_nowait()])
-        finally:
-            self.close()
-
-
-def merge_outputs(outs: list[RequestOutput]) -> RequestOutput:
-    """Fold consecutive outputs of one request into one (text and tokens concatenated)."""
-    last = outs[-1]
-    if len(outs) == 1:
-        return last
-    return RequestOutput(
-        prompt_text=outs[0].prompt_text,
-        prompt_logprobs=outs[0].prompt_logprobs,
-        request_id=last.request_id,
-        text="".join(o.text for o in outs),
-        token_ids=[t for o in outs for t in o.token_ids],
-        finished=last.finished,
-        finish_reason=last.finish_reason,
-        prompt_tokens=last.prompt_tokens,
-        completion_tokens=last.completion_tokens,
-        logprobs=None if all(o.logprobs is None for o in outs) else [lp for o in outs for lp in (o.logprobs or [])],
-    )
-
-
-def _deliver(items: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
-    for queue, out in items:
-        queue.put_nowait(out)
+        return self.output.final(req, reason, delta, new_ids, error, logprobs)

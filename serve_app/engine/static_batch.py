@@ -18,7 +18,8 @@ import logging
 
 import torch
 
-from serve_app.engine.engine import EngineError, LoRAEngine, Request
+from serve_app.engine.engine import LoRAEngine
+from serve_app.engine.request import EngineError, Request
 from serve_app.errors import EngineOverloadedError, ServeAppError
 
 logger = logging.getLogger(__name__)
@@ -36,13 +37,18 @@ class GenerateEngine(LoRAEngine):
         return admitted
 
     def _step(self, admitted: list[Request]) -> None:
-        rows = [r for r in admitted if not (r.aborted and self._finish(r, "abort"))]
+        rows = []
+        for r in admitted:
+            if r.aborted:
+                self._finish(r, "abort")
+            else:
+                rows.append(r)
         if not rows:
             return
         try:
             self._generate(rows)
         except Exception as e:
-            open_rows = [r for r in rows if not r.done]
+            open_rows = [r for r in rows if not r.finished]
             logger.exception("static batch of %d rows failed; failing the %d still open", len(rows), len(open_rows))
             err = self._batch_error(e, rows)
             for r in open_rows:
@@ -65,14 +71,14 @@ class GenerateEngine(LoRAEngine):
 
         class ChooseTokens(LogitsProcessor):
             def __call__(self, input_ids, scores):  # scores: [B, vocab]
-                if any(r.aborted and not r.done for r in rows):
+                if any(r.aborted and not r.finished for r in rows):
                     for r in rows:
-                        if r.aborted and not r.done:
+                        if r.aborted and not r.finished:
                             engine._finish(r, "abort")
-                live = [i for i, r in enumerate(rows) if not r.done]
+                live = [i for i, r in enumerate(rows) if not r.finished]
                 if live:
-                    engine._append_tokens([rows[i] for i in live], scores[live])
-                    engine._flush()
+                    engine.output.append_tokens([rows[i] for i in live], scores[live])
+                    engine.output.flush()
                 forced = torch.full_like(scores, float("-inf"))
                 for i, r in enumerate(rows):
                     forced[i, r.output_ids[-1] if r.output_ids else pad] = 0.0
@@ -80,7 +86,7 @@ class GenerateEngine(LoRAEngine):
 
         class AllDone(StoppingCriteria):
             def __call__(self, input_ids, scores, **kwargs):
-                return torch.full((input_ids.shape[0],), all(r.done for r in rows), dtype=torch.bool)
+                return torch.full((input_ids.shape[0],), all(r.finished for r in rows), dtype=torch.bool)
 
         gen_config = GenerationConfig(
             max_new_tokens=max(r.params.max_tokens for r in rows) + 1, do_sample=False, pad_token_id=pad
@@ -93,7 +99,7 @@ class GenerateEngine(LoRAEngine):
             stopping_criteria=[AllDone()],
         )
         for r in rows:  # generate() ended (its own length cap): nothing may stay open
-            if not r.done:
+            if not r.finished:
                 self._finish(r, "length")
 
     @staticmethod

@@ -266,7 +266,7 @@ def test_numpy_parse_equals_the_torch_casts_bit_for_bit(tmp_path, pool, stored):
 
 def test_engine_load_adapter_parses_tensors_off_the_engine_thread(tiny_assets, monkeypatch):
     from serve_app.config import EngineConfig
-    from serve_app.engine import engine as engine_mod
+    from serve_app.engine import offline as engine_mod  # load_adapter's home (the offline API)
 
     seen = []
     real = engine_mod.load_adapter_tensors

@@ -64,7 +64,7 @@ class FakeEngine:
         seed_fails = params.seed is not None and params.seed % 1000 == BAD  # chat: one choice of n fails
         if (isinstance(prompt, list) and BAD in prompt) or seed_fails:
             raise InvalidRequestError(f"prompt token id {BAD} is refused by this replica")
-        stream = RequestStream(self)
+        stream = RequestStream(self.abort)
         req = types.SimpleNamespace(id=request_id, prompt=prompt, tenant=tenant, cache_salt=cache_salt, tokens=0,
                                     aborted=False, finished=False, aborted_at=None)
         stream.req = req

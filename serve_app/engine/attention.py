@@ -105,6 +105,14 @@ def _padded_index(rows: list[tuple[int, Row]], offsets: list[int], dev) -> tuple
     return idx, valid, idx[valid]
 
 
+def make_backend(**dims) -> AttentionBackend:
+    """The attention backend for a model runner (``dims``: TorchAttention's keyword arguments).
+
+    TorchAttention on every device today; a CUDA paged-attention or flash-attention backend is
+    chosen here (by ``dims["device"]``), so adding one touches this file only."""
+    return TorchAttention(**dims)
+
+
 class TorchAttention:
     """Paged attention in plain torch (CPU and GPU); see the module docstring."""
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from serve_app.engine.arch import spec_for
-from serve_app.engine.attention import StepContext, TorchAttention
+from serve_app.engine.attention import StepContext, make_backend
 from serve_app.engine.kv_cache import BlockPool
 from serve_app.engine.lora.layers import LoRABatch, LoRAContext
 
@@ -78,9 +78,9 @@ class ModelRunner:
         # value).
         self.null_block = num_blocks
         scale = self.arch.attention_scale(model, self.head_dim)
-        self.attn = TorchAttention(n_heads=self.n_heads, n_kv=self.n_kv, head_dim=self.head_dim, scale=scale,
-                                   block_size=block_size, null_block=self.null_block, dtype=self.dtype,
-                                   device=self.device)
+        self.attn = make_backend(n_heads=self.n_heads, n_kv=self.n_kv, head_dim=self.head_dim, scale=scale,
+                                 block_size=block_size, null_block=self.null_block, dtype=self.dtype,
+                                 device=self.device)
         with torch.inference_mode():  # the cache is written only under inference mode; allocate it there too
             self.kv = torch.zeros(self.attn.kv_shape(len(self.layers), num_blocks + 1), dtype=self.dtype,
                                   device=self.device)

@@ -172,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from serve_app.config import EngineConfig
     from serve_app.demo import build_demo_assets
-    from serve_app.engine.engine import FairQueue, LoRAEngine
+    from serve_app.engine.engine import LoRAEngine
+    from serve_app.engine.scheduler import FairQueue
     from serve_app.engine.sampling import SamplingParams
 
     assets = build_demo_assets()
@@ -206,8 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     schedulers = ["fair", "fifo"] if args.scheduler == "both" else [args.scheduler]
     for sched in schedulers:
         with engine._cv:  # idle here: swapping the waiting queue's type is safe
-            assert not engine._waiting
-            engine._waiting = FairQueue() if sched == "fair" else _Fifo()
+            assert not engine.scheduler.waiting
+            engine.scheduler.waiting = FairQueue() if sched == "fair" else _Fifo()
         row = {}
         pooled: dict[str, dict] = {
             phase: {"latencies": collections.defaultdict(list), "censored": collections.defaultdict(list),

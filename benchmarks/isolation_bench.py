@@ -364,7 +364,7 @@ def run(args) -> dict:
             while eng.stats()["running"] < args.max_num_seqs:
                 time.sleep(0.01)
             row = good_phase(name)
-            for req in list(eng._running) + list(eng._waiting):  # end the hog's backlog
+            for req in list(eng.scheduler.running) + list(eng.scheduler.waiting):  # end the hog's backlog
                 if req.tenant == "hog":
                     eng.abort(req)
             while eng.stats()["running"] + eng.stats()["waiting"]:

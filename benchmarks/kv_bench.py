@@ -52,7 +52,7 @@ def memory_section(assets, n: int) -> None:
     per_token = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 4
     eng = engine(assets, max_num_seqs=256, max_num_batched_tokens=2048, kv_cache_memory_bytes=64 * 512 * per_token)
     try:
-        pool = eng.runner.blocks
+        pool = eng.scheduler.kv.pool
         assert per_token == ModelRunner.bytes_per_token(eng.model, eng.dtype)
         mem_tokens = pool.num_blocks * pool.block_size
         ratios, peak = [], 0
@@ -61,7 +61,7 @@ def memory_section(assets, n: int) -> None:
         def step(rows, nd, lora):
             nonlocal peak
             out = real(rows, nd, lora)
-            running = [r for r in eng._running if r.blocks]
+            running = [r for r in eng.scheduler.running if r.blocks]
             live = sum(r.num_computed for r in running) + sum(len(r.tokens) for r in rows)
             held = sum(len(r.blocks) for r in running) * pool.block_size
             if live:

@@ -1,4 +1,5 @@
-"""Paged KV cache bookkeeping: which block holds what. Pure Python; the tensors are in model.py.
+"""Paged KV cache bookkeeping: which block holds what. Pure Python; the tensors are the runner's
+(model_runner.py).
 
 Why blocks: a dense ``[max_num_seqs, capacity]`` cache reserves every slot for the longest
 sequence, so memory follows max_num_seqs x the longest prompt instead of the live tokens. Here
@@ -16,10 +17,16 @@ another tenant's KV (vLLM moved to sha256 chains for the same reason).
 
 Blocks nobody references but that hold a cached prefix stay in an LRU (``evictable``) and are
 reused on a hit; a fresh allocation takes the lowest-numbered never-cached free block first
-(decode attention on CPU reads the pool's low blocks in place, see model.py), then evicts the
-least recently used cached one. Every block handed out for writing is listed in ``dirty`` and
-zeroed by the runner before its first use, so no stale value of an earlier owner (even a
-non-finite one) ever meets another tenant's attention weights.
+(decode attention on CPU reads the pool's low blocks in place, see attention.py), then evicts the
+least recently used cached one. Every block handed out for writing is listed in ``dirty``; the
+engine hands that list to the runner, which zeroes them before the forward that first writes
+them, so no stale value of an earlier owner (even a non-finite one) ever meets another tenant's
+attention weights.
+
+Two layers, as in vLLM (``BlockPool`` under ``KVCacheManager``) and nano-vllm (``BlockManager``):
+``BlockPool`` knows blocks only; ``KVCacheManager`` works per sequence (its block table, its
+prefix hit, its full blocks entering the index) and is what the scheduler calls. The scheduler
+never touches a block itself.
 """
 
 from __future__ import annotations
@@ -28,6 +35,13 @@ import heapq
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from serve_app.errors import InvalidRequestError
+
+if TYPE_CHECKING:
+    from serve_app.engine.lora.manager import ResidentAdapter
+    from serve_app.engine.request import Request
 
 ROOT = 0  # the parent key of a sequence's first block
 AdapterKey = tuple[str, int] | None  # (adapter id@vN, load id), None for the base model
@@ -197,3 +211,130 @@ class BlockPool:
                 ("base" if a is None else a): round(h.get(a, 0) / n, 4) for a, n in q.items() if n
             },
         }
+
+
+def cache_key(resident: ResidentAdapter | None, salt: str | None) -> tuple:
+    """The prefix-cache key of a request's blocks: its adapter's version and load (None for
+    the base), salted with its tenant. Without the salt, the 1.5 ms vs 41 ms first token of a
+    hit tells a tenant whether ANOTHER tenant sent a given prompt prefix to the same model
+    (the base is shared by every tenant, an adapter by every key that may use it). Requests
+    share cached blocks only under equal salts: one tenant's own requests, or keys the
+    operator gave one salt (vLLM's ``cache_salt``). ``salt`` None: no salt (the offline API)."""
+    return (None if resident is None else (resident.adapter_id, resident.load_id), salt)
+
+
+@dataclass
+class PrefixHit:
+    """A request's cached prefix found by ``computed_blocks``: full blocks, their node keys, and
+    how many prompt tokens were looked up (for the hit-rate counts). Each block holds a reference
+    for the request: pass the hit to ``allocate_slots`` or give it back with ``release``."""
+
+    blocks: list[int]
+    nodes: list[int]
+    queried: int
+    block_size: int
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.blocks) * self.block_size
+
+
+class KVCacheManager:
+    """Per-sequence KV bookkeeping over one ``BlockPool``, owned by the scheduler.
+
+    A request's block table (``req.blocks``), its prefix-cache node keys (``req.nodes``) and how
+    many of its tokens have KV (``req.num_computed``) are written here and nowhere else. Engine
+    thread only, like the pool.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int, *, prefix_caching: bool = True):
+        self.pool = BlockPool(num_blocks, block_size, prefix_caching=prefix_caching)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free(self) -> int:
+        return self.pool.num_free
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse (400) a request that could never fit, even alone in the pool."""
+        pool = self.pool
+        if pool.blocks_for(prompt_tokens + max_tokens) > pool.num_blocks:
+            raise InvalidRequestError(
+                f"prompt ({prompt_tokens} tokens) + max_tokens ({max_tokens}) needs more KV memory than "
+                f"this replica has ({pool.num_blocks} blocks of {pool.block_size} tokens = "
+                f"{pool.num_blocks * pool.block_size} tokens); shorten the prompt or lower max_tokens"
+            )
+
+    def computed_blocks(self, req: Request, limit: int) -> PrefixHit:
+        """The longest cached prefix of ``req``'s first ``limit`` tokens (under its cache key)."""
+        blocks, nodes = self.pool.lookup(req.cache_key, req.tokens(0, limit), limit)
+        bs = self.pool.block_size
+        return PrefixHit(blocks, nodes, limit // bs * bs, bs)
+
+    def release(self, hit: PrefixHit) -> None:
+        """Give back a hit that was not admitted."""
+        self.pool.free(hit.blocks)
+
+    def new_blocks_needed(self, hit: PrefixHit, num_tokens: int) -> int:
+        """Blocks a request starting from ``hit`` takes for its first ``num_tokens`` tokens past it."""
+        return self.pool.blocks_for(hit.num_tokens + num_tokens) - len(hit.blocks)
+
+    def allocate_slots(self, req: Request, num_tokens: int, hit: PrefixHit | None = None) -> bool:
+        """Give ``req`` the blocks for ``num_tokens`` more tokens. ``hit``: the request starts
+        here, from its cached prefix (its hit counts toward the prefix stats). False when the pool
+        ran out first: the blocks taken so far stay with the request (the scheduler frees a
+        victim's and asks again, or preempts the request itself)."""
+        pool = self.pool
+        if hit is not None:
+            pool.prefix.add(req.adapter and req.adapter.adapter_id, hit.queried, hit.num_tokens)
+            req.blocks, req.nodes, req.num_computed = hit.blocks, hit.nodes, hit.num_tokens
+        need = pool.blocks_for(req.num_computed + num_tokens) - len(req.blocks)
+        while need > 0:
+            block = pool.allocate()
+            if block is None:
+                return False
+            req.blocks.append(block)
+            need -= 1
+        return True
+
+    def computed(self, req: Request, num_tokens: int, *, cache: bool = True) -> None:
+        """``num_tokens`` more of ``req``'s tokens have their KV written (a forward ran); its
+        newly full blocks enter the prefix cache unless ``cache`` is False (non-finite KV is
+        never found by a later request)."""
+        req.num_computed += num_tokens
+        if cache:
+            self.cache_full_blocks(req)
+
+    def cache_full_blocks(self, req: Request) -> None:
+        """Index the blocks ``req`` just filled in the prefix cache."""
+        pool = self.pool
+        if not pool.prefix_caching:
+            return
+        bs = pool.block_size
+        while len(req.nodes) < req.num_computed // bs:
+            i = len(req.nodes)
+            parent = req.nodes[-1] if req.nodes else ROOT
+            req.nodes.append(pool.register(parent, req.cache_key, tuple(req.tokens(i * bs, (i + 1) * bs)), req.blocks[i]))
+
+    def free(self, req: Request, *, recompute: bool = False) -> None:
+        """Give back every block ``req`` holds. ``recompute``: it was preempted and will be
+        computed again from its first token."""
+        if req.blocks:
+            self.pool.free(req.blocks)
+            req.blocks = []
+        if recompute:
+            req.nodes, req.num_computed = [], 0
+
+    def take_new_blocks(self) -> list[int]:
+        """Blocks handed out for writing since the last call: the runner zeroes them first."""
+        return self.pool.take_dirty()
+
+    def forget(self, adapter: str) -> None:
+        """Drop a retired adapter version's prefix-cache counts (``PrefixStats.forget``)."""
+        self.pool.prefix.forget(adapter)
+
+    def stats(self) -> dict:
+        return self.pool.stats()

@@ -79,3 +79,15 @@ def load_base_model(cfg: EngineConfig):
     model.eval()
     model.requires_grad_(False)
     return model, tokenizer, device, dtype
+
+
+def eos_ids(model, tokenizer) -> frozenset[int]:
+    """The token IDs that end a generation: the generation config's and the tokenizer's."""
+    ids = set()
+    gen_eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (gen_eos, tokenizer.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(value)
+    return frozenset(ids)

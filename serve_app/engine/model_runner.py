@@ -12,8 +12,10 @@ tokens at once (on these CPUs per-op overhead dominates, so one forward beats a 
 plus a decode forward), and returns the logits the engine asked for.
 
 KV cache: one pool of fixed-size blocks for every layer, sized from a memory budget; this runner
-owns the tensor (its layout is the attention backend's) and, for now, the BlockPool that keeps
-its books (kv_cache.py). Each sequence reads and writes it through its block table.
+owns the tensor only (its layout is the attention backend's). Who holds which block is the
+scheduler's KV manager's business (kv_cache.py); each row of a step brings its block table, and
+the engine passes the blocks newly handed out (``zero_blocks``) before the forward that first
+writes them.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from torch import nn
 
 from serve_app.engine.arch import spec_for
 from serve_app.engine.attention import StepContext, make_backend
-from serve_app.engine.kv_cache import BlockPool
+from serve_app.engine.config import EngineConfig
 from serve_app.engine.lora.layers import LoRABatch, LoRAContext
 
 logger = logging.getLogger(__name__)
@@ -51,11 +53,10 @@ class ModelRunner:
 
     The pool is one tensor ``kv`` (``attn.kv_shape``: ``[layers, 2, num_blocks + 1, n_kv,
     block_size, head_dim]`` for TorchAttention); the bookkeeping (who holds which block, the
-    prefix cache) is ``self.blocks``, a BlockPool.
+    prefix cache) is the scheduler's ``KVCacheManager`` (kv_cache.py).
     """
 
-    def __init__(self, model: nn.Module, *, num_blocks: int, block_size: int, max_model_len: int, ctx: LoRAContext,
-                 prefix_caching: bool = True):
+    def __init__(self, model: nn.Module, *, num_blocks: int, block_size: int, max_model_len: int, ctx: LoRAContext):
         cfg = model.config
         self.model = model
         self.arch = spec_for(model)
@@ -68,9 +69,9 @@ class ModelRunner:
         self.dtype = self.arch.compute_dtype(model)
         self._rope_table(cfg)
         self.block_size = block_size
-        # BlockPool hands out the lowest free block first, the order TorchAttention's decode
-        # plan reads fastest (attention.py, ``block_order``).
-        self.blocks = BlockPool(num_blocks, block_size, prefix_caching=prefix_caching)
+        self.num_blocks = num_blocks
+        # (kv_cache.py's BlockPool hands out the lowest free block first, the order TorchAttention's
+        # decode plan reads fastest: attention.py, ``block_order``.)
         # One block past the pool's: the null block. The pool never hands it out and nothing writes
         # it, so it stays zero; padding in a block table points there, never at a block another
         # sequence holds (whose values may be anything, NaN included, and a boolean mask does
@@ -96,6 +97,32 @@ class ModelRunner:
         self.logits_cost = cfg.vocab_size * cfg.hidden_size / (len(self.layers) * linear_per_layer)
 
     @staticmethod
+    def kv_blocks(model: nn.Module, dtype: torch.dtype, device: torch.device, cfg: EngineConfig,
+                  max_model_len: int) -> int:
+        """How many KV blocks the memory budget holds: ``kv_cache_memory_bytes``, else on CUDA
+        ``kv_cache_memory_fraction`` of the free memory, else on CPU what the dense cache this
+        replaced held at its usual size (as nano-vllm's ``allocate_kv_cache`` sizes its cache)."""
+        per_token = ModelRunner.bytes_per_token(model, dtype)
+        budget = cfg.kv_cache_memory_bytes
+        if budget is None and device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            budget = int(free * cfg.kv_cache_memory_fraction)
+        elif budget is None:  # CPU: what the dense cache this replaced held at its usual size
+            budget = per_token * max(cfg.max_num_seqs * min(512, max_model_len), max_model_len)
+        num_blocks = budget // (per_token * cfg.block_size)
+        if num_blocks < 1:
+            raise ValueError(
+                f"kv_cache_memory_bytes {budget} holds no block of {cfg.block_size} tokens "
+                f"({per_token * cfg.block_size} bytes for this model); raise kv_cache_memory_bytes"
+            )
+        logger.info(
+            "KV cache: %d blocks of %d tokens = %d tokens, %.1f MiB (%d bytes per token); prefix caching %s",
+            num_blocks, cfg.block_size, num_blocks * cfg.block_size, num_blocks * cfg.block_size * per_token / 2**20,
+            per_token, "on" if cfg.enable_prefix_caching else "off",
+        )
+        return num_blocks
+
+    @staticmethod
     def bytes_per_token(model: nn.Module, dtype: torch.dtype) -> int:
         """KV bytes one token takes: K and V per layer."""
         arch = spec_for(model)
@@ -118,25 +145,6 @@ class ModelRunner:
             cos, sin = self.arch.rotary(self.model, probe, pos)  # [1, max_len, head_dim]
         self.cos, self.sin = cos[0], sin[0]
 
-    def prefill(self, prompts: list[list[int]], lora: LoRABatch | None) -> torch.Tensor:
-        """Whole prompts from position 0 in scratch blocks, freed after (tests and benchmarks
-        compare logits this way; the served path goes through ``step``): last-token logits
-        [B, vocab]. ``lora`` is prepared per token, or per row when every prompt has one length."""
-        if lora is not None and len({len(p) for p in prompts}) > 1 and lora.rows == len(prompts) and not lora.uniform:
-            raise ValueError("a per-row LoRABatch needs prompts of one length; prepare it per token")
-        tables: list[list[int]] = []
-        try:
-            for p in prompts:
-                tables.append(table := [])
-                for _ in range(self.blocks.blocks_for(len(p))):
-                    if (block := self.blocks.allocate()) is None:
-                        raise RuntimeError("the KV pool is too small for these prompts")
-                    table.append(block)
-            return self.step([SeqChunk(p, 0, t) for p, t in zip(prompts, tables)], 0, lora)
-        finally:
-            for t in tables:
-                self.blocks.free(t)
-
     @torch.inference_mode()
     def step(self, rows: list[SeqChunk], num_decode: int, lora: LoRABatch | None) -> torch.Tensor:
         """One forward for a whole engine step, every token of it flattened into one sequence.
@@ -155,14 +163,18 @@ class ModelRunner:
         hidden = self.forward(ids, positions, ctx)  # [1, N, hidden]
         return self.arch.logits(self.model, hidden[0, last])
 
+    @torch.inference_mode()
+    def zero_blocks(self, blocks: list[int]) -> None:
+        """Zero blocks newly handed out to a sequence (the KV manager lists them), before the
+        forward that writes them: no stale value of an earlier owner survives."""
+        if blocks:
+            self.attn.zero_blocks(self.kv, blocks)
+
     def prepare(self, rows: list[SeqChunk], num_decode: int,
                 lora: LoRABatch | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, StepContext]:
         """Flatten a step's rows: input ids [1, N], positions [1, N], the token indices whose
         logits are returned, and the step's context (attention metadata and the LoRA batch)."""
         dev, bs = self.device, self.block_size
-        dirty = self.blocks.take_dirty()
-        if dirty:  # blocks new to their sequence: no stale value of an earlier owner survives
-            self.attn.zero_blocks(self.kv, dirty)
         ids: list[int] = []
         positions: list[int] = []
         slot_block: list[int] = []

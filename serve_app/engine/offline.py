@@ -11,17 +11,21 @@ from __future__ import annotations
 import threading
 from typing import AsyncIterator
 
+import torch
+
 from serve_app.api.wire import RequestOutput
+from serve_app.engine.lora.layers import LoRABatch
 from serve_app.engine.lora.manager import ResidentAdapter
 from serve_app.engine.lora.weights import load_adapter_tensors, parse_adapter_config
+from serve_app.engine.model_runner import SeqChunk
 from serve_app.engine.request import Completion, merge_outputs
 from serve_app.engine.sampling import SamplingParams
 
 
 class OfflineMixin:
-    """Mixed into ``LoRAEngine``: uses its ``config``, ``base_shape``, ``dtype``,
-    ``run_in_engine``, ``add_adapter``, ``remove_adapter``, ``add_request`` and ``submit``
-    (engine.py; not imported here, which would be a circle)."""
+    """Mixed into ``LoRAEngine``: uses its ``config``, ``base_shape``, ``dtype``, ``runner``,
+    ``scheduler``, ``run_in_engine``, ``add_adapter``, ``remove_adapter``, ``add_request`` and
+    ``submit`` (engine.py; not imported here, which would be a circle)."""
 
     def load_adapter(self, adapter_id: str, path: str) -> ResidentAdapter:
         """Validate and copy an adapter into device memory; it becomes the ID's current version.
@@ -89,3 +93,26 @@ class OfflineMixin:
                 )
             )
         return completions
+
+    def prefill(self, prompts: list[list[int]], lora: LoRABatch | None) -> torch.Tensor:
+        """Whole prompts from position 0 in scratch blocks, freed after (tests and benchmarks
+        compare logits this way; the served path goes through ``step``): last-token logits
+        [B, vocab]. ``lora`` is prepared per token, or per row when every prompt has one length.
+        Call it while the engine is idle (on its thread, or with nothing running)."""
+        if lora is not None and len({len(p) for p in prompts}) > 1 and lora.rows == len(prompts) and not lora.uniform:
+            raise ValueError("a per-row LoRABatch needs prompts of one length; prepare it per token")
+        kv = self.scheduler.kv
+        pool = kv.pool
+        tables: list[list[int]] = []
+        try:
+            for p in prompts:
+                tables.append(table := [])
+                for _ in range(pool.blocks_for(len(p))):
+                    if (block := pool.allocate()) is None:
+                        raise RuntimeError("the KV pool is too small for these prompts")
+                    table.append(block)
+            self.runner.zero_blocks(kv.take_new_blocks())
+            return self.runner.step([SeqChunk(p, 0, t) for p, t in zip(prompts, tables)], 0, lora)
+        finally:
+            for t in tables:
+                pool.free(t)

@@ -1,10 +1,11 @@
 """A request inside the engine, and what a caller holds on to while it runs.
 
-``Request`` is the engine's state of one request: its tokens, its KV block table, its text
-assembler, and one ``status``. The scheduler moves it WAITING -> RUNNING (admitted: it holds KV
-blocks) and back to WAITING (preempted: its blocks are freed and it is recomputed when
-readmitted); FINISHED is final (its last output is out). ``aborted`` is a request from outside
-(any thread) that the scheduler acts on at its next step; it is not a state of its own.
+``Request`` is the engine's state of one request: its tokens, its KV block table (kept by the
+scheduler's KV manager, kv_cache.py), its text assembler, and one ``status``. The scheduler
+moves it WAITING -> RUNNING (admitted: it holds KV blocks) and back to WAITING (preempted: its
+blocks are freed and it is recomputed when readmitted); FINISHED is final (its last output is
+out). ``aborted`` is a request from outside (any thread) that the scheduler acts on at its next
+step; it is not a state of its own.
 
 ``RequestStream`` is the async iterator a caller gets from ``submit``; it holds the engine's
 ``abort`` (a callable), not the engine, so nothing here imports engine.py.
@@ -74,7 +75,7 @@ class Request:
     stop_ids: frozenset[int]
     generator: torch.Generator | None = None
     tenant: str | None = None  # fair-admission key; None: the adapter ID
-    # prefix-cache key: ((adapter id@vN, load id) or None for the base, salt); see LoRAEngine._cache_key
+    # prefix-cache key: ((adapter id@vN, load id) or None for the base, salt); see kv_cache.cache_key
     cache_key: tuple | None = None
     output_ids: list[int] = field(default_factory=list)
     num_computed: int = 0  # tokens (prompt, then output) whose KV is in ``blocks``

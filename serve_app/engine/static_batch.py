@@ -1,12 +1,17 @@
 """Static batches through ``model.generate``, for models our decoder loop cannot drive.
 
-DeepSpeed's kernel injection replaces each decoder layer with a fused module that keeps its
-own KV cache, so the paged cache of model.py does not apply. This engine admits a batch,
-runs it to completion with ``generate`` and streams every step. A logits processor makes the
-choice of each token ours (same sampler, seeds, stop strings, EOS and max_tokens rules as the
-iteration-level engine), so the output is the same; only the batching is coarser.
+DeepSpeed's kernel injection replaces each decoder layer with a fused module that keeps its own
+KV cache, so the paged cache (kv_cache.py, model_runner.py) does not apply. This engine admits a
+batch, runs it to completion with ``generate`` and streams every step. A logits processor makes
+the choice of each token ours (same sampler, seeds, stop strings, EOS and max_tokens rules as
+the iteration-level engine), so the output is the same; only the batching is coarser.
 
-A batch's rows live only in ``_step`` (never in the loop's ``_running``), so when ``generate``
+The pieces are the iteration engine's, two of them swapped: ``StaticBatchScheduler`` admits
+whole prompts, a batch at a time, and holds no KV blocks (``generate()`` keeps its own cache);
+``GenerateEngine._run`` runs the batch through ``generate`` instead of the paged runner. The
+output processor is the same object, called once per generated step.
+
+A batch's rows live only in ``_run`` (never in the scheduler's ``running``), so when ``generate``
 raises (out of memory, a fused kernel, our processor) this engine must finish every row itself,
 with an error naming the batch: the loop's own handler would not see them, and their callers
 would wait forever.
@@ -19,30 +24,54 @@ import logging
 import torch
 
 from serve_app.engine.engine import LoRAEngine
-from serve_app.engine.request import EngineError, Request
+from serve_app.engine.request import EngineError, Request, RequestStatus
+from serve_app.engine.scheduler import Scheduler, SchedulerOutput
 from serve_app.errors import EngineOverloadedError, ServeAppError
 
 logger = logging.getLogger(__name__)
+
+
+class StaticBatchScheduler(Scheduler):
+    """Whole prompts, up to ``max_num_seqs`` a batch, in the waiting queue's order; no chunks, no
+    KV blocks, no preemption (``generate()`` keeps its own cache)."""
+
+    def __init__(self, config):
+        super().__init__(config, kv=None)
+
+    def schedule(self) -> SchedulerOutput:
+        admitted, aborted = [], []
+        while self.waiting and len(admitted) + len(aborted) < self.config.max_num_seqs:
+            req = self.waiting.popleft()
+            if req.aborted:
+                self.finish(req)
+                aborted.append(req)
+            else:
+                req.status = RequestStatus.RUNNING
+                admitted.append(req)
+        return SchedulerOutput(rows=[(r, len(r.prompt_ids)) for r in admitted], aborted=aborted)
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        pass  # no KV pool of ours to outgrow: max_model_len is the only limit
+
+    def finish(self, req: Request) -> None:
+        req.status = RequestStatus.FINISHED
+
+    def forget_adapter(self, adapter: str) -> None:
+        pass
+
+    def kv_stats(self) -> None:
+        return None
 
 
 class GenerateEngine(LoRAEngine):
     def _make_runner(self):
         return None  # generate() keeps its own cache
 
-    def _schedule(self) -> list[Request]:
-        """A static batch takes whole prompts only (generate() has no chunked prefill or blocks)."""
-        admitted = []
-        while self._waiting and len(admitted) < self.config.max_num_seqs:
-            admitted.append(self._waiting.popleft())
-        return admitted
+    def _make_scheduler(self) -> Scheduler:
+        return StaticBatchScheduler(self.config)
 
-    def _step(self, admitted: list[Request]) -> None:
-        rows = []
-        for r in admitted:
-            if r.aborted:
-                self._finish(r, "abort")
-            else:
-                rows.append(r)
+    def _run(self, sched: SchedulerOutput) -> None:
+        rows = [r for r, _ in sched.rows]
         if not rows:
             return
         try:
@@ -55,6 +84,11 @@ class GenerateEngine(LoRAEngine):
                 self._finish(r, None, error=err)
         finally:
             self.steps += 1
+
+    @torch.inference_mode()
+    def score_prompt(self, ids: list[int], adapter=None) -> torch.Tensor:
+        """Raw logits [T, vocab] at every position of ``ids``: the (merged) model as it is."""
+        return self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
 
     @torch.inference_mode()
     def _generate(self, rows: list[Request]) -> None:

@@ -94,7 +94,7 @@ def test_cuda_prefill_logits_match_peft_per_adapter(assets, quantization):
             res = eng.lora.acquire(aid)
             try:
                 rows = eng.run_in_engine(
-                    lambda: eng.runner.prefill([PROMPT, PROMPT], eng.lora.prepare([None, res])).float().cpu())
+                    lambda: eng.prefill([PROMPT, PROMPT], eng.lora.prepare([None, res])).float().cpu())
             finally:
                 eng.lora.release(res)
             ours_base, ours = rows[0], rows[1]

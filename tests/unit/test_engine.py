@@ -55,7 +55,7 @@ def test_every_adapter_matches_peft_greedy_and_logits(engine, tiny_assets, refer
         model = peft_model(tiny_assets.base, tiny_assets.adapters_dir / aid)
         res = engine.lora.acquire(aid)
         try:
-            ours = engine.runner.prefill([ps[0]], engine.lora.prepare([res]))[0]
+            ours = engine.prefill([ps[0]], engine.lora.prepare([res]))[0]
         finally:
             engine.lora.release(res)
         ref = reference_logits(model, ps[0])
@@ -318,7 +318,7 @@ def test_nf4_base_adapter_delta_matches_peft(tiny_assets):
         assert base.token_ids != tuned.token_ids
         res = eng.lora.acquire(aid)
         try:
-            ours = eng.run_in_engine(lambda: eng.runner.prefill([p, p], eng.lora.prepare([None, res])))
+            ours = eng.run_in_engine(lambda: eng.prefill([p, p], eng.lora.prepare([None, res])))
         finally:
             eng.lora.release(res)
         ref_delta = (reference_logits(peft_model(tiny_assets.base, tiny_assets.adapters_dir / aid), p)

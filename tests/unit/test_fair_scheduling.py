@@ -8,7 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from serve_app.config import EngineConfig
-from serve_app.engine.engine import FairQueue, LoRAEngine
+from serve_app.engine.engine import LoRAEngine
+from serve_app.engine.scheduler import FairQueue
 from serve_app.engine.sampling import SamplingParams
 
 

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from serve_app.config import EngineConfig
-from serve_app.engine.engine import FairQueue, LoRAEngine
+from serve_app.engine.engine import LoRAEngine
+from serve_app.engine.scheduler import FairQueue
 from serve_app.engine.lora.weights import lora_gain_bound, parse_adapter_config
 from serve_app.engine.sampling import SamplingParams, sample
 from serve_app.errors import InvalidAdapterError, ServeAppError

@@ -113,7 +113,7 @@ def test_nan_in_a_block_held_by_another_sequence_is_never_read_by_chunked_rows(t
     eng = _engine(tiny_assets, max_num_batched_tokens=32)
 
     def hold_block_0_with_nan():
-        pool = eng.runner.blocks
+        pool = eng.scheduler.kv.pool
         assert pool.allocate() == 0
         pool.take_dirty()  # never zeroed: it stays NaN while "its sequence" holds it
         with torch.inference_mode():

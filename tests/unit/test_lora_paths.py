@@ -75,7 +75,7 @@ def step_logits(engine, prompts, adapters, path):
         res = [engine.lora.current(a) if a else None for a in adapters]
         per_token = [r for r, p in zip(res, prompts) for _ in p]
         lora = engine.lora.prepare(per_token, path=path)
-        out = engine.runner.prefill(prompts, lora)
+        out = engine.prefill(prompts, lora)
         return out, (lora.path if lora is not None else None)
 
     return engine.run_in_engine(run)
@@ -147,7 +147,7 @@ def test_per_row_prepare_is_expanded_per_token(engine, many):
     res = engine.run_in_engine(lambda: [engine.lora.current(ids[i * 3]) if i % 3 else None for i in range(6)])
 
     def run(path):
-        return engine.run_in_engine(lambda: engine.runner.prefill(prompts, engine.lora.prepare(res, path=path)))
+        return engine.run_in_engine(lambda: engine.prefill(prompts, engine.lora.prepare(res, path=path)))
 
     ref = run("masked")
     for path in ("loop", "bmm"):
@@ -222,7 +222,7 @@ def test_a_row_never_reads_another_adapters_weights(engine, many, path):
                         saved.append((b, i, b[:, i].clone()))
                         b[:, i] = float("nan")
         try:
-            return engine.runner.prefill(prompts, lora)
+            return engine.prefill(prompts, lora)
         finally:
             for t, i, v in saved:  # the stacked copy is cached: restore it
                 t[:, i] = v
@@ -261,7 +261,7 @@ def test_inf_in_pool_rows_fails_only_its_rows_on_the_per_row_paths(tiny_assets):
             res = [eng.lora.current(a) or bad for a in adapters]
             per_token = [r for r, p in zip(res, prompts) for _ in p]
             lora = eng.lora.prepare(per_token, path="bmm")
-            return eng.runner.prefill(prompts, lora), lora.poisoned
+            return eng.prefill(prompts, lora), lora.poisoned
 
         out, poisoned = eng.run_in_engine(run)
         assert poisoned == {bad.load_id} and bad.poisoned and eng.lora.current(ids[3]) is None

@@ -155,7 +155,7 @@ def test_preemption_resumes_with_identical_output(tiny_assets):
     nobody fails and every output equals PEFT's."""
     eng = make_engine(tiny_assets, max_num_seqs=8, kv_cache_memory_bytes=kv_bytes(tiny_assets.base, 160))
     try:
-        assert eng.runner.blocks.num_blocks == 10
+        assert eng.scheduler.kv.num_blocks == 10
         ids = tiny_assets.adapter_ids
         work = [(rand_prompt(15 + 5 * i, 40 + i), greedy(40), [*ids[:4], None][i % 5]) for i in range(8)]
         outs = eng.generate_batch(work)
